@@ -1,0 +1,299 @@
+"""Typed configuration: dataclasses, strict YAML loading and dotted KEY=VALUE overrides.
+
+Strictness is the point (nanoGPT's configurator refuses unknown keys; LlamaGen's
+`vq_train.py` shows what happens without it: flags that nothing reads). An unknown key,
+a wrong type or an out-of-range value raises `UserError` naming the key and the file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+from .errors import UserError
+
+
+@dataclass
+class DataConfig:
+    # fashion-mnist | imagefolder | hub | photos (see ldm_vae/data.py)
+    source: str = "fashion-mnist"
+    # fashion-mnist: folder with the idx .gz files; imagefolder: the image folder root
+    path: Optional[str] = None
+    # hub: the dataset name on the Hugging Face hub (needs internet)
+    name: Optional[str] = None
+    image_column: str = "image"
+    label_column: Optional[str] = "label"
+    train_split: str = "train"
+    test_split: str = "test"
+    resolution: int = 32
+    # true: resize the short side and center-crop; false: resize and random-crop
+    center_crop: bool = True
+    random_flip: bool = True
+    # use only the first N images of each split (tiny smoke runs); null: all
+    max_images: Optional[int] = None
+    # photos: how many random crops make one epoch
+    photos_per_epoch: int = 2048
+    num_workers: int = 0
+
+
+@dataclass
+class ModelConfig:
+    # kl: diffusers AutoencoderKL
+    kind: str = "kl"
+    in_channels: int = 3
+    out_channels: int = 3
+    # one entry per resolution level; the downsampling factor is 2 ** (len - 1)
+    block_out_channels: list[int] = field(default_factory=lambda: [64, 128, 256])
+    layers_per_block: int = 1
+    latent_channels: int = 4
+    norm_num_groups: int = 32
+    mid_block_add_attention: bool = True
+
+
+@dataclass
+class LossConfig:
+    # Reconstruction: means over pixels. 1.0 * L1 (+ rec_l2 * L2).
+    rec_l1: float = 1.0
+    rec_l2: float = 0.0
+    # LPIPS (Zhang et al. 2018, arXiv:1801.03924); 0 turns the perceptual term off.
+    perceptual_weight: float = 1.0
+    lpips_net: str = "vgg"
+    # torchvision-format backbone weights (e.g. vgg16-397923af.pth); null: torch hub cache
+    lpips_weights: Optional[str] = None
+    # what to do when the backbone weights are missing and cannot be downloaded:
+    # error (stop before training) | skip (train without the perceptual term, loudly)
+    lpips_if_missing: str = "error"
+    # ONLY for tests: a random, untrained backbone. Meaningless as a perceptual metric.
+    lpips_random_backbone: bool = False
+    # KL: closed-form sum over latent dims per image, divided by the number of pixel
+    # values (3*H*W) so that 1e-6 means what it means in LDM (per-image sums there).
+    kl_weight: float = 1.0e-6
+    # linear warm-up of the KL weight from 0 over this many steps (0: none)
+    kl_warmup_steps: int = 0
+    # free bits (Kingma et al. 2016, arXiv:1606.04934): per-channel KL floor in nats per
+    # latent position; 0 disables
+    free_bits: float = 0.0
+    # log-variance clamp of the posterior (diffusers clamps to [-30, 20] as well)
+    logvar_min: float = -30.0
+    logvar_max: float = 20.0
+    # PatchGAN (Isola et al. 2017, arXiv:1611.07004), as in taming/LDM
+    disc_weight: float = 0.5
+    disc_start: int = 5000
+    # hinge | vanilla
+    disc_loss: str = "hinge"
+    disc_layers: int = 3
+    disc_channels: int = 64
+    # adaptive weight (Esser et al. 2021, arXiv:2012.09841, eq. 7), clamped to [0, max]
+    adaptive_weight: bool = True
+    adaptive_weight_max: float = 1.0e4
+    # LeCam regularisation (Tseng et al. 2021, arXiv:2104.03310); 0 disables
+    lecam_weight: float = 0.0
+    lecam_decay: float = 0.999
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = 32
+    max_steps: int = 2000
+    grad_accum_steps: int = 1
+    lr: float = 1.0e-4
+    disc_lr: float = 1.0e-4
+    adam_beta1: float = 0.5
+    adam_beta2: float = 0.9
+    weight_decay: float = 0.0
+    lr_warmup_steps: int = 100
+    max_grad_norm: float = 1.0
+    # no | bf16 | fp16; weights stay fp32 (autocast), see train_vae.py
+    mixed_precision: str = "no"
+    # EMA of the autoencoder weights; 0 turns EMA off (export then uses raw weights)
+    ema_decay: float = 0.999
+    log_every: int = 10
+    image_every: int = 500
+    checkpoint_every: int = 500
+    checkpoints_total_limit: int = 2
+
+
+@dataclass
+class ExportConfig:
+    # images of the train split encoded to measure scaling/shift factors
+    scale_num_images: int = 4096
+    scale_batch_size: int = 128
+    license: str = "mit"
+
+
+@dataclass
+class Config:
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+
+
+# Choices are checked here so a typo fails at load time, not hours into a run.
+CHOICES = {
+    "data.source": ("fashion-mnist", "imagefolder", "hub", "photos"),
+    "model.kind": ("kl",),
+    "loss.lpips_net": ("vgg", "alex"),
+    "loss.lpips_if_missing": ("error", "skip"),
+    "loss.disc_loss": ("hinge", "vanilla"),
+    "train.mixed_precision": ("no", "bf16", "fp16"),
+}
+POSITIVE = ("data.resolution", "data.photos_per_epoch", "model.latent_channels", "model.layers_per_block",
+            "model.norm_num_groups", "loss.disc_layers", "loss.disc_channels", "train.batch_size",
+            "train.max_steps", "train.grad_accum_steps", "train.lr", "train.disc_lr", "train.log_every",
+            "train.image_every", "train.checkpoint_every", "train.checkpoints_total_limit",
+            "export.scale_num_images", "export.scale_batch_size")
+NON_NEGATIVE = ("data.num_workers", "loss.rec_l1", "loss.rec_l2", "loss.perceptual_weight", "loss.kl_weight",
+                "loss.kl_warmup_steps", "loss.free_bits", "loss.disc_weight", "loss.disc_start",
+                "loss.lecam_weight", "train.weight_decay", "train.lr_warmup_steps", "train.max_grad_norm")
+UNIT_INTERVAL = ("loss.lecam_decay", "train.ema_decay", "train.adam_beta1", "train.adam_beta2")
+
+
+def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
+    """Return `value` as type `tp` or raise a UserError naming `key` and `source`."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _coerce(value, inner, key, source)
+    if origin is list:
+        (inner,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise UserError(f"{source}: '{key}' must be a list, got {value!r}")
+        return [_coerce(v, inner, f"{key}[{i}]", source) for i, v in enumerate(value)]
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is float and isinstance(value, str):
+        # PyYAML (YAML 1.1) reads `1e-4` (no dot) as a string; accept what float() reads
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    # bool is a subclass of int: `batch_size: true` must not pass as 1
+    if isinstance(value, tp) and not (tp is int and isinstance(value, bool)):
+        return value
+    raise UserError(f"{source}: '{key}' must be {tp.__name__}, got {value!r} ({type(value).__name__})")
+
+
+def _build(cls: type, raw: Any, prefix: str, source: str) -> Any:
+    if not isinstance(raw, dict):
+        raise UserError(f"{source}: '{prefix or 'the top level'}' must be a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - names)
+    if unknown:
+        where = f"{prefix}." if prefix else ""
+        raise UserError(f"{source}: unknown key '{where}{unknown[0]}' (known keys: {', '.join(sorted(names))})")
+    kwargs = {}
+    for name, value in raw.items():
+        key = f"{prefix}.{name}" if prefix else name
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = _build(tp, value, key, source)
+        else:
+            kwargs[name] = _coerce(value, tp, key, source)
+    return cls(**kwargs)
+
+
+def _validate(cfg: Config, source: str) -> None:
+    for key, allowed in CHOICES.items():
+        value = get_key(cfg, key)
+        if value not in allowed:
+            raise UserError(f"{source}: '{key}' must be one of {', '.join(allowed)}, got {value!r}")
+    for keys, ok, what in ((POSITIVE, lambda v: v > 0, "> 0"), (NON_NEGATIVE, lambda v: v >= 0, ">= 0"),
+                           (UNIT_INTERVAL, lambda v: 0 <= v < 1, "in [0, 1)")):
+        for key in keys:
+            value = get_key(cfg, key)
+            if value is not None and not ok(value):
+                raise UserError(f"{source}: '{key}' must be {what}, got {value!r}")
+    factor = 2 ** (len(cfg.model.block_out_channels) - 1)
+    if cfg.data.resolution % factor:
+        raise UserError(f"{source}: 'data.resolution' ({cfg.data.resolution}) must be divisible by the "
+                        f"downsampling factor {factor} (2 ** (len(model.block_out_channels) - 1))")
+    for c in cfg.model.block_out_channels:
+        if c % cfg.model.norm_num_groups:
+            raise UserError(f"{source}: every 'model.block_out_channels' entry must be divisible by "
+                            f"'model.norm_num_groups' ({cfg.model.norm_num_groups}), got {c}")
+    if cfg.data.source in ("imagefolder",) and not cfg.data.path:
+        raise UserError(f"{source}: data.source 'imagefolder' needs 'data.path' (the image folder)")
+    if cfg.data.source == "hub" and not cfg.data.name:
+        raise UserError(f"{source}: data.source 'hub' needs 'data.name' (a dataset name on the hub)")
+    if cfg.loss.logvar_min >= cfg.loss.logvar_max:
+        raise UserError(f"{source}: 'loss.logvar_min' must be below 'loss.logvar_max'")
+
+
+def get_key(cfg: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+def _set_dotted(raw: dict, dotted: str, value: Any, source: str) -> None:
+    parts = dotted.split(".")
+    node = raw
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise UserError(f"{source}: '{dotted}' goes through '{part}', which is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
+    """`a.b=1` -> ('a.b', 1). Values are parsed as YAML, so `lr=1e-4`, `flip=false`, `[8,16]` work."""
+    out = []
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise UserError(f"override '{item}' must look like KEY=VALUE, e.g. train.max_steps=500")
+        try:
+            value = yaml.safe_load(text) if text else ""
+        except yaml.YAMLError as e:
+            raise UserError(f"override '{item}': the value is not valid YAML ({e.problem})") from None
+        out.append((key.strip(), value))
+    return out
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
+    """Load a YAML config (or the defaults when `path` is None) and apply KEY=VALUE overrides."""
+    raw: Any = {}
+    source = "defaults"
+    if path is not None:
+        source = str(path)
+        try:
+            text = Path(path).read_text()
+        except FileNotFoundError:
+            raise UserError(f"config file {path} does not exist") from None
+        try:
+            raw = yaml.safe_load(text) or {}
+        except yaml.YAMLError as e:
+            raise UserError(f"{path} is not valid YAML: {e}") from None
+    for key, value in parse_overrides(list(overrides)):
+        _set_dotted(raw, key, value, f"{source} (override {key}={value!r})")
+    cfg = _build(Config, raw, "", source)
+    _validate(cfg, source)
+    return cfg
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def to_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def from_dict(raw: dict, source: str) -> Config:
+    cfg = _build(Config, raw, "", source)
+    _validate(cfg, source)
+    return cfg

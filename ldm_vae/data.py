@@ -1,0 +1,307 @@
+"""Data sources -> dicts {"pixel_values": float32 [3, R, R] in [-1, 1], "label": int64 scalar}.
+
+Sources (DataConfig.source): fashion-mnist (local idx files, else the hub copy), imagefolder
+(HF `datasets` "imagefolder"), hub (a dataset name on the Hugging Face hub) and photos
+(random crops of the RGB photos shipped inside scikit-image's wheel).
+
+Augmentation randomness comes from a generator seeded by (seed, epoch, index), never from
+the global RNG: an item is augmented the same way whichever process or worker loads it and
+whenever it is loaded (accelerate's loader fetches one batch ahead, so global-RNG draws
+would land on the wrong side of a checkpoint and break resume).
+"""
+
+from __future__ import annotations
+
+import gzip
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageOps
+from torch.utils.data import Dataset
+
+from .config import DataConfig
+from .errors import UserError
+
+FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"  # Debian package dataset-fashion-mnist
+FASHION_MNIST_HUB = "zalando-datasets/fashion_mnist"
+_FMNIST_PREFIX = {"train": "train", "test": "t10k"}
+_FMNIST_CACHE: dict[tuple[str, str, int], tuple[torch.Tensor, torch.Tensor]] = {}
+# RGB photos that ship inside the scikit-image wheel (no pooch download needed).
+PHOTO_NAMES = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "retina",
+               "immunohistochemistry", "motorcycle")
+_PHOTOS: list[Image.Image] = []
+
+
+def pil_to_tensor(img: Image.Image) -> torch.Tensor:
+    """PIL image (any mode) -> float32 [3, H, W] in [-1, 1]."""
+    arr = np.asarray(img.convert("RGB"), dtype=np.uint8)
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1).float() / 127.5 - 1.0
+
+
+def _maybe_flip(x: torch.Tensor, enabled: bool, g: torch.Generator) -> torch.Tensor:
+    return x.flip(-1) if enabled and torch.rand((), generator=g) < 0.5 else x
+
+
+class Augmented(Dataset):
+    """Base of the datasets: per-item generators from (seed, epoch, index)."""
+
+    seed, epoch = 0, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def item_generator(self, i: int) -> torch.Generator:
+        # hash() of a tuple of ints is stable across runs (PYTHONHASHSEED affects str only)
+        return torch.Generator().manual_seed(hash((self.seed, self.epoch, i)) & (2**63 - 1))
+
+
+def _item(x: torch.Tensor, label: int) -> dict:
+    return {"pixel_values": x, "label": torch.tensor(label, dtype=torch.int64)}
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0] if text else ''}"
+
+
+class TensorImages(Augmented):
+    """Fashion-MNIST held in memory as uint8 [N, 1, R, R] (resized once at load)."""
+
+    def __init__(self, images, labels, train, flip, description, dataset_id):
+        self.images, self.labels = images, labels
+        self.flip = train and flip
+        self.has_labels, self.description, self.dataset_id = True, description, dataset_id
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        x = self.images[i].float().div(127.5).sub(1.0).expand(3, -1, -1).contiguous()
+        return _item(_maybe_flip(x, self.flip, self.item_generator(i)), int(self.labels[i]))
+
+
+def _read_idx(path: Path, magic: int, ndim: int) -> np.ndarray:
+    """An idx file: big-endian int32 magic and `ndim` sizes, then uint8 data."""
+    try:
+        with gzip.open(path, "rb") as f:
+            raw = f.read()
+    except OSError as e:
+        raise UserError(f"{path}: cannot read as gzip ({_first_line(e)})") from None
+    head = np.frombuffer(raw[: 4 * (1 + ndim)], dtype=">i4")
+    if len(head) != 1 + ndim or head[0] != magic:
+        raise UserError(f"{path}: not an idx file (magic {head[0] if len(head) else '?'}, expected {magic})")
+    data = np.frombuffer(raw, dtype=np.uint8, offset=4 * (1 + ndim))
+    if data.size != math.prod(head[1:]):
+        raise UserError(f"{path}: truncated ({data.size} bytes of data, header says {tuple(head[1:])})")
+    return data.reshape(tuple(head[1:])).copy()
+
+
+def _resize_gray(images: np.ndarray, res: int) -> torch.Tensor:
+    """uint8 [N, h, w] -> uint8 [N, 1, res, res]; in chunks so float copies stay small."""
+    x = torch.from_numpy(images).unsqueeze(1)
+    if x.shape[-2:] == (res, res):
+        return x
+    out = torch.empty((len(x), 1, res, res), dtype=torch.uint8)
+    for s in range(0, len(x), 4096):
+        y = F.interpolate(x[s:s + 4096].float() / 255, size=(res, res), mode="bilinear",
+                          antialias=True, align_corners=False)
+        out[s:s + 4096] = y.clamp(0, 1).mul(255).round().to(torch.uint8)
+    return out
+
+
+def _fashion_mnist(cfg: DataConfig, split: str, train: bool) -> TensorImages:
+    if split not in _FMNIST_PREFIX:
+        raise UserError(f"fashion-mnist has splits train, test; got '{split}'")
+    folder = Path(cfg.path or FASHION_MNIST_DIR)
+    names = [f"{_FMNIST_PREFIX[split]}-{k}-ubyte.gz" for k in ("images-idx3", "labels-idx1")]
+    have_files = all((folder / n).is_file() for n in names)
+    if cfg.path and not have_files:
+        missing = "folder does not exist" if not folder.is_dir() else "missing " + ", ".join(
+            n for n in names if not (folder / n).is_file())
+        raise UserError(f"data.path {folder}: {missing} (fashion-mnist split '{split}' needs {', '.join(names)})")
+    where = str(folder) if have_files else f"hub {FASHION_MNIST_HUB}"
+    key = (where, split, cfg.resolution)
+    if key not in _FMNIST_CACHE:
+        if have_files:
+            images = _read_idx(folder / names[0], 2051, 3)
+            labels = _read_idx(folder / names[1], 2049, 1)
+            if len(images) != len(labels):
+                raise UserError(f"{folder}: {len(images)} images but {len(labels)} labels in split '{split}'")
+        else:
+            images, labels = _fashion_mnist_hub(split)
+        _FMNIST_CACHE[key] = (_resize_gray(images, cfg.resolution), torch.from_numpy(labels.astype(np.int64)))
+    images, labels = _FMNIST_CACHE[key]
+    images, labels = images[: cfg.max_images], labels[: cfg.max_images]
+    desc = f"Fashion-MNIST ({split}, {len(images)} images, {where}) at {cfg.resolution}x{cfg.resolution}"
+    return TensorImages(images, labels, train, cfg.random_flip, desc, "fashion_mnist")
+
+
+def _fashion_mnist_hub(split: str) -> tuple[np.ndarray, np.ndarray]:
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(FASHION_MNIST_HUB, split=split)
+    except Exception as e:  # offline, hub down, ...: all fixable by the user the same ways
+        raise UserError(
+            f"Fashion-MNIST not found in {FASHION_MNIST_DIR} and the hub copy ({FASHION_MNIST_HUB}) failed to "
+            f"load ({_first_line(e)}). Install the Debian package (as root: apt-get install dataset-fashion-mnist), "
+            f"or set data.path to a folder holding the four idx .gz files, or go online") from None
+    images = np.stack([np.asarray(im.convert("L"), dtype=np.uint8) for im in ds["image"]])
+    return images, np.asarray(ds["label"], dtype=np.int64)
+
+
+class HFImages(Augmented):
+    """A Hugging Face dataset of PIL images: resize short side, crop, flip (imagefolder and hub)."""
+
+    def __init__(self, ds, cfg: DataConfig, split: str, train: bool, what: str, dataset_id: str):
+        import datasets
+
+        if cfg.image_column not in ds.column_names:
+            raise UserError(f"{dataset_id}: no image column '{cfg.image_column}' (set data.image_column; "
+                            f"columns: {', '.join(ds.column_names)})")
+        if not isinstance(ds.features[cfg.image_column], datasets.Image):
+            raise UserError(f"{dataset_id}: column '{cfg.image_column}' holds {ds.features[cfg.image_column]}, "
+                            f"not images (set data.image_column; columns: {', '.join(ds.column_names)})")
+        label_feature = ds.features.get(cfg.label_column) if cfg.label_column else None
+        # Only integer labels make sense as class ids (for conditioning and model cards).
+        self.has_labels = isinstance(label_feature, datasets.ClassLabel) or (
+            isinstance(label_feature, datasets.Value) and label_feature.dtype.startswith("int"))
+        self.ds = ds.select(range(min(len(ds), cfg.max_images))) if cfg.max_images is not None else ds
+        self.cfg, self.train = cfg, train
+        self.description = f"{what} ({split}, {len(self.ds)} images) at {cfg.resolution}x{cfg.resolution}"
+        self.dataset_id = dataset_id
+
+    def __len__(self):
+        return len(self.ds)
+
+    def __getitem__(self, i):
+        row, res, g = self.ds[i], self.cfg.resolution, self.item_generator(i)
+        img = ImageOps.exif_transpose(row[self.cfg.image_column])  # phone photos keep rotation in EXIF
+        w, h = img.size
+        scale = res / min(w, h)
+        size = (max(res, round(w * scale)), max(res, round(h * scale)))
+        img = img.convert("RGB").resize(size, Image.BICUBIC, reducing_gap=3.0)
+        if self.train and not self.cfg.center_crop:
+            left, top = (int(torch.randint(0, n - res + 1, (), generator=g)) for n in size)
+        else:
+            left, top = (size[0] - res) // 2, (size[1] - res) // 2
+        x = pil_to_tensor(img.crop((left, top, left + res, top + res)))
+        label = int(row[self.cfg.label_column]) if self.has_labels else -1
+        return _item(_maybe_flip(x, self.train and self.cfg.random_flip, g), label)
+
+
+def _load_hf(what: str, hint: str = "", **kwargs):
+    import datasets
+
+    try:
+        return datasets.load_dataset(**kwargs)
+    except Exception as e:  # re-raised as a one-line message; the cause is named in it
+        raise UserError(f"could not load {what} ({_first_line(e)}){hint}") from None
+
+
+def _load_photos() -> list[Image.Image]:
+    if not _PHOTOS:
+        import skimage.data
+
+        for name in PHOTO_NAMES:
+            arr = skimage.data.stereo_motorcycle()[0] if name == "motorcycle" else getattr(skimage.data, name)()
+            assert arr.ndim == 3 and arr.shape[2] == 3 and arr.dtype == np.uint8, (name, arr.shape, arr.dtype)
+            _PHOTOS.append(Image.fromarray(arr))
+    return _PHOTOS
+
+
+class Photos(Augmented):
+    """Crops of scikit-image's RGB photos. train split: random crops; test split: a fixed 4x4 grid."""
+
+    GRID = 4
+
+    def __init__(self, cfg: DataConfig, split: str, train: bool):
+        if split not in ("train", "test"):
+            raise UserError(f"photos has splits train, test; got '{split}'")
+        self.photos, self.res, self.split = _load_photos(), cfg.resolution, split
+        # train=False keeps the epoch at 0: the train split's crops are then the same every time
+        self.flip = train and cfg.random_flip
+        n = cfg.photos_per_epoch if split == "train" else len(self.photos) * self.GRID**2
+        self.n = min(n, cfg.max_images) if cfg.max_images is not None else n
+        kind = "random crops" if split == "train" else f"{self.GRID}x{self.GRID} grid crops"
+        self.has_labels, self.dataset_id = True, "skimage-photos"
+        self.description = (f"scikit-image photos ({split}, {self.n} {kind} of {len(self.photos)} photos) "
+                            f"at {self.res}x{self.res}")
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        g = self.item_generator(i)
+        if self.split == "train":
+            p = int(torch.randint(0, len(self.photos), (), generator=g))
+        else:
+            p, cell = divmod(i, self.GRID**2)
+        img = self.photos[p]
+        w, h = img.size
+        # Half the short side: a real-world object scale (not texture noise), yet many distinct
+        # positions per photo, so 8 photos give plenty of different RGB patches for smoke tests.
+        # Never below the resolution (no upsampling unless the photo itself is smaller).
+        crop = min(max(min(w, h) // 2, self.res), w, h)
+        if self.split == "train":
+            left, top = (int(torch.randint(0, n - crop + 1, (), generator=g)) for n in (w, h))
+        else:
+            row, col = divmod(cell, self.GRID)
+            left, top = (w - crop) * col // (self.GRID - 1), (h - crop) * row // (self.GRID - 1)
+        patch = img.crop((left, top, left + crop, top + crop))
+        patch = patch.resize((self.res, self.res), Image.BICUBIC, reducing_gap=3.0)
+        return _item(_maybe_flip(pil_to_tensor(patch), self.flip, g), p)
+
+
+def build_dataset(cfg: DataConfig, split: str, train: bool, seed: int = 0) -> Augmented:
+    """The dataset for `split`; `train` turns on random flips/crops (else deterministic)."""
+    dataset = _build(cfg, split, train)
+    dataset.seed = seed
+    return dataset
+
+
+def _build(cfg: DataConfig, split: str, train: bool) -> Augmented:
+    if cfg.source == "fashion-mnist":
+        return _fashion_mnist(cfg, split, train)
+    if cfg.source == "photos":
+        return Photos(cfg, split, train)
+    if cfg.source == "imagefolder":
+        if not cfg.path or not Path(cfg.path).is_dir():
+            raise UserError(f"data.path {cfg.path}: image folder does not exist")
+        # All splits, to list them on a typo (a folder without split subfolders has only "train").
+        splits = _load_hf(f"image folder {cfg.path}", path="imagefolder", data_dir=cfg.path)
+        if split not in splits:
+            raise UserError(f"image folder {cfg.path} has no split '{split}' (available: {', '.join(splits)})")
+        return HFImages(splits[split], cfg, split, train, f"imagefolder {cfg.path}", "imagefolder")
+    if cfg.source == "hub":
+        hint = "; hub datasets need internet (offline, use data.source=imagefolder with a local folder)"
+        ds = _load_hf(f"hub dataset '{cfg.name}' split '{split}'", hint, path=cfg.name, split=split)
+        return HFImages(ds, cfg, split, train, f"hub dataset {cfg.name}", cfg.name)
+    raise UserError(f"unknown data.source '{cfg.source}' (fashion-mnist, imagefolder, hub, photos)")
+
+
+def make_grid(images: torch.Tensor, nrow: int, padding: int = 2) -> torch.Tensor:
+    """[N, C, H, W] -> [C, H', W'], `nrow` images per row, white (1.0) padding around each."""
+    n, c, h, w = images.shape
+    cols = min(nrow, n)
+    rows = math.ceil(n / cols)
+    grid = images.new_full((c, rows * (h + padding) + padding, cols * (w + padding) + padding), 1.0)
+    for k in range(n):
+        y, x = divmod(k, cols)
+        top, left = padding + y * (h + padding), padding + x * (w + padding)
+        grid[:, top:top + h, left:left + w] = images[k]
+    return grid
+
+
+def save_image(grid_or_batch: torch.Tensor, path, nrow: int = 8) -> None:
+    """Save [3, H, W] or [N, 3, H, W] in [-1, 1] as a PNG (a grid for a batch)."""
+    x = grid_or_batch.detach().float().cpu()
+    if x.dim() == 4:
+        x = make_grid(x, nrow)
+    arr = x.clamp(-1, 1).add(1).mul(127.5).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(arr).save(path, format="PNG")

@@ -1,0 +1,122 @@
+"""Export a run as a diffusers folder: EMA weights (safetensors), measured latent scaling, model card.
+
+`AutoencoderKL.from_pretrained(out_dir)` in stock diffusers loads the result. The scaling
+factor is 1/std (and the shift factor the mean) of posterior samples of thousands of
+training images spread over the whole split, never one batch and never SD's constant.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import string
+from pathlib import Path
+
+import torch
+import yaml
+from diffusers import AutoencoderKL
+from torch.utils.data import DataLoader, Subset
+from tqdm.auto import tqdm
+
+from . import config as config_lib
+from .checkpoint import find_checkpoint, read_state
+from .config import Config
+from .data import build_dataset
+from .errors import UserError
+from .models import downsampling_factor
+
+CARD_TEMPLATES = Path(__file__).resolve().parent.parent / "model_cards"
+
+
+def load_run(run_dir: str | Path) -> tuple[AutoencoderKL, Config, dict, Path]:
+    """(autoencoder with EMA weights, config, trainer state, checkpoint) of a run's newest complete checkpoint."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise UserError(f"run folder {run_dir} does not exist")
+    checkpoint = find_checkpoint(run_dir, "latest")
+    state = read_state(checkpoint)
+    cfg = config_lib.from_dict(state["config"], f"{checkpoint}/trainer_state.json")
+    vae = AutoencoderKL.from_pretrained(checkpoint / "autoencoder")
+    return vae, cfg, state, checkpoint
+
+
+@torch.no_grad()
+def measure_latent_stats(vae: AutoencoderKL, dataset, cfg: Config, device: torch.device, seed: int = 0) -> dict:
+    """Mean and std of posterior samples over `export.scale_num_images` images of `dataset`."""
+    n = min(cfg.export.scale_num_images, len(dataset))
+    # evenly spaced over the split, so no single class or shard dominates
+    indices = torch.linspace(0, len(dataset) - 1, n).round().long().unique().tolist()
+    loader = DataLoader(Subset(dataset, indices), batch_size=cfg.export.scale_batch_size)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    total, total_sq, count = 0.0, 0.0, 0
+    vae.to(device).eval()
+    for batch in tqdm(loader, desc="measuring latent scale", leave=False):
+        z = vae.encode(batch["pixel_values"].to(device)).latent_dist.sample(generator=generator).double()
+        total += z.sum().item()
+        total_sq += z.pow(2).sum().item()
+        count += z.numel()
+    mean = total / count
+    std = max(total_sq / count - mean**2, 0.0) ** 0.5
+    if not std > 0:
+        raise UserError("the latents have zero variance; the model did not train (check the run's losses)")
+    return {"scaling_factor": 1.0 / std, "shift_factor": mean, "num_values": count, "num_images": len(indices)}
+
+
+def _model_card(cfg: Config, state: dict, stats: dict, vae: AutoencoderKL, dataset, out_dir: Path) -> str:
+    factor = downsampling_factor(cfg.model)
+    res = cfg.data.resolution
+    metadata = {
+        "library_name": "diffusers",
+        "license": cfg.export.license,
+        "tags": ["ldm-vae", "autoencoder", "autoencoder-kl", "latent-diffusion"],
+        "datasets": [dataset.dataset_id],
+    }
+    skipped = state["perceptual"].startswith("SKIPPED") or state["perceptual"].startswith("RANDOM")
+    notice = f"> **Notice:** {state['perceptual']}." if skipped else ""
+    logs = state.get("logs") or {}
+    losses = "\n".join(["| term | value |", "|---|---|"] + [f"| {k} | {v:.5g} |" for k, v in sorted(logs.items())])
+    template = string.Template((CARD_TEMPLATES / "autoencoder_kl.md").read_text())
+    return template.substitute(
+        metadata=yaml.safe_dump(metadata, sort_keys=False).strip(),
+        title=f"KL autoencoder f{factor}, {cfg.model.latent_channels} latent channels ({dataset.dataset_id})",
+        dataset=dataset.description,
+        perceptual_notice=notice,
+        factor=factor, resolution=res, latent_shape=f"{cfg.model.latent_channels}x{res // factor}x{res // factor}",
+        latent_channels=cfg.model.latent_channels,
+        parameters=f"{sum(p.numel() for p in vae.parameters()) / 1e6:.2f} M",
+        steps=state["step"], images_per_step=cfg.train.batch_size * cfg.train.grad_accum_steps,
+        weights="EMA (decay %g)" % cfg.train.ema_decay if cfg.train.ema_decay > 0 else "raw (EMA off)",
+        perceptual=state["perceptual"],
+        scaling_factor=f"{stats['scaling_factor']:.6g}", shift_factor=f"{stats['shift_factor']:.6g}",
+        num_values=stats["num_values"], num_images=stats["num_images"],
+        path=str(out_dir),
+        losses=losses if logs else "(no step was logged)",
+        config=config_lib.to_yaml(cfg).strip(),
+    )
+
+
+def export_run(run_dir: str | Path, out_dir: str | Path, replace: bool = False) -> Path:
+    """Write the diffusers folder for `run_dir`'s newest checkpoint to `out_dir` (atomically)."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()) and not replace:
+        raise UserError(f"{out_dir} exists and is not empty; choose another folder or pass --overwrite")
+    vae, cfg, state, checkpoint = load_run(run_dir)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dataset = build_dataset(cfg.data, cfg.data.train_split, train=False)
+    stats = measure_latent_stats(vae, dataset, cfg, device)
+    vae.register_to_config(scaling_factor=stats["scaling_factor"], shift_factor=stats["shift_factor"])
+
+    tmp = out_dir.parent / f".tmp-{out_dir.name}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    vae.to("cpu").save_pretrained(tmp, safe_serialization=True)
+    (tmp / "training_config.yaml").write_text(config_lib.to_yaml(cfg))
+    info = {"checkpoint": str(checkpoint), "step": state["step"], "perceptual": state["perceptual"],
+            "latent_stats": stats, "final_logs": state.get("logs")}
+    (tmp / "ldm_vae.json").write_text(json.dumps(info, indent=2))
+    (tmp / "README.md").write_text(_model_card(cfg, state, stats, vae, dataset, out_dir))
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    os.replace(tmp, out_dir)
+    return out_dir

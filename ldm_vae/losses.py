@@ -1,0 +1,164 @@
+"""Autoencoder losses: small pure functions, and one object that combines them.
+
+Conventions (stated because the public recipes mix them up):
+- Reconstruction terms (L1, L2, LPIPS) are MEANS over pixels and images.
+- The KL is the closed-form KL(q(z|x) || N(0, I)) SUMMED over latent dimensions per image
+  and averaged over images; that is the value logged as `kl`. In the total loss it is
+  divided by the number of pixel values per image (3*H*W). LDM sums its NLL over pixels
+  and uses kl_weight 1e-6; dividing both sides by 3*H*W gives our form, so the same
+  1e-6 means the same trade-off here, at any resolution.
+- The GAN term is scaled by the adaptive weight of Esser et al. 2021 (arXiv:2012.09841,
+  eq. 7), measured at the decoder's last layer in fp32.
+
+The loss object exposes `generator(...)` and `discriminator(...)`, each returning
+`(loss, logs)` with detached scalar logs; it never logs or steps anything itself.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import LossConfig
+
+
+def kl_divergence(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """Closed-form KL(N(mean, exp(logvar)) || N(0, 1)) per element (same shape as mean)."""
+    mean, logvar = mean.float(), logvar.float()
+    return 0.5 * (mean.pow(2) + logvar.exp() - 1.0 - logvar)
+
+
+def kl_with_free_bits(kl_map: torch.Tensor, free_bits: float) -> torch.Tensor:
+    """Per-image KL sum for the loss, with a per-channel floor of `free_bits` nats per position.
+
+    Free bits (Kingma et al. 2016, arXiv:1606.04934): the KL of each latent channel,
+    averaged over the batch and positions, is not pushed below the floor, which keeps
+    channels from collapsing onto the prior. The floor stops the gradient, not the value.
+    """
+    n, c, h, w = kl_map.shape
+    if free_bits <= 0:
+        return kl_map.sum(dim=(1, 2, 3)).mean()
+    per_channel = kl_map.mean(dim=(0, 2, 3))
+    return per_channel.clamp(min=free_bits).sum() * h * w
+
+
+def hinge_d_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.Tensor:
+    return 0.5 * (F.relu(1.0 - logits_real).mean() + F.relu(1.0 + logits_fake).mean())
+
+
+def vanilla_d_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.Tensor:
+    # -log sigmoid(real) - log(1 - sigmoid(fake)), written with softplus for stability
+    return 0.5 * (F.softplus(-logits_real).mean() + F.softplus(logits_fake).mean())
+
+
+def hinge_g_loss(logits_fake: torch.Tensor) -> torch.Tensor:
+    return -logits_fake.mean()
+
+
+def vanilla_g_loss(logits_fake: torch.Tensor) -> torch.Tensor:
+    # the non-saturating form: -log sigmoid(fake) (Goodfellow et al. 2014, sec. 3)
+    return F.softplus(-logits_fake).mean()
+
+
+D_LOSSES = {"hinge": hinge_d_loss, "vanilla": vanilla_d_loss}
+G_LOSSES = {"hinge": hinge_g_loss, "vanilla": vanilla_g_loss}
+
+
+def adaptive_weight(nll: torch.Tensor, g_loss: torch.Tensor, last_layer: torch.Tensor,
+                    max_weight: float, grad_scale: float = 1.0) -> torch.Tensor:
+    """||grad nll|| / (||grad g|| + 1e-4) at `last_layer`, clamped to [0, max_weight], in fp32.
+
+    Under fp16 the caller passes the loss scaler's scale: both gradients are taken of
+    scaled losses (so fp16 backward does not underflow to zero) and the ratio is the same.
+    """
+    nll_grad, = torch.autograd.grad(nll * grad_scale, last_layer, retain_graph=True)
+    g_grad, = torch.autograd.grad(g_loss * grad_scale, last_layer, retain_graph=True)
+    weight = nll_grad.float().norm() / (g_grad.float().norm() + 1e-4 * grad_scale)
+    return weight.clamp(0.0, max_weight).detach()
+
+
+def lecam_reg(logits_real: torch.Tensor, logits_fake: torch.Tensor,
+              ema_real: torch.Tensor, ema_fake: torch.Tensor) -> torch.Tensor:
+    """LeCam regularisation (Tseng et al. 2021, arXiv:2104.03310, eq. 3)."""
+    return F.relu(logits_real - ema_fake).pow(2).mean() + F.relu(ema_real - logits_fake).pow(2).mean()
+
+
+class LeCamEMA(nn.Module):
+    """EMA of the discriminator's mean outputs, kept as buffers so checkpoints carry them.
+
+    The trainer passes means that are already averaged over processes, so every rank
+    holds the same values.
+    """
+
+    def __init__(self, decay: float):
+        super().__init__()
+        self.decay = decay
+        self.register_buffer("real", torch.zeros(()))
+        self.register_buffer("fake", torch.zeros(()))
+
+    @torch.no_grad()
+    def update(self, mean_real: torch.Tensor, mean_fake: torch.Tensor) -> None:
+        self.real.lerp_(mean_real.float(), 1 - self.decay)
+        self.fake.lerp_(mean_fake.float(), 1 - self.decay)
+
+
+class AutoencoderLoss:
+    """Reconstruction + LPIPS + KL + adaptive-weighted PatchGAN loss for a KL autoencoder."""
+
+    def __init__(self, cfg: LossConfig, perceptual: nn.Module | None):
+        self.cfg = cfg
+        # None when the perceptual term is off or skipped (see train_vae.build_perceptual)
+        self.perceptual = perceptual
+        self.g_adv = G_LOSSES[cfg.disc_loss]
+        self.d_adv = D_LOSSES[cfg.disc_loss]
+
+    def gan_active(self, step: int) -> bool:
+        return self.cfg.disc_weight > 0 and step >= self.cfg.disc_start
+
+    def kl_weight(self, step: int) -> float:
+        if self.cfg.kl_warmup_steps <= 0:
+            return self.cfg.kl_weight
+        return self.cfg.kl_weight * min(1.0, step / self.cfg.kl_warmup_steps)
+
+    def generator(self, x: torch.Tensor, recon: torch.Tensor, mean: torch.Tensor, logvar: torch.Tensor,
+                  step: int, disc: nn.Module | None = None, last_layer: torch.Tensor | None = None,
+                  grad_scale: float = 1.0):
+        """The autoencoder's loss. `disc` must be frozen (no parameter requires grad)."""
+        cfg = self.cfg
+        x, recon_f = x.float(), recon.float()
+        l1 = (x - recon_f).abs().mean()
+        l2 = (x - recon_f).pow(2).mean()
+        nll = cfg.rec_l1 * l1 + cfg.rec_l2 * l2
+        logs = {"l1": l1, "l2": l2}
+        if self.perceptual is not None and cfg.perceptual_weight > 0:
+            p = self.perceptual(x, recon_f).mean()
+            nll = nll + cfg.perceptual_weight * p
+            logs["lpips"] = p
+        kl_map = kl_divergence(mean, logvar)
+        logs["kl"] = kl_map.sum(dim=(1, 2, 3)).mean()
+        pixels = x[0].numel()
+        loss = nll + self.kl_weight(step) * kl_with_free_bits(kl_map, cfg.free_bits) / pixels
+        logs["nll"] = nll
+        if self.gan_active(step):
+            assert disc is not None and last_layer is not None
+            g = self.g_adv(disc(recon).float())
+            weight = cfg.disc_weight
+            if cfg.adaptive_weight:
+                weight = weight * adaptive_weight(nll, g, last_layer, cfg.adaptive_weight_max, grad_scale)
+            loss = loss + weight * g
+            logs["g_adv"] = g
+            logs["adaptive_weight"] = torch.as_tensor(weight, dtype=torch.float32)
+        logs["loss"] = loss
+        return loss, {k: v.detach() for k, v in logs.items()}
+
+    def discriminator(self, logits_real: torch.Tensor, logits_fake: torch.Tensor, lecam: LeCamEMA | None = None):
+        """The discriminator's loss on logits of real images and DETACHED reconstructions."""
+        logits_real, logits_fake = logits_real.float(), logits_fake.float()
+        loss = self.d_adv(logits_real, logits_fake)
+        logs = {"d_loss": loss, "logits_real": logits_real.mean(), "logits_fake": logits_fake.mean()}
+        if lecam is not None and self.cfg.lecam_weight > 0:
+            reg = lecam_reg(logits_real, logits_fake, lecam.real, lecam.fake)
+            loss = loss + self.cfg.lecam_weight * reg
+            logs["lecam"] = reg
+        return loss, {k: v.detach() for k, v in logs.items()}

@@ -1,0 +1,302 @@
+"""The Accelerate training loop for autoencoders: one readable loop.
+
+Per batch, inside ONE `accelerator.accumulate(ae, disc)`:
+  1. autoencoder step: recon + LPIPS + KL (+ adaptive-weighted GAN term once
+     `loss.disc_start` is reached, through a frozen, unwrapped discriminator so no
+     discriminator gradient is produced);
+  2. discriminator step (GAN phase only): one forward of [real; recon.detach()] through the
+     DDP-wrapped discriminator, so nothing reaches the autoencoder's gradients.
+Weights stay fp32 under autocast (never cast trainable weights to half precision). Steps
+are counted on `sync_gradients`. Data order, RNG, EMA, LeCam state and schedulers are in
+every checkpoint, so `--resume latest` continues the same run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import time
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator, DataLoaderConfiguration
+from accelerate.logging import get_logger
+from accelerate.utils import ProjectConfiguration, set_seed
+from diffusers.training_utils import EMAModel
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from . import config as config_lib
+from .checkpoint import complete_checkpoints, find_checkpoint, read_state, save_checkpoint
+from .config import Config
+from .data import build_dataset, save_image
+from .discriminator import PatchDiscriminator
+from .errors import UserError
+from .losses import AutoencoderLoss, LeCamEMA
+from .models import KLAutoencoder, build_autoencoder
+from .perceptual import LPIPSWeightsMissing, build_lpips
+
+logger = get_logger(__name__)
+
+NOTICE_RULE = "!" * 88
+
+
+def build_perceptual(cfg: Config):
+    """(LPIPS module or None, one-line status recorded in the summary and the model card)."""
+    lc = cfg.loss
+    if lc.perceptual_weight == 0:
+        return None, "off (loss.perceptual_weight=0)"
+    try:
+        net = build_lpips(lc.lpips_net, lc.lpips_weights, lc.lpips_random_backbone)
+    except LPIPSWeightsMissing as e:
+        if lc.lpips_if_missing == "error":
+            raise
+        status = (f"SKIPPED: the pretrained LPIPS '{lc.lpips_net}' backbone weights were not available, so this "
+                  f"model was trained WITHOUT the perceptual term (loss.lpips_if_missing=skip)")
+        logger.warning(f"\n{NOTICE_RULE}\n{status}.\n{e}\n{NOTICE_RULE}", main_process_only=True)
+        return None, status
+    if net.random_backbone:
+        return net, ("RANDOM LPIPS backbone (loss.lpips_random_backbone=true): tests the wiring only, "
+                     "not a perceptual loss")
+    return net, f"LPIPS ({lc.lpips_net}, pretrained backbone)"
+
+
+def _check_output_dir(output_dir: Path, resume: str | None) -> None:
+    holds_run = (output_dir / "config.yaml").exists() or complete_checkpoints(output_dir)
+    if holds_run and resume is None:
+        raise UserError(f"{output_dir} already holds a run; continue it with --resume latest, "
+                        f"or choose another --output-dir (nothing was changed)")
+
+
+def _check_resume_compatible(cfg: Config, checkpoint: Path) -> None:
+    saved = config_lib.from_dict(read_state(checkpoint)["config"], f"{checkpoint}/trainer_state.json")
+    changed = [k for k in ("model", "data.resolution") if config_lib.get_key(saved, k) != config_lib.get_key(cfg, k)]
+    if changed:
+        raise UserError(f"cannot resume {checkpoint}: {', '.join(changed)} differ from the checkpoint's config; "
+                        f"resume with the run's own config ({checkpoint.parent / 'config.yaml'})")
+
+
+def _warmup(steps: int):
+    return lambda s: min(1.0, (s + 1) / steps) if steps > 0 else 1.0
+
+
+def _set_requires_grad(module: torch.nn.Module, flag: bool) -> None:
+    for p in module.parameters():
+        p.requires_grad_(flag)
+
+
+def train(cfg: Config, output_dir: str | Path, resume: str | None = None) -> dict:
+    """Train the autoencoder described by `cfg` into `output_dir`; returns the run summary."""
+    output_dir = Path(output_dir)
+    _check_output_dir(output_dir, resume)
+    tc = cfg.train
+    accelerator = Accelerator(
+        gradient_accumulation_steps=tc.grad_accum_steps,
+        mixed_precision=tc.mixed_precision,
+        log_with="tensorboard",
+        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
+        # the sampler's order depends only on (seed, epoch): resume can replay it exactly
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+    )
+    perceptual, perceptual_status = build_perceptual(cfg)  # fails before any training work
+    checkpoint = find_checkpoint(output_dir, resume) if resume else None
+    if checkpoint is not None:
+        _check_resume_compatible(cfg, checkpoint)
+
+    train_ds = build_dataset(cfg.data, cfg.data.train_split, train=True, seed=cfg.seed)
+    try:
+        preview_ds = build_dataset(cfg.data, cfg.data.test_split, train=False)
+    except UserError:  # a source without a test split: preview training images instead
+        preview_ds = build_dataset(cfg.data, cfg.data.train_split, train=False)
+    preview = torch.stack([preview_ds[i]["pixel_values"] for i in range(min(8, len(preview_ds)))])
+
+    # Same seed on every process for everything built here (weights, sampler seed) ...
+    set_seed(cfg.seed)
+    ae = KLAutoencoder(build_autoencoder(cfg.model, cfg.data.resolution), cfg.loss.logvar_min, cfg.loss.logvar_max)
+    disc = PatchDiscriminator(cfg.model.out_channels, cfg.loss.disc_channels, cfg.loss.disc_layers)
+    lecam = LeCamEMA(cfg.loss.lecam_decay)
+    betas = (tc.adam_beta1, tc.adam_beta2)
+    opt_ae = torch.optim.AdamW(ae.parameters(), lr=tc.lr, betas=betas, weight_decay=tc.weight_decay)
+    opt_d = torch.optim.AdamW(disc.parameters(), lr=tc.disc_lr, betas=betas, weight_decay=tc.weight_decay)
+    # Not passed to prepare(): accelerate would step them once per process; we step them
+    # once per optimizer step, so `lr_warmup_steps` means optimizer steps.
+    sched_ae = torch.optim.lr_scheduler.LambdaLR(opt_ae, _warmup(tc.lr_warmup_steps))
+    sched_d = torch.optim.lr_scheduler.LambdaLR(opt_d, _warmup(tc.lr_warmup_steps))
+    # A generator of its own: creating an epoch's iterator draws a seed from it, and that
+    # draw must not come from the global RNG (it would shift the noise stream on resume).
+    loader = DataLoader(train_ds, batch_size=tc.batch_size, shuffle=True, drop_last=True,
+                        num_workers=cfg.data.num_workers, pin_memory=torch.cuda.is_available(),
+                        generator=torch.Generator())
+    ae, disc, opt_ae, opt_d, loader = accelerator.prepare(ae, disc, opt_ae, opt_d, loader)
+    if len(loader) == 0:
+        raise UserError(f"the training split has {len(train_ds)} images, fewer than one batch per process "
+                        f"({tc.batch_size} x {accelerator.num_processes}); lower train.batch_size")
+    device = accelerator.device
+    if perceptual is not None:
+        perceptual.to(device)
+    lecam.to(device)
+    vae = accelerator.unwrap_model(ae).vae
+    ema = EMAModel(vae.parameters(), decay=tc.ema_decay) if tc.ema_decay > 0 else None
+    if ema is not None:
+        ema.to(device)
+    accelerator.register_for_checkpointing(sched_ae, sched_d, lecam, *([ema] if ema else []))
+    # ... and a different seed per process from here on (posterior noise, augmentation).
+    set_seed(cfg.seed, device_specific=True)
+
+    step = 0
+    if checkpoint is not None:
+        accelerator.load_state(str(checkpoint))  # also restores every process's RNG
+        if ema is not None:
+            ema.to(device)
+        step = read_state(checkpoint)["step"]
+        logger.info(f"resumed from {checkpoint} at step {step}", main_process_only=True)
+
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / "config.yaml").write_text(config_lib.to_yaml(cfg))
+        logger.info(f"data: {train_ds.description}; perceptual: {perceptual_status}")
+    accelerator.init_trackers("train_vae")
+
+    loss_fn = AutoencoderLoss(cfg.loss, perceptual)
+    raw_disc = accelerator.unwrap_model(disc)
+    last_layer = accelerator.unwrap_model(ae).last_layer()
+    images_per_step = tc.batch_size * accelerator.num_processes * tc.grad_accum_steps
+
+    def save(at_step: int, logs: dict) -> None:
+        state = {"step": at_step, "logs": logs, "perceptual": perceptual_status, "config": config_lib.to_dict(cfg)}
+
+        def write_extra(folder: Path) -> None:
+            (folder / "config.yaml").write_text(config_lib.to_yaml(cfg))
+            with ema_weights():
+                vae.save_pretrained(folder / "autoencoder")
+
+        save_checkpoint(accelerator, output_dir, at_step, state, write_extra, tc.checkpoints_total_limit)
+
+    @contextlib.contextmanager
+    def ema_weights():
+        """Temporarily swap the EMA weights into the model (what export and previews use)."""
+        if ema is None:
+            yield
+            return
+        ema.store(vae.parameters())
+        ema.copy_to(vae.parameters())
+        try:
+            yield
+        finally:
+            ema.restore(vae.parameters())
+
+    @torch.no_grad()
+    def write_preview(at_step: int) -> None:
+        vae.eval()
+        with ema_weights(), accelerator.autocast():
+            x = preview.to(device)
+            recon = vae.decode(vae.encode(x).latent_dist.mean).sample.float().clamp(-1, 1)
+        vae.train()
+        grid = torch.cat([x.float(), recon])
+        path = output_dir / "samples" / f"recon_{at_step:07d}.png"
+        save_image(grid, path, nrow=len(x))
+        tb = accelerator.get_tracker("tensorboard", unwrap=True)
+        tb.add_images("reconstruction (top: input, bottom: EMA recon)", (grid + 1) / 2, at_step)
+
+    # per-key device-side sums and counts since the last log step (no host sync in between)
+    window: dict[str, tuple] = {}
+    window_steps, last_logs, t_window = 0, {}, time.perf_counter()
+    t_start, start_step = time.perf_counter(), step
+    progress = tqdm(total=tc.max_steps, initial=step, desc="train-vae", disable=not accelerator.is_local_main_process)
+    epoch, skip = divmod(step * tc.grad_accum_steps, len(loader))
+    ae.train()
+    disc.train()
+    while step < tc.max_steps:
+        loader.set_epoch(epoch)
+        train_ds.set_epoch(epoch)
+        for batch in accelerator.skip_first_batches(loader, skip) if skip else loader:
+            x = batch["pixel_values"]
+            gan = loss_fn.gan_active(step)
+            with accelerator.accumulate(ae, disc):
+                # 1. autoencoder
+                with accelerator.autocast():
+                    recon, mean, logvar = ae(x)
+                    _set_requires_grad(raw_disc, False)
+                    grad_scale = accelerator.scaler.get_scale() if (gan and accelerator.scaler) else 1.0
+                    g_loss, logs = loss_fn.generator(x, recon, mean, logvar, step, raw_disc if gan else None,
+                                                     last_layer, grad_scale)
+                accelerator.backward(g_loss)
+                if accelerator.sync_gradients:
+                    logs["grad_norm_ae"] = accelerator.clip_grad_norm_(ae.parameters(), tc.max_grad_norm or math.inf)
+                opt_ae.step()
+                opt_ae.zero_grad(set_to_none=True)
+                # 2. discriminator, on detached reconstructions
+                if gan:
+                    _set_requires_grad(raw_disc, True)
+                    with accelerator.autocast():
+                        logits_real, logits_fake = disc(torch.cat([x, recon.detach()])).chunk(2)
+                        d_loss, d_logs = loss_fn.discriminator(logits_real, logits_fake, lecam)
+                    accelerator.backward(d_loss)
+                    if cfg.loss.lecam_weight > 0:
+                        # averaged over processes so every rank keeps the same LeCam state
+                        lecam.update(accelerator.reduce(d_logs["logits_real"], "mean"),
+                                     accelerator.reduce(d_logs["logits_fake"], "mean"))
+                    if accelerator.sync_gradients:
+                        d_logs["grad_norm_d"] = accelerator.clip_grad_norm_(disc.parameters(),
+                                                                            tc.max_grad_norm or math.inf)
+                    opt_d.step()
+                    opt_d.zero_grad(set_to_none=True)
+                    logs.update(d_logs)
+            if not accelerator.sync_gradients:
+                continue
+            sched_ae.step()
+            if gan:
+                sched_d.step()
+            if ema is not None:
+                ema.step(vae.parameters())
+            step += 1
+            progress.update(1)
+            for k, v in logs.items():
+                total, count = window.get(k, (0.0, 0))
+                window[k] = (total + v.detach().float(), count + 1)
+            window_steps += 1
+
+            if step % tc.log_every == 0 or step == tc.max_steps:
+                keys = sorted(window)
+                means = accelerator.reduce(torch.stack([window[k][0] / window[k][1] for k in keys]), "mean")
+                last_logs = {k: float(v) for k, v in zip(keys, means.tolist())}
+                elapsed = time.perf_counter() - t_window
+                last_logs["images_per_s"] = window_steps * images_per_step / elapsed
+                last_logs["lr"] = sched_ae.get_last_lr()[0]
+                last_logs["kl_weight"] = loss_fn.kl_weight(step)
+                accelerator.log(last_logs, step=step)
+                progress.set_postfix({k: f"{last_logs[k]:.4g}" for k in ("loss", "l1", "lpips", "kl", "g_adv", "d_loss")
+                                      if k in last_logs})
+                window, window_steps, t_window = {}, 0, time.perf_counter()
+            if accelerator.is_main_process and (step % tc.image_every == 0 or step == tc.max_steps):
+                write_preview(step)
+            if step % tc.checkpoint_every == 0 or step == tc.max_steps:
+                save(step, last_logs)
+            if step >= tc.max_steps:
+                break
+        epoch, skip = epoch + 1, 0
+    progress.close()
+
+    summary = {
+        "steps": step,
+        "steps_this_session": step - start_step,
+        "wall_time_s": round(time.perf_counter() - t_start, 1),
+        "images_per_step": images_per_step,
+        "num_processes": accelerator.num_processes,
+        "mixed_precision": tc.mixed_precision,
+        "data": train_ds.description,
+        "perceptual": perceptual_status,
+        "final_logs": last_logs,
+    }
+    if accelerator.is_main_process:
+        (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        from .export import export_run  # the export reads the checkpoint just written
+
+        export_run(output_dir, output_dir / "export", replace=True)
+    accelerator.wait_for_everyone()
+    summary["process_index"] = accelerator.process_index
+    summary["models"] = {"ae": accelerator.unwrap_model(ae), "disc": raw_disc, "ema": ema, "lecam": lecam}
+    accelerator.end_training()  # closes the trackers (and the process group under DDP)
+    return summary

@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Create .venv (once) and install ldm-vae with everything it needs. Idempotent; sourced by
+# scripts/quickstart.sh and scripts/test.sh. Needs only python3 (>= 3.10) and pip access.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+[ -x .venv/bin/python ] || python3 -m venv .venv
+# shellcheck disable=SC1091
+. .venv/bin/activate
+export PIP_DISABLE_PIP_VERSION_CHECK=1
+
+# torch first and pinned: an unpinned `torch` requirement makes pip fetch the newest
+# release with several GB of CUDA packages; on this project's CPU machines 2.13.0 is the
+# local CPU wheel. Set TORCH_SPEC to choose another build.
+python -c "import torch" 2>/dev/null || pip install -q "${TORCH_SPEC:-torch==2.13.0}"
+
+# A constraint keeps whatever torch is installed: no dependency may replace it.
+torch_version=$(python -c "import torch; print(torch.__version__.split('+')[0])")
+pip install -q -c <(echo "torch==${torch_version}") -e ".[test]"
+
+# lpips ships the LPIPS linear-head weights that ldm_vae/perceptual.py reads. It declares
+# torchvision, whose PyPI wheels are CUDA builds that fail to import next to a CPU-only
+# torch (and a broken torchvision breaks diffusers and torchmetrics imports); ldm-vae
+# never imports either package, so lpips is installed without its dependencies.
+python -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('lpips') is None)" \
+  || pip install -q --no-deps "lpips>=0.1.4"
+
+# Fashion-MNIST from Debian (offline); without it ldm-vae falls back to the hub copy.
+if [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    apt-get update -qq >/dev/null && apt-get install -y -qq dataset-fashion-mnist >/dev/null
+  else
+    echo "note: Fashion-MNIST idx files not found; run 'apt-get install dataset-fashion-mnist' as root," \
+         "or ldm-vae will try the hub copy (needs internet)." >&2
+  fi
+fi

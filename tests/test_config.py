@@ -1,0 +1,68 @@
+"""Strict config: unknown keys, wrong types and bad values fail with the key and the file."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from ldm_vae.config import Config, load_config, to_dict, from_dict
+from ldm_vae.errors import UserError
+
+from .conftest import ROOT, TINY_KL
+
+
+def test_shipped_configs_load():
+    for path in sorted((ROOT / "configs").glob("*.yaml")):
+        assert isinstance(load_config(path), Config), path
+
+
+def test_unknown_key_names_key_and_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  max_stepz: 10\n")
+    with pytest.raises(UserError, match=r"bad\.yaml.*'train\.max_stepz'"):
+        load_config(bad)
+
+
+@pytest.mark.parametrize("text, key", [
+    ("train:\n  batch_size: 8.5\n", "train.batch_size"),
+    ("train:\n  batch_size: true\n", "train.batch_size"),
+    ("model:\n  block_out_channels: 32\n", "model.block_out_channels"),
+    ("data:\n  source: mnist\n", "data.source"),
+    ("train:\n  lr: -1\n", "train.lr"),
+    ("data:\n  resolution: 30\n", "data.resolution"),
+    ("loss: 3\n", "loss"),
+])
+def test_wrong_types_and_values(tmp_path, text, key):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(text)
+    with pytest.raises(UserError, match=key.replace(".", r"\.")):
+        load_config(bad)
+
+
+def test_overrides_are_typed_and_strict():
+    cfg = load_config(TINY_KL, ["train.max_steps=500", "train.lr=3e-4", "data.random_flip=false",
+                                "model.block_out_channels=[8,16]"])
+    assert (cfg.train.max_steps, cfg.train.lr, cfg.data.random_flip) == (500, 3e-4, False)
+    assert cfg.model.block_out_channels == [8, 16]
+    with pytest.raises(UserError, match="train.max_stepz"):
+        load_config(TINY_KL, ["train.max_stepz=5"])
+    with pytest.raises(UserError, match="KEY=VALUE"):
+        load_config(TINY_KL, ["train.max_steps"])
+
+
+def test_round_trip_through_dict():
+    cfg = load_config(TINY_KL)
+    assert from_dict(to_dict(cfg), "x") == cfg
+
+
+def test_cli_reports_config_errors_without_traceback(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("trian: {}\n")
+    proc = subprocess.run([sys.executable, "-m", "ldm_vae", "train-vae", str(bad), "--output-dir", str(tmp_path / "r")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert "'trian'" in proc.stderr and str(bad) in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "r").exists()  # nothing written for a rejected config

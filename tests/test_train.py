@@ -1,0 +1,129 @@
+"""End-to-end training on the tiny CPU config (synthetic data, RANDOM LPIPS backbone).
+
+Covers: the loss really drops; export -> stock diffusers gives identical outputs and a
+measured scaling factor; resume continues to the same weights; a run folder is never
+overwritten; two processes end with identical weights.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from diffusers import AutoencoderKL
+from safetensors.torch import load_file
+
+from ldm_vae.data import build_dataset
+from ldm_vae.errors import UserError
+from ldm_vae.models import KLAutoencoder, build_autoencoder
+from ldm_vae.train_vae import train
+
+from .conftest import ROOT, TINY_KL
+
+
+def _recon_l1(vae, x):
+    with torch.no_grad():
+        return (vae.decode(vae.encode(x).latent_dist.mean).sample - x).abs().mean().item()
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, fake_fashion):
+    """One 60-step run shared by the tests below (GAN on from step 40)."""
+    from ldm_vae.config import load_config
+
+    cfg = load_config(TINY_KL, [f"data.path={fake_fashion}", "train.max_steps=60", "loss.disc_start=40",
+                                "train.checkpoint_every=30"])
+    out = tmp_path_factory.mktemp("run") / "kl"
+    summary = train(cfg, out)
+    return cfg, out, summary
+
+
+def test_short_run_lowers_reconstruction_loss(trained):
+    cfg, out, summary = trained
+    x = torch.stack([build_dataset(cfg.data, "test", train=False)[i]["pixel_values"] for i in range(32)])
+    torch.manual_seed(cfg.seed)  # the trainer builds its initial weights under this seed
+    initial = build_autoencoder(cfg.model, cfg.data.resolution)
+    trained_vae = AutoencoderKL.from_pretrained(out / "export")
+    before, after = _recon_l1(initial, x), _recon_l1(trained_vae, x)
+    assert after < 0.6 * before, (before, after)
+    assert summary["steps"] == 60 and set(summary["final_logs"]) >= {"l1", "lpips", "kl", "g_adv", "d_loss"}
+
+
+def test_export_round_trip_matches_ema_weights(trained):
+    cfg, out, summary = trained
+    ae, ema = copy.deepcopy(summary["models"]["ae"]), summary["models"]["ema"]
+    ema.copy_to(ae.vae.parameters())  # the trainer's EMA weights in (a copy of) the trainer's model
+    ae.eval()  # as from_pretrained leaves the stock model (train mode differs by ~1e-6 in attention)
+    stock = AutoencoderKL.from_pretrained(out / "export")  # stock diffusers, our export
+    x = torch.rand(4, 3, 16, 16) * 2 - 1
+    with torch.no_grad():
+        ours = ae.vae.decode(ae.vae.encode(x).latent_dist.mean).sample
+        theirs = stock.decode(stock.encode(x).latent_dist.mean).sample
+    assert torch.equal(ours, theirs)
+    assert stock.config.scaling_factor != pytest.approx(0.18215)
+    assert stock.config.scaling_factor > 0 and stock.config.shift_factor is not None
+    # the measured factor really whitens latents of training images
+    data = torch.stack([build_dataset(cfg.data, "train", train=False)[i]["pixel_values"] for i in range(128)])
+    with torch.no_grad():
+        z = stock.encode(data).latent_dist.sample(generator=torch.Generator().manual_seed(1))
+    scaled = (z - stock.config.shift_factor) * stock.config.scaling_factor
+    assert abs(scaled.std().item() - 1) < 0.1 and abs(scaled.mean().item()) < 0.1
+    card = (out / "export" / "README.md").read_text()
+    assert "library_name: diffusers" in card and "RANDOM LPIPS backbone" in card
+
+
+def test_checkpoints_are_complete_and_pruned(trained):
+    cfg, out, summary = trained
+    names = sorted(p.name for p in out.iterdir() if "checkpoint" in p.name)
+    assert names == ["checkpoint-30", "checkpoint-60"]
+    assert (out / "checkpoint-60" / "autoencoder" / "diffusion_pytorch_model.safetensors").is_file()
+    assert any((out / "samples").glob("recon_*.png")) and any((out / "logs").rglob("events.out.tfevents*"))
+
+
+def test_resume_continues_to_identical_weights(trained, tmp_path):
+    cfg, out, summary = trained
+    # copy the run as it was at step 30, then resume it to step 60
+    part = tmp_path / "part"
+    part.mkdir()
+    shutil.copytree(out / "checkpoint-30", part / "checkpoint-30")
+    shutil.copy(out / "config.yaml", part / "config.yaml")
+    resumed = train(cfg, part, resume="latest")
+    assert resumed["steps"] == 60 and resumed["steps_this_session"] == 30
+    for name in ("ae", "disc"):
+        a, b = summary["models"][name].state_dict(), resumed["models"][name].state_dict()
+        for k in a:
+            assert torch.equal(a[k], b[k]), (name, k)
+    assert resumed["final_logs"]["loss"] == summary["final_logs"]["loss"]
+
+
+def test_refuses_to_overwrite_a_run(trained):
+    cfg, out, summary = trained
+    before = sorted(p.name for p in out.rglob("*"))
+    with pytest.raises(UserError, match="already holds a run"):
+        train(cfg, out)
+    assert sorted(p.name for p in out.rglob("*")) == before
+
+
+def test_two_process_training_keeps_ranks_identical(tmp_path, fake_fashion):
+    out = tmp_path / "ddp"
+    env = dict(os.environ, ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           str(ROOT / "tests" / "ddp_worker.py"), str(TINY_KL), str(out), f"data.path={fake_fashion}",
+           "train.max_steps=24", "loss.disc_start=12", "loss.lecam_weight=0.1", "train.batch_size=4",
+           "train.grad_accum_steps=2", "train.checkpoint_every=12", "train.image_every=12"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r0, r1 = load_file(out / "rank0.safetensors"), load_file(out / "rank1.safetensors")
+    assert r0.keys() == r1.keys() and {"ema.0", "lecam.real", "lecam.fake"} <= set(r0)
+    assert r0["lecam.real"] != 0  # the LeCam EMA was updated (from process-averaged logits)
+    for k in r0:
+        assert torch.equal(r0[k], r1[k]), k
+    # it really ran as two processes, to the end
+    summary = __import__("json").loads((out / "summary.json").read_text())
+    assert summary["num_processes"] == 2 and summary["steps"] == 24
