@@ -84,7 +84,12 @@ class LossConfig:
     logvar_max: float = 20.0
     # PatchGAN (Isola et al. 2017, arXiv:1611.07004), as in taming/LDM
     disc_weight: float = 0.5
+    # the step from which the GAN term is in the autoencoder's loss (LDM's meaning)
     disc_start: int = 5000
+    # the discriminator trains alone for this many steps before disc_start, so the
+    # autoencoder never optimises against an untrained discriminator (whose logits it can
+    # match within steps, leaving the discriminator with no gradient: it never recovers)
+    disc_pretrain_steps: int = 0
     # hinge | vanilla
     disc_loss: str = "hinge"
     disc_layers: int = 3
@@ -108,6 +113,9 @@ class TrainConfig:
     adam_beta2: float = 0.9
     weight_decay: float = 0.0
     lr_warmup_steps: int = 100
+    # the autoencoder's LR schedule (diffusers.optimization.get_scheduler) over max_steps:
+    # constant_with_warmup | cosine | linear; the discriminator's is constant_with_warmup
+    lr_scheduler: str = "constant_with_warmup"
     max_grad_norm: float = 1.0
     # no | bf16 | fp16; weights stay fp32 (autocast), see train_vae.py
     mixed_precision: str = "no"
@@ -145,6 +153,7 @@ CHOICES = {
     "loss.lpips_if_missing": ("error", "skip"),
     "loss.disc_loss": ("hinge", "vanilla"),
     "train.mixed_precision": ("no", "bf16", "fp16"),
+    "train.lr_scheduler": ("constant_with_warmup", "cosine", "linear"),
 }
 POSITIVE = ("data.resolution", "data.photos_per_epoch", "model.latent_channels", "model.layers_per_block",
             "model.norm_num_groups", "loss.disc_layers", "loss.disc_channels", "train.batch_size",
@@ -153,7 +162,7 @@ POSITIVE = ("data.resolution", "data.photos_per_epoch", "model.latent_channels",
             "export.scale_num_images", "export.scale_batch_size")
 NON_NEGATIVE = ("data.num_workers", "loss.rec_l1", "loss.rec_l2", "loss.perceptual_weight", "loss.kl_weight",
                 "loss.kl_warmup_steps", "loss.free_bits", "loss.disc_weight", "loss.disc_start",
-                "loss.lecam_weight", "train.weight_decay", "train.lr_warmup_steps", "train.max_grad_norm")
+                "loss.disc_pretrain_steps", "loss.lecam_weight", "train.weight_decay", "train.lr_warmup_steps", "train.max_grad_norm")
 UNIT_INTERVAL = ("loss.lecam_decay", "train.ema_decay", "train.adam_beta1", "train.adam_beta2")
 
 

@@ -114,7 +114,12 @@ class AutoencoderLoss:
         self.d_adv = D_LOSSES[cfg.disc_loss]
 
     def gan_active(self, step: int) -> bool:
+        """Whether the GAN term is in the autoencoder's loss at `step`."""
         return self.cfg.disc_weight > 0 and step >= self.cfg.disc_start
+
+    def disc_active(self, step: int) -> bool:
+        """Whether the discriminator trains at `step` (from disc_start - disc_pretrain_steps)."""
+        return self.cfg.disc_weight > 0 and step >= self.cfg.disc_start - self.cfg.disc_pretrain_steps
 
     def kl_weight(self, step: int) -> float:
         if self.cfg.kl_warmup_steps <= 0:

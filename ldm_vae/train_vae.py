@@ -4,8 +4,9 @@ Per batch, inside ONE `accelerator.accumulate(ae, disc)`:
   1. autoencoder step: recon + LPIPS + KL (+ adaptive-weighted GAN term once
      `loss.disc_start` is reached, through a frozen, unwrapped discriminator so no
      discriminator gradient is produced);
-  2. discriminator step (GAN phase only): one forward of [real; recon.detach()] through the
-     DDP-wrapped discriminator, so nothing reaches the autoencoder's gradients.
+  2. discriminator step (from `disc_start - disc_pretrain_steps` on): one forward of
+     [real; recon.detach()] through the DDP-wrapped discriminator, so nothing reaches the
+     autoencoder's gradients.
 Weights stay fp32 under autocast (never cast trainable weights to half precision). Steps
 are counted on `sync_gradients`. Data order, RNG, EMA, LeCam state and schedulers are in
 every checkpoint, so `--resume latest` continues the same run.
@@ -24,6 +25,7 @@ import torch
 from accelerate import Accelerator, DataLoaderConfiguration
 from accelerate.logging import get_logger
 from accelerate.utils import ProjectConfiguration, set_seed
+from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
@@ -78,10 +80,6 @@ def _check_resume_compatible(cfg: Config, checkpoint: Path) -> None:
                         f"resume with the run's own config ({checkpoint.parent / 'config.yaml'})")
 
 
-def _warmup(steps: int):
-    return lambda s: min(1.0, (s + 1) / steps) if steps > 0 else 1.0
-
-
 def _set_requires_grad(module: torch.nn.Module, flag: bool) -> None:
     for p in module.parameters():
         p.requires_grad_(flag)
@@ -122,8 +120,9 @@ def train(cfg: Config, output_dir: str | Path, resume: str | None = None) -> dic
     opt_d = torch.optim.AdamW(disc.parameters(), lr=tc.disc_lr, betas=betas, weight_decay=tc.weight_decay)
     # Not passed to prepare(): accelerate would step them once per process; we step them
     # once per optimizer step, so `lr_warmup_steps` means optimizer steps.
-    sched_ae = torch.optim.lr_scheduler.LambdaLR(opt_ae, _warmup(tc.lr_warmup_steps))
-    sched_d = torch.optim.lr_scheduler.LambdaLR(opt_d, _warmup(tc.lr_warmup_steps))
+    sched_ae = get_scheduler(tc.lr_scheduler, opt_ae, num_warmup_steps=tc.lr_warmup_steps,
+                             num_training_steps=tc.max_steps)
+    sched_d = get_scheduler("constant_with_warmup", opt_d, num_warmup_steps=tc.lr_warmup_steps)
     # A generator of its own: creating an epoch's iterator draws a seed from it, and that
     # draw must not come from the global RNG (it would shift the noise stream on resume).
     loader = DataLoader(train_ds, batch_size=tc.batch_size, shuffle=True, drop_last=True,
@@ -213,7 +212,7 @@ def train(cfg: Config, output_dir: str | Path, resume: str | None = None) -> dic
         train_ds.set_epoch(epoch)
         for batch in accelerator.skip_first_batches(loader, skip) if skip else loader:
             x = batch["pixel_values"]
-            gan = loss_fn.gan_active(step)
+            gan, train_d = loss_fn.gan_active(step), loss_fn.disc_active(step)
             with accelerator.accumulate(ae, disc):
                 # 1. autoencoder
                 with accelerator.autocast():
@@ -228,7 +227,7 @@ def train(cfg: Config, output_dir: str | Path, resume: str | None = None) -> dic
                 opt_ae.step()
                 opt_ae.zero_grad(set_to_none=True)
                 # 2. discriminator, on detached reconstructions
-                if gan:
+                if train_d:
                     _set_requires_grad(raw_disc, True)
                     with accelerator.autocast():
                         logits_real, logits_fake = disc(torch.cat([x, recon.detach()])).chunk(2)
@@ -247,7 +246,7 @@ def train(cfg: Config, output_dir: str | Path, resume: str | None = None) -> dic
             if not accelerator.sync_gradients:
                 continue
             sched_ae.step()
-            if gan:
+            if train_d:
                 sched_d.step()
             if ema is not None:
                 ema.step(vae.parameters())

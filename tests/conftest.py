@@ -60,3 +60,13 @@ def tiny_cfg(fake_fashion):
         return load_config(TINY_KL, [f"data.path={fake_fashion}", *overrides])
 
     return make
+
+
+@pytest.fixture(autouse=True)
+def _fresh_accelerate_state():
+    """Accelerate keeps process-wide state (e.g. mixed precision) across Accelerator objects;
+    each test starts from scratch, as a new `ldm-vae` process would (accelerate's own tests do this)."""
+    from accelerate.state import AcceleratorState
+
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)

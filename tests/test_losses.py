@@ -116,3 +116,12 @@ def test_adaptive_weight_is_finite_scale_invariant_and_clamped():
     # the fp16 path takes gradients of scaled losses; the ratio must not change
     torch.testing.assert_close(adaptive_weight(nll, g, w, 1e4, grad_scale=1024.0), a, rtol=1e-4, atol=0)
     assert adaptive_weight(nll, g * 1e-12, w, 1e4) == 1e4
+
+
+def test_discriminator_pretrains_before_the_gan_term(tiny_cfg):
+    cfg = tiny_cfg("loss.disc_start=100", "loss.disc_pretrain_steps=30")
+    loss_fn = AutoencoderLoss(cfg.loss, None)
+    assert [loss_fn.disc_active(s) for s in (69, 70, 100)] == [False, True, True]
+    assert [loss_fn.gan_active(s) for s in (70, 99, 100)] == [False, False, True]
+    off = AutoencoderLoss(tiny_cfg("loss.disc_weight=0").loss, None)
+    assert not off.disc_active(10**6) and not off.gan_active(10**6)

@@ -8,6 +8,7 @@ overwritten; two processes end with identical weights.
 from __future__ import annotations
 
 import copy
+import math
 import os
 import shutil
 import subprocess
@@ -36,7 +37,7 @@ def trained(tmp_path_factory, fake_fashion):
     """One 60-step run shared by the tests below (GAN on from step 40)."""
     from ldm_vae.config import load_config
 
-    cfg = load_config(TINY_KL, [f"data.path={fake_fashion}", "train.max_steps=60", "loss.disc_start=40",
+    cfg = load_config(TINY_KL, [f"data.path={fake_fashion}", "train.max_steps=60", "loss.disc_start=40", "loss.disc_pretrain_steps=10",
                                 "train.checkpoint_every=30"])
     out = tmp_path_factory.mktemp("run") / "kl"
     summary = train(cfg, out)
@@ -127,3 +128,61 @@ def test_two_process_training_keeps_ranks_identical(tmp_path, fake_fashion):
     # it really ran as two processes, to the end
     summary = __import__("json").loads((out / "summary.json").read_text())
     assert summary["num_processes"] == 2 and summary["steps"] == 24
+
+
+def test_cli_export_refuses_to_overwrite(trained, tmp_path):
+    cfg, out, summary = trained
+    dest = tmp_path / "exp"
+    run = lambda *extra: subprocess.run([sys.executable, "-m", "ldm_vae", "export", str(out), str(dest), *extra],
+                                        capture_output=True, text=True)
+    assert run().returncode == 0
+    AutoencoderKL.from_pretrained(dest)
+    again = run()
+    assert again.returncode == 2 and "--overwrite" in again.stderr and "Traceback" not in again.stderr
+    assert run("--overwrite").returncode == 0
+
+
+def _offline_hub(monkeypatch, tmp_path):
+    import urllib.error
+
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("offline")
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
+
+
+def test_missing_lpips_weights_stop_before_training(tiny_cfg, tmp_path, monkeypatch):
+    from ldm_vae.perceptual import LPIPSWeightsMissing
+
+    _offline_hub(monkeypatch, tmp_path)
+    with pytest.raises(LPIPSWeightsMissing, match="vgg16-397923af.pth"):
+        train(tiny_cfg("loss.lpips_random_backbone=false"), tmp_path / "run")
+    assert not (tmp_path / "run").exists()  # nothing written
+
+
+def test_skipped_lpips_is_recorded_in_summary_and_card(tiny_cfg, tmp_path, monkeypatch):
+    _offline_hub(monkeypatch, tmp_path)
+    cfg = tiny_cfg("loss.lpips_random_backbone=false", "loss.lpips_if_missing=skip", "train.max_steps=4")
+    summary = train(cfg, tmp_path / "run")
+    assert summary["perceptual"].startswith("SKIPPED") and "lpips" not in summary["final_logs"]
+    assert "WITHOUT the perceptual term" in (tmp_path / "run" / "export" / "README.md").read_text()
+
+
+def test_bf16_autocast_run_stays_finite(tiny_cfg, tmp_path):
+    cfg = tiny_cfg("train.mixed_precision=bf16", "train.max_steps=6", "loss.disc_start=3", "train.log_every=1")
+    summary = train(cfg, tmp_path / "run")
+    logs = summary["final_logs"]
+    assert all(math.isfinite(v) for v in logs.values()) and logs["adaptive_weight"] > 0
+    # master weights stay fp32 under autocast
+    assert all(p.dtype == torch.float32 for p in summary["models"]["ae"].parameters())
+
+
+def test_export_without_ema_uses_raw_weights(tiny_cfg, tmp_path):
+    summary = train(tiny_cfg("train.ema_decay=0", "train.max_steps=4"), tmp_path / "run")
+    assert summary["models"]["ema"] is None
+    raw = summary["models"]["ae"].vae.state_dict()
+    exported = AutoencoderKL.from_pretrained(tmp_path / "run" / "export").state_dict()
+    assert all(torch.equal(raw[k], exported[k]) for k in raw)
+    assert "raw (EMA off)" in (tmp_path / "run" / "export" / "README.md").read_text()
