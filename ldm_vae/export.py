@@ -85,7 +85,7 @@ def _model_card(cfg: Config, state: dict, stats: dict, vae: AutoencoderKL, datas
         factor=factor, resolution=res, latent_shape=f"{cfg.model.latent_channels}x{res // factor}x{res // factor}",
         latent_channels=cfg.model.latent_channels,
         parameters=f"{sum(p.numel() for p in vae.parameters()) / 1e6:.2f} M",
-        steps=state["step"], images_per_step=cfg.train.batch_size * cfg.train.grad_accum_steps,
+        steps=state["step"], images_per_step=state["images_per_step"],
         weights="EMA (decay %g)" % cfg.train.ema_decay if cfg.train.ema_decay > 0 else "raw (EMA off)",
         perceptual=state["perceptual"],
         scaling_factor=f"{stats['scaling_factor']:.6g}", shift_factor=f"{stats['shift_factor']:.6g}",

@@ -164,14 +164,16 @@ def train(cfg: Config, output_dir: str | Path, resume: str | None = None) -> dic
     images_per_step = tc.batch_size * accelerator.num_processes * tc.grad_accum_steps
 
     def save(at_step: int, logs: dict) -> None:
-        state = {"step": at_step, "logs": logs, "perceptual": perceptual_status, "config": config_lib.to_dict(cfg)}
+        state = {"step": at_step, "images_per_step": images_per_step, "logs": logs, "perceptual": perceptual_status,
+                 "config": config_lib.to_dict(cfg)}
 
         def write_extra(folder: Path) -> None:
             (folder / "config.yaml").write_text(config_lib.to_yaml(cfg))
             with ema_weights():
                 vae.save_pretrained(folder / "autoencoder")
 
-        save_checkpoint(accelerator, output_dir, at_step, state, write_extra, tc.checkpoints_total_limit)
+        path = save_checkpoint(accelerator, output_dir, at_step, state, write_extra, tc.checkpoints_total_limit)
+        logger.info(f"saved {path}", main_process_only=True)
 
     @contextlib.contextmanager
     def ema_weights():

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The README's main job, end to end on Fashion-MNIST: set up .venv if needed, train the
 # default KL-f4 autoencoder, export it for diffusers, load the export with stock diffusers
-# and measure its reconstructions of 1000 test images. About 12 minutes on 2 CPU cores.
+# and measure its reconstructions of 1000 test images. About 15 minutes on 2 CPU cores.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/setup_env.sh
