@@ -72,8 +72,8 @@ def _model_card(cfg: Config, state: dict, stats: dict, vae: AutoencoderKL, datas
         "tags": ["ldm-vae", "autoencoder", "autoencoder-kl", "latent-diffusion"],
         "datasets": [dataset.dataset_id],
     }
-    skipped = state["perceptual"].startswith("SKIPPED") or state["perceptual"].startswith("RANDOM")
-    notice = f"> **Notice:** {state['perceptual']}." if skipped else ""
+    needs_notice = state["perceptual"].startswith(("SKIPPED", "RANDOM"))
+    notice = f"> **Notice:** {state['perceptual']}." if needs_notice else ""
     logs = state.get("logs") or {}
     losses = "\n".join(["| term | value |", "|---|---|"] + [f"| {k} | {v:.5g} |" for k, v in sorted(logs.items())])
     template = string.Template((CARD_TEMPLATES / "autoencoder_kl.md").read_text())

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import math
 import time
 from pathlib import Path
@@ -66,9 +65,13 @@ def build_perceptual(cfg: Config):
 
 
 def _check_output_dir(output_dir: Path, resume: str | None) -> None:
-    holds_run = (output_dir / "config.yaml").exists() or complete_checkpoints(output_dir)
-    if holds_run and resume is None:
+    if resume is not None:
+        return
+    if complete_checkpoints(output_dir):
         raise UserError(f"{output_dir} already holds a run; continue it with --resume latest, "
+                        f"or choose another --output-dir (nothing was changed)")
+    if (output_dir / "config.yaml").exists():
+        raise UserError(f"{output_dir} holds a run that has no complete checkpoint yet; delete that folder "
                         f"or choose another --output-dir (nothing was changed)")
 
 

@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 
 from ldm_vae.data import build_dataset
 from ldm_vae.errors import UserError
-from ldm_vae.models import KLAutoencoder, build_autoencoder
+from ldm_vae.models import build_autoencoder
 from ldm_vae.train_vae import train
 
 from .conftest import ROOT, TINY_KL
@@ -108,6 +108,11 @@ def test_refuses_to_overwrite_a_run(trained):
     with pytest.raises(UserError, match="already holds a run"):
         train(cfg, out)
     assert sorted(p.name for p in out.rglob("*")) == before
+    started = out.parent / "started"  # a run that died before its first checkpoint
+    started.mkdir()
+    (started / "config.yaml").write_text("seed: 0\n")
+    with pytest.raises(UserError, match="no complete checkpoint yet"):
+        train(cfg, started)
 
 
 def test_two_process_training_keeps_ranks_identical(tmp_path, fake_fashion):
