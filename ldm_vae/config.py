@@ -86,9 +86,9 @@ class LossConfig:
     disc_weight: float = 0.5
     # the step from which the GAN term is in the autoencoder's loss (LDM's meaning)
     disc_start: int = 5000
-    # the discriminator trains alone for this many steps before disc_start, so the
-    # autoencoder never optimises against an untrained discriminator (whose logits it can
-    # match within steps, leaving the discriminator with no gradient: it never recovers)
+    # the discriminator trains alone for this many steps before disc_start, so the GAN term
+    # starts from an informative discriminator rather than a random one. Not enough alone at
+    # a high LR: the autoencoder can still overpower it (see configs/kl_f4_fashion.yaml)
     disc_pretrain_steps: int = 0
     # hinge | vanilla
     disc_loss: str = "hinge"
