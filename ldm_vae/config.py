@@ -44,7 +44,7 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    # kl: diffusers AutoencoderKL
+    # kl: diffusers AutoencoderKL; vq: diffusers VQModel (trained with ldm_vae/quantize.py)
     kind: str = "kl"
     in_channels: int = 3
     out_channels: int = 3
@@ -54,6 +54,41 @@ class ModelConfig:
     latent_channels: int = 4
     norm_num_groups: int = 32
     mid_block_add_attention: bool = True
+    # vq only: codebook size, and the code dimension of the lookup (VQModel's 1x1
+    # quant_conv / post_quant_conv project latent_channels <-> vq_embed_dim; null: no
+    # projection width change, vq_embed_dim = latent_channels)
+    num_vq_embeddings: Optional[int] = None
+    vq_embed_dim: Optional[int] = None
+
+
+@dataclass
+class QuantizerConfig:
+    """The training-time vector quantizer of `model.kind: vq` (ldm_vae/quantize.py)."""
+
+    # commitment weight beta on ||z - sg(e)||^2 (van den Oord et al. 2017, arXiv:1711.00937,
+    # eq. 3); the codebook term ||sg(z) - e||^2 has weight codebook_weight
+    beta: float = 0.25
+    codebook_weight: float = 1.0
+    # cosine lookup: codes and encoder outputs l2-normalised (ViT-VQGAN, arXiv:2110.04627;
+    # LlamaGen, arXiv:2406.06525). The codebook is stored normalised, so stock VQModel's
+    # Euclidean lookup picks the same codes.
+    l2_normalize: bool = True
+    # k-means initialisation of the codebook from encoder outputs of the first batches
+    kmeans_init: bool = True
+    kmeans_batches: int = 16
+    kmeans_iters: int = 10
+    # dead-code restart: a code not picked for this many steps is re-seeded from current
+    # encoder outputs (as in Jukebox, arXiv:2005.00341); 0 disables
+    restart_after_steps: int = 100
+    # > 0: codebook by EMA of its assigned encoder outputs (arXiv:1711.00937, app. A.1)
+    # instead of by gradients of the codebook term; 0: gradients
+    ema_decay: float = 0.0
+    # entropy penalty (MaskGIT/MAGVIT-v2, arXiv:2310.05737): mean per-token entropy minus
+    # the entropy of the batch-averaged soft assignment; needs a [tokens x codes] matrix
+    entropy_weight: float = 0.0
+    entropy_temperature: float = 0.01
+    # the logged `usage` is the share of codes picked at least once in the last N steps
+    usage_window: int = 100
 
 
 @dataclass
@@ -142,13 +177,14 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    quantizer: QuantizerConfig = field(default_factory=QuantizerConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
 
 
 # Choices are checked here so a typo fails at load time, not hours into a run.
 CHOICES = {
     "data.source": ("fashion-mnist", "imagefolder", "hub", "photos"),
-    "model.kind": ("kl",),
+    "model.kind": ("kl", "vq"),
     "loss.lpips_net": ("vgg", "alex"),
     "loss.lpips_if_missing": ("error", "skip"),
     "loss.disc_loss": ("hinge", "vanilla"),
@@ -159,11 +195,16 @@ POSITIVE = ("data.resolution", "data.photos_per_epoch", "model.latent_channels",
             "model.norm_num_groups", "loss.disc_layers", "loss.disc_channels", "train.batch_size",
             "train.max_steps", "train.grad_accum_steps", "train.lr", "train.disc_lr", "train.log_every",
             "train.image_every", "train.checkpoint_every", "train.checkpoints_total_limit",
-            "export.scale_num_images", "export.scale_batch_size")
+            "export.scale_num_images", "export.scale_batch_size", "model.num_vq_embeddings", "model.vq_embed_dim",
+            "quantizer.kmeans_batches", "quantizer.kmeans_iters", "quantizer.entropy_temperature",
+            "quantizer.usage_window")
 NON_NEGATIVE = ("data.num_workers", "loss.rec_l1", "loss.rec_l2", "loss.perceptual_weight", "loss.kl_weight",
                 "loss.kl_warmup_steps", "loss.free_bits", "loss.disc_weight", "loss.disc_start",
-                "loss.disc_pretrain_steps", "loss.lecam_weight", "train.weight_decay", "train.lr_warmup_steps", "train.max_grad_norm")
-UNIT_INTERVAL = ("loss.lecam_decay", "train.ema_decay", "train.adam_beta1", "train.adam_beta2")
+                "loss.disc_pretrain_steps", "loss.lecam_weight", "train.weight_decay", "train.lr_warmup_steps",
+                "train.max_grad_norm",
+                "quantizer.beta", "quantizer.codebook_weight", "quantizer.restart_after_steps",
+                "quantizer.entropy_weight")
+UNIT_INTERVAL = ("loss.lecam_decay", "train.ema_decay", "quantizer.ema_decay", "train.adam_beta1", "train.adam_beta2")
 
 
 def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
@@ -239,6 +280,24 @@ def _validate(cfg: Config, source: str) -> None:
         raise UserError(f"{source}: data.source 'hub' needs 'data.name' (a dataset name on the hub)")
     if cfg.loss.logvar_min >= cfg.loss.logvar_max:
         raise UserError(f"{source}: 'loss.logvar_min' must be below 'loss.logvar_max'")
+    _validate_kind(cfg, source)
+
+
+# Settings that mean something for one model kind only: setting them for the other kind is
+# an error rather than a silently ignored flag.
+KL_ONLY = ("loss.kl_weight", "loss.kl_warmup_steps", "loss.free_bits", "loss.logvar_min", "loss.logvar_max")
+VQ_ONLY = ("model.num_vq_embeddings", "model.vq_embed_dim",
+           *(f"quantizer.{f.name}" for f in dataclasses.fields(QuantizerConfig)))
+
+
+def _validate_kind(cfg: Config, source: str) -> None:
+    kind, defaults = cfg.model.kind, Config()
+    foreign = KL_ONLY if kind == "vq" else VQ_ONLY
+    changed = [k for k in foreign if get_key(cfg, k) != get_key(defaults, k)]
+    if changed:
+        raise UserError(f"{source}: {', '.join(changed)} do not apply to model.kind '{kind}'; remove them")
+    if kind == "vq" and cfg.model.num_vq_embeddings is None:
+        raise UserError(f"{source}: model.kind 'vq' needs 'model.num_vq_embeddings' (the codebook size, e.g. 8192)")
 
 
 def get_key(cfg: Any, dotted: str) -> Any:

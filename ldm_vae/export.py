@@ -1,8 +1,10 @@
 """Export a run as a diffusers folder: EMA weights (safetensors), measured latent scaling, model card.
 
-`AutoencoderKL.from_pretrained(out_dir)` in stock diffusers loads the result. The scaling
-factor is 1/std (and the shift factor the mean) of posterior samples of thousands of
-training images spread over the whole split, never one batch and never SD's constant.
+`AutoencoderKL.from_pretrained(out_dir)` / `VQModel.from_pretrained(out_dir)` in stock
+diffusers loads the result. The scaling factor is 1/std (and, for KL, the shift factor the
+mean) of latents of thousands of training images spread over the whole split, never one
+batch and never SD's constant: posterior samples for KL, `encode(x).latents` (what
+`VQModel.decode` quantizes, and what LDM trains its diffusion model on) for VQ.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from pathlib import Path
 
 import torch
 import yaml
-from diffusers import AutoencoderKL
+from diffusers import AutoencoderKL, VQModel
 from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
@@ -24,12 +26,12 @@ from .checkpoint import find_checkpoint, read_state
 from .config import Config
 from .data import build_dataset
 from .errors import UserError
-from .models import downsampling_factor
+from .models import MODEL_CLASSES, code_indices, downsampling_factor
 
 CARD_TEMPLATES = Path(__file__).resolve().parent.parent / "model_cards"
 
 
-def load_run(run_dir: str | Path) -> tuple[AutoencoderKL, Config, dict, Path]:
+def load_run(run_dir: str | Path) -> tuple[AutoencoderKL | VQModel, Config, dict, Path]:
     """(autoencoder with EMA weights, config, trainer state, checkpoint) of a run's newest complete checkpoint."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
@@ -37,22 +39,32 @@ def load_run(run_dir: str | Path) -> tuple[AutoencoderKL, Config, dict, Path]:
     checkpoint = find_checkpoint(run_dir, "latest")
     state = read_state(checkpoint)
     cfg = config_lib.from_dict(state["config"], f"{checkpoint}/trainer_state.json")
-    vae = AutoencoderKL.from_pretrained(checkpoint / "autoencoder")
+    vae = MODEL_CLASSES[cfg.model.kind].from_pretrained(checkpoint / "autoencoder")
     return vae, cfg, state, checkpoint
 
 
 @torch.no_grad()
-def measure_latent_stats(vae: AutoencoderKL, dataset, cfg: Config, device: torch.device, seed: int = 0) -> dict:
-    """Mean and std of posterior samples over `export.scale_num_images` images of `dataset`."""
+def measure_latent_stats(vae: AutoencoderKL | VQModel, dataset, cfg: Config, device: torch.device,
+                         seed: int = 0) -> dict:
+    """Mean and std of latents over `export.scale_num_images` images of `dataset` (and, for
+    a VQModel, which share of its codebook those images use)."""
     n = min(cfg.export.scale_num_images, len(dataset))
     # evenly spaced over the split, so no single class or shard dominates
     indices = torch.linspace(0, len(dataset) - 1, n).round().long().unique().tolist()
     loader = DataLoader(Subset(dataset, indices), batch_size=cfg.export.scale_batch_size)
     generator = torch.Generator(device=device).manual_seed(seed)
     total, total_sq, count = 0.0, 0.0, 0
+    is_vq = isinstance(vae, VQModel)
+    hits = torch.zeros(vae.config.num_vq_embeddings if is_vq else 0, dtype=torch.long, device=device)
     vae.to(device).eval()
     for batch in tqdm(loader, desc="measuring latent scale", leave=False):
-        z = vae.encode(batch["pixel_values"].to(device)).latent_dist.sample(generator=generator).double()
+        x = batch["pixel_values"].to(device)
+        if is_vq:
+            z = vae.encode(x).latents
+            hits += torch.bincount(code_indices(vae, z).flatten(), minlength=len(hits))
+        else:
+            z = vae.encode(x).latent_dist.sample(generator=generator)
+        z = z.double()
         total += z.sum().item()
         total_sq += z.pow(2).sum().item()
         count += z.numel()
@@ -60,30 +72,32 @@ def measure_latent_stats(vae: AutoencoderKL, dataset, cfg: Config, device: torch
     std = max(total_sq / count - mean**2, 0.0) ** 0.5
     if not std > 0:
         raise UserError("the latents have zero variance; the model did not train (check the run's losses)")
-    return {"scaling_factor": 1.0 / std, "shift_factor": mean, "num_values": count, "num_images": len(indices)}
+    stats = {"scaling_factor": 1.0 / std, "shift_factor": mean, "num_values": count, "num_images": len(indices)}
+    if is_vq:
+        stats["codebook_usage"] = (hits > 0).float().mean().item()
+        p = hits[hits > 0].double() / hits.sum()
+        stats["codebook_perplexity"] = torch.exp(-(p * p.log()).sum()).item()
+    return stats
 
 
-def _model_card(cfg: Config, state: dict, stats: dict, vae: AutoencoderKL, dataset, out_dir: Path) -> str:
+def _model_card(cfg: Config, state: dict, stats: dict, vae: AutoencoderKL | VQModel, dataset, out_dir: Path) -> str:
     factor = downsampling_factor(cfg.model)
     res = cfg.data.resolution
+    kind_tags = {"kl": ["autoencoder-kl", "latent-diffusion"], "vq": ["vq-vae", "image-tokenizer", "latent-diffusion"]}
     metadata = {
         "library_name": "diffusers",
         "license": cfg.export.license,
-        "tags": ["ldm-vae", "autoencoder", "autoencoder-kl", "latent-diffusion"],
+        "tags": ["ldm-vae", "autoencoder", *kind_tags[cfg.model.kind]],
         "datasets": [dataset.dataset_id],
     }
     needs_notice = state["perceptual"].startswith(("SKIPPED", "RANDOM"))
-    notice = f"> **Notice:** {state['perceptual']}." if needs_notice else ""
     logs = state.get("logs") or {}
     losses = "\n".join(["| term | value |", "|---|---|"] + [f"| {k} | {v:.5g} |" for k, v in sorted(logs.items())])
-    template = string.Template((CARD_TEMPLATES / "autoencoder_kl.md").read_text())
-    return template.substitute(
+    fields = dict(
         metadata=yaml.safe_dump(metadata, sort_keys=False).strip(),
-        title=f"KL autoencoder f{factor}, {cfg.model.latent_channels} latent channels ({dataset.dataset_id})",
         dataset=dataset.description,
-        perceptual_notice=notice,
-        factor=factor, resolution=res, latent_shape=f"{cfg.model.latent_channels}x{res // factor}x{res // factor}",
-        latent_channels=cfg.model.latent_channels,
+        perceptual_notice=f"> **Notice:** {state['perceptual']}." if needs_notice else "",
+        factor=factor, resolution=res, latent_channels=cfg.model.latent_channels,
         parameters=f"{sum(p.numel() for p in vae.parameters()) / 1e6:.2f} M",
         steps=state["step"], images_per_step=state["images_per_step"],
         weights="EMA (decay %g)" % cfg.train.ema_decay if cfg.train.ema_decay > 0 else "raw (EMA off)",
@@ -94,6 +108,23 @@ def _model_card(cfg: Config, state: dict, stats: dict, vae: AutoencoderKL, datas
         losses=losses if logs else "(no step was logged)",
         config=config_lib.to_yaml(cfg).strip(),
     )
+    if cfg.model.kind == "kl":
+        fields.update(
+            title=f"KL autoencoder f{factor}, {cfg.model.latent_channels} latent channels ({dataset.dataset_id})",
+            latent_shape=f"{cfg.model.latent_channels}x{res // factor}x{res // factor}")
+    else:
+        q, codes = cfg.quantizer, vae.config.num_vq_embeddings
+        dim = vae.config.vq_embed_dim or vae.config.latent_channels
+        if cfg.train.ema_decay > 0:
+            fields["weights"] += "; the codebook is the live one (not averaged, see ldm_vae/models.py)"
+        fields.update(
+            title=f"VQ tokenizer f{factor}, {codes} codes x {dim} dims ({dataset.dataset_id})",
+            grid=res // factor, tokens_per_image=(res // factor) ** 2, num_codes=codes, code_dim=dim,
+            lookup="l2-normalised codes: cosine lookup" if q.l2_normalize else "Euclidean lookup",
+            usage=(f"{100 * stats['codebook_usage']:.1f}% of codes used by the {stats['num_images']} training images "
+                   f"above (perplexity {stats['codebook_perplexity']:.0f})"))
+    template = "autoencoder_kl.md" if cfg.model.kind == "kl" else "vq_model.md"
+    return string.Template((CARD_TEMPLATES / template).read_text()).substitute(fields)
 
 
 def export_run(run_dir: str | Path, out_dir: str | Path, replace: bool = False) -> Path:
@@ -105,7 +136,10 @@ def export_run(run_dir: str | Path, out_dir: str | Path, replace: bool = False) 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dataset = build_dataset(cfg.data, cfg.data.train_split, train=False)
     stats = measure_latent_stats(vae, dataset, cfg, device)
-    vae.register_to_config(scaling_factor=stats["scaling_factor"], shift_factor=stats["shift_factor"])
+    if cfg.model.kind == "kl":
+        vae.register_to_config(scaling_factor=stats["scaling_factor"], shift_factor=stats["shift_factor"])
+    else:  # VQModel's config has no shift_factor; the mean is in ldm_vae.json and the card
+        vae.register_to_config(scaling_factor=stats["scaling_factor"])
 
     tmp = out_dir.parent / f".tmp-{out_dir.name}"
     if tmp.exists():

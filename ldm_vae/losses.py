@@ -7,6 +7,8 @@ Conventions (stated because the public recipes mix them up):
   divided by the number of pixel values per image (3*H*W). LDM sums its NLL over pixels
   and uses kl_weight 1e-6; dividing both sides by 3*H*W gives our form, so the same
   1e-6 means the same trade-off here, at any resolution.
+- A VQ model's latent term is the quantizer's own (codebook + beta * commitment, means
+  over latent elements, see quantize.py), added to the loss unweighted.
 - The GAN term is scaled by the adaptive weight of Esser et al. 2021 (arXiv:2012.09841,
   eq. 7), measured at the decoder's last layer in fp32.
 
@@ -21,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import LossConfig
+from .quantize import QuantizerOutput
 
 
 def kl_divergence(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
@@ -104,7 +107,7 @@ class LeCamEMA(nn.Module):
 
 
 class AutoencoderLoss:
-    """Reconstruction + LPIPS + KL + adaptive-weighted PatchGAN loss for a KL autoencoder."""
+    """Reconstruction + LPIPS + latent term (KL or VQ) + adaptive-weighted PatchGAN loss."""
 
     def __init__(self, cfg: LossConfig, perceptual: nn.Module | None):
         self.cfg = cfg
@@ -126,10 +129,19 @@ class AutoencoderLoss:
             return self.cfg.kl_weight
         return self.cfg.kl_weight * min(1.0, step / self.cfg.kl_warmup_steps)
 
-    def generator(self, x: torch.Tensor, recon: torch.Tensor, mean: torch.Tensor, logvar: torch.Tensor,
-                  step: int, disc: nn.Module | None = None, last_layer: torch.Tensor | None = None,
+    def latent_term(self, latent, step: int, pixels: int) -> tuple[torch.Tensor, dict]:
+        """KL (for a `GaussianLatent`) or the quantizer's loss (for a `QuantizerOutput`)."""
+        if isinstance(latent, QuantizerOutput):
+            return latent.loss, dict(latent.logs)
+        kl_map = kl_divergence(latent.mean, latent.logvar)
+        logs = {"kl": kl_map.sum(dim=(1, 2, 3)).mean()}
+        return self.kl_weight(step) * kl_with_free_bits(kl_map, self.cfg.free_bits) / pixels, logs
+
+    def generator(self, x: torch.Tensor, recon: torch.Tensor, latent, step: int,
+                  disc: nn.Module | None = None, last_layer: torch.Tensor | None = None,
                   grad_scale: float = 1.0):
-        """The autoencoder's loss. `disc` must be frozen (no parameter requires grad)."""
+        """The autoencoder's loss; `latent` is what the training wrapper returned next to
+        `recon`. `disc` must be frozen (no parameter requires grad)."""
         cfg = self.cfg
         x, recon_f = x.float(), recon.float()
         l1 = (x - recon_f).abs().mean()
@@ -140,10 +152,9 @@ class AutoencoderLoss:
             p = self.perceptual(x, recon_f).mean()
             nll = nll + cfg.perceptual_weight * p
             logs["lpips"] = p
-        kl_map = kl_divergence(mean, logvar)
-        logs["kl"] = kl_map.sum(dim=(1, 2, 3)).mean()
-        pixels = x[0].numel()
-        loss = nll + self.kl_weight(step) * kl_with_free_bits(kl_map, cfg.free_bits) / pixels
+        reg, reg_logs = self.latent_term(latent, step, x[0].numel())
+        loss = nll + reg
+        logs.update(reg_logs)
         logs["nll"] = nll
         if self.gan_active(step):
             assert disc is not None and last_layer is not None

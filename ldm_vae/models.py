@@ -1,28 +1,36 @@
-"""Build the diffusers autoencoder from config, and the thin training wrapper around it.
+"""Build the diffusers autoencoder from config, and the thin training wrappers around it.
 
-Architecture lives in diffusers (`AutoencoderKL`); everything here is wiring. The wrapper
-exists so that one forward call through the DDP-wrapped module returns what the losses
-need (reconstruction and posterior parameters): calling `unwrap_model(vae)` for the
-forward, as diffusers' research `train_autoencoderkl.py` does, bypasses DDP's gradient
-synchronisation.
+Architecture lives in diffusers (`AutoencoderKL`, `VQModel`); everything here is wiring.
+The wrappers exist so that one forward call through the DDP-wrapped module returns what
+the losses need (reconstruction and the latent's regulariser inputs): calling
+`unwrap_model(vae)` for the forward, as diffusers' research `train_autoencoderkl.py`
+does, bypasses DDP's gradient synchronisation.
 """
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
-from diffusers import AutoencoderKL
+from diffusers import AutoencoderKL, VQModel
 from torch import nn
 
-from .config import ModelConfig
+from .config import Config, ModelConfig
+from .quantize import VectorQuantizer, nearest_code
+
+MODEL_CLASSES = {"kl": AutoencoderKL, "vq": VQModel}
 
 
 def downsampling_factor(cfg: ModelConfig) -> int:
     return 2 ** (len(cfg.block_out_channels) - 1)
 
 
-def build_autoencoder(cfg: ModelConfig, sample_size: int) -> AutoencoderKL:
+def build_autoencoder(cfg: ModelConfig, sample_size: int) -> AutoencoderKL | VQModel:
     n = len(cfg.block_out_channels)
-    return AutoencoderKL(
+    extra = {}
+    if cfg.kind == "vq":
+        extra = dict(num_vq_embeddings=cfg.num_vq_embeddings, vq_embed_dim=cfg.vq_embed_dim)
+    return MODEL_CLASSES[cfg.kind](
         in_channels=cfg.in_channels,
         out_channels=cfg.out_channels,
         down_block_types=("DownEncoderBlock2D",) * n,
@@ -35,11 +43,55 @@ def build_autoencoder(cfg: ModelConfig, sample_size: int) -> AutoencoderKL:
         sample_size=sample_size,
         # Not the SD constant: 1.0 marks "not measured yet"; export measures it from data.
         scaling_factor=1.0,
+        **extra,
     )
 
 
+def build_training_model(cfg: Config) -> nn.Module:
+    """The autoencoder in its training wrapper (`KLAutoencoder` or `VQAutoencoder`)."""
+    vae = build_autoencoder(cfg.model, cfg.data.resolution)
+    if cfg.model.kind == "kl":
+        return KLAutoencoder(vae, cfg.loss.logvar_min, cfg.loss.logvar_max)
+    codebook = vae.quantize.embedding.weight
+    quantizer = VectorQuantizer(codebook.shape[0], codebook.shape[1], cfg.quantizer, seed=cfg.seed)
+    quantizer.prepare_codebook(codebook)
+    return VQAutoencoder(vae, quantizer)
+
+
+def ema_parameters(vae: nn.Module) -> list[nn.Parameter]:
+    """The parameters the weight EMA averages: all but a VQ codebook.
+
+    A codebook is not averaged: restarts move codes abruptly, and an average of unit-norm
+    codes is not unit-norm, so an averaged codebook would disagree with the lookup. The
+    export pairs the EMA encoder/decoder with the live codebook.
+    """
+    return [p for name, p in vae.named_parameters() if not name.startswith("quantize.")]
+
+
+@torch.no_grad()
+def reconstruct(vae: AutoencoderKL | VQModel, x: torch.Tensor) -> torch.Tensor:
+    """Deterministic reconstruction the way stock diffusers computes it (posterior mean /
+    `decode(encode(x).latents)`, which quantizes with VQModel's own lookup)."""
+    if isinstance(vae, VQModel):
+        return vae.decode(vae.encode(x).latents).sample
+    return vae.decode(vae.encode(x).latent_dist.mean).sample
+
+
+def code_indices(vq: VQModel, latents: torch.Tensor) -> torch.Tensor:
+    """[B, h, w] codebook indices of `VQModel.encode(x).latents` (memory-safe Euclidean
+    lookup, the same choice as VQModel's own cdist lookup)."""
+    b, d, h, w = latents.shape
+    flat = latents.permute(0, 2, 3, 1).reshape(-1, d)
+    return nearest_code(flat, vq.quantize.embedding.weight).view(b, h, w)
+
+
+class GaussianLatent(NamedTuple):
+    mean: torch.Tensor
+    logvar: torch.Tensor
+
+
 class KLAutoencoder(nn.Module):
-    """Training view of an `AutoencoderKL`: x -> (reconstruction, posterior mean, log-variance)."""
+    """Training view of an `AutoencoderKL`: x -> (reconstruction, GaussianLatent(mean, logvar))."""
 
     def __init__(self, vae: AutoencoderKL, logvar_min: float = -30.0, logvar_max: float = 20.0):
         super().__init__()
@@ -59,4 +111,29 @@ class KLAutoencoder(nn.Module):
         if sample_posterior:
             z = mean + torch.exp(0.5 * logvar) * torch.randn_like(mean)
         recon = self.vae.decode(z).sample
-        return recon, mean, logvar
+        return recon, GaussianLatent(mean, logvar)
+
+
+class VQAutoencoder(nn.Module):
+    """Training view of a `VQModel`: x -> (reconstruction, QuantizerOutput).
+
+    Encoder and 1x1 `quant_conv` as in VQModel.encode, our quantizer on VQModel's own
+    codebook, then VQModel.decode on the already-quantized latents (force_not_quantize).
+    """
+
+    def __init__(self, vae: VQModel, quantizer: VectorQuantizer):
+        super().__init__()
+        self.vae = vae
+        self.quantizer = quantizer
+
+    @property
+    def codebook(self) -> nn.Parameter:
+        return self.vae.quantize.embedding.weight
+
+    def last_layer(self) -> torch.Tensor:
+        return self.vae.decoder.conv_out.weight
+
+    def forward(self, x: torch.Tensor):
+        q = self.quantizer(self.vae.encode(x).latents, self.codebook)
+        recon = self.vae.decode(q.quantized, force_not_quantize=True).sample
+        return recon, q

@@ -1,12 +1,14 @@
 """The Accelerate training loop for autoencoders: one readable loop.
 
 Per batch, inside ONE `accelerator.accumulate(ae, disc)`:
-  1. autoencoder step: recon + LPIPS + KL (+ adaptive-weighted GAN term once
+  1. autoencoder step: recon + LPIPS + KL or VQ terms (+ adaptive-weighted GAN term once
      `loss.disc_start` is reached, through a frozen, unwrapped discriminator so no
      discriminator gradient is produced);
   2. discriminator step (from `disc_start - disc_pretrain_steps` on): one forward of
      [real; recon.detach()] through the DDP-wrapped discriminator, so nothing reaches the
      autoencoder's gradients.
+A VQ model's quantizer then updates its bookkeeping (usage, EMA codebook, restarts) from
+the same forward, identically on every process (see quantize.py).
 Weights stay fp32 under autocast (never cast trainable weights to half precision). Steps
 are counted on `sync_gradients`. Data order, RNG, EMA, LeCam state and schedulers are in
 every checkpoint, so `--resume latest` continues the same run.
@@ -26,7 +28,7 @@ from accelerate.logging import get_logger
 from accelerate.utils import ProjectConfiguration, set_seed
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
 from . import config as config_lib
@@ -36,8 +38,9 @@ from .data import build_dataset, save_image
 from .discriminator import PatchDiscriminator
 from .errors import UserError
 from .losses import AutoencoderLoss, LeCamEMA
-from .models import KLAutoencoder, build_autoencoder
+from .models import build_training_model, ema_parameters, reconstruct
 from .perceptual import LPIPSWeightsMissing, build_lpips
+from .plots import save_usage_histogram
 
 logger = get_logger(__name__)
 
@@ -83,6 +86,21 @@ def _check_resume_compatible(cfg: Config, checkpoint: Path) -> None:
                         f"resume with the run's own config ({checkpoint.parent / 'config.yaml'})")
 
 
+@torch.no_grad()
+def _kmeans_init(cfg: Config, accelerator: Accelerator, vae, quantizer, train_ds) -> None:
+    """k-means of the (initial) encoder's outputs on `quantizer.kmeans_batches` batches per process."""
+    n = cfg.quantizer.kmeans_batches * cfg.train.batch_size
+    start = accelerator.process_index * n  # each process encodes its own images
+    indices = [i % len(train_ds) for i in range(start, start + n)]
+    loader = DataLoader(Subset(train_ds, indices), batch_size=cfg.train.batch_size)
+    d = vae.config.vq_embed_dim or vae.config.latent_channels
+    z = [vae.encode(b["pixel_values"].to(accelerator.device)).latents.float().permute(0, 2, 3, 1).reshape(-1, d)
+         for b in tqdm(loader, desc="k-means init: encoding", disable=not accelerator.is_local_main_process)]
+    quantizer.kmeans_init(torch.cat(z), vae.quantize.embedding.weight)
+    logger.info(f"codebook initialised by k-means on {sum(len(t) for t in z) * accelerator.num_processes} "
+                f"encoder outputs", main_process_only=True)
+
+
 def _set_requires_grad(module: torch.nn.Module, flag: bool) -> None:
     for p in module.parameters():
         p.requires_grad_(flag)
@@ -115,7 +133,7 @@ def train(cfg: Config, output_dir: str | Path, resume: str | None = None) -> dic
 
     # Same seed on every process for everything built here (weights, sampler seed) ...
     set_seed(cfg.seed)
-    ae = KLAutoencoder(build_autoencoder(cfg.model, cfg.data.resolution), cfg.loss.logvar_min, cfg.loss.logvar_max)
+    ae = build_training_model(cfg)
     disc = PatchDiscriminator(cfg.model.out_channels, cfg.loss.disc_channels, cfg.loss.disc_layers)
     lecam = LeCamEMA(cfg.loss.lecam_decay)
     betas = (tc.adam_beta1, tc.adam_beta2)
@@ -140,7 +158,8 @@ def train(cfg: Config, output_dir: str | Path, resume: str | None = None) -> dic
         perceptual.to(device)
     lecam.to(device)
     vae = accelerator.unwrap_model(ae).vae
-    ema = EMAModel(vae.parameters(), decay=tc.ema_decay) if tc.ema_decay > 0 else None
+    quantizer = getattr(accelerator.unwrap_model(ae), "quantizer", None)
+    ema = EMAModel(ema_parameters(vae), decay=tc.ema_decay) if tc.ema_decay > 0 else None
     if ema is not None:
         ema.to(device)
     accelerator.register_for_checkpointing(sched_ae, sched_d, lecam, *([ema] if ema else []))
@@ -154,6 +173,8 @@ def train(cfg: Config, output_dir: str | Path, resume: str | None = None) -> dic
             ema.to(device)
         step = read_state(checkpoint)["step"]
         logger.info(f"resumed from {checkpoint} at step {step}", main_process_only=True)
+    if quantizer is not None and not quantizer.initialized:
+        _kmeans_init(cfg, accelerator, vae, quantizer, train_ds)
 
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -184,25 +205,29 @@ def train(cfg: Config, output_dir: str | Path, resume: str | None = None) -> dic
         if ema is None:
             yield
             return
-        ema.store(vae.parameters())
-        ema.copy_to(vae.parameters())
+        params = ema_parameters(vae)
+        ema.store(params)
+        ema.copy_to(params)
         try:
             yield
         finally:
-            ema.restore(vae.parameters())
+            ema.restore(params)
 
     @torch.no_grad()
     def write_preview(at_step: int) -> None:
         vae.eval()
         with ema_weights(), accelerator.autocast():
             x = preview.to(device)
-            recon = vae.decode(vae.encode(x).latent_dist.mean).sample.float().clamp(-1, 1)
+            recon = reconstruct(vae, x).float().clamp(-1, 1)
         vae.train()
         grid = torch.cat([x.float(), recon])
         path = output_dir / "samples" / f"recon_{at_step:07d}.png"
         save_image(grid, path, nrow=len(x))
         tb = accelerator.get_tracker("tensorboard", unwrap=True)
         tb.add_images("reconstruction (top: input, bottom: EMA recon)", (grid + 1) / 2, at_step)
+        if quantizer is not None:
+            save_usage_histogram(quantizer.hist, output_dir / "codebook_usage.png",
+                                 f"codebook hits, steps {at_step - tc.image_every + 1}-{at_step}")
 
     # per-key device-side sums and counts since the last log step (no host sync in between)
     window: dict[str, tuple] = {}
@@ -221,16 +246,19 @@ def train(cfg: Config, output_dir: str | Path, resume: str | None = None) -> dic
             with accelerator.accumulate(ae, disc):
                 # 1. autoencoder
                 with accelerator.autocast():
-                    recon, mean, logvar = ae(x)
+                    recon, latent = ae(x)
                     _set_requires_grad(raw_disc, False)
                     grad_scale = accelerator.scaler.get_scale() if (gan and accelerator.scaler) else 1.0
-                    g_loss, logs = loss_fn.generator(x, recon, mean, logvar, step, raw_disc if gan else None,
+                    g_loss, logs = loss_fn.generator(x, recon, latent, step, raw_disc if gan else None,
                                                      last_layer, grad_scale)
                 accelerator.backward(g_loss)
                 if accelerator.sync_gradients:
                     logs["grad_norm_ae"] = accelerator.clip_grad_norm_(ae.parameters(), tc.max_grad_norm or math.inf)
                 opt_ae.step()
                 opt_ae.zero_grad(set_to_none=True)
+                if quantizer is not None:
+                    quantizer.renormalize_(vae.quantize.embedding.weight)
+                    logs.update(quantizer.update(latent, vae.quantize.embedding.weight, step))
                 # 2. discriminator, on detached reconstructions
                 if train_d:
                     _set_requires_grad(raw_disc, True)
@@ -254,7 +282,7 @@ def train(cfg: Config, output_dir: str | Path, resume: str | None = None) -> dic
             if train_d:
                 sched_d.step()
             if ema is not None:
-                ema.step(vae.parameters())
+                ema.step(ema_parameters(vae))
             step += 1
             progress.update(1)
             for k, v in logs.items():
@@ -271,11 +299,15 @@ def train(cfg: Config, output_dir: str | Path, resume: str | None = None) -> dic
                 last_logs["lr"] = sched_ae.get_last_lr()[0]
                 last_logs["kl_weight"] = loss_fn.kl_weight(step)
                 accelerator.log(last_logs, step=step)
-                progress.set_postfix({k: f"{last_logs[k]:.4g}" for k in ("loss", "l1", "lpips", "kl", "g_adv", "d_loss")
+                progress.set_postfix({k: f"{last_logs[k]:.4g}" for k in
+                                      ("loss", "l1", "lpips", "kl", "usage", "perplexity", "g_adv", "d_loss")
                                       if k in last_logs})
                 window, window_steps, t_window = {}, 0, time.perf_counter()
-            if accelerator.is_main_process and (step % tc.image_every == 0 or step == tc.max_steps):
-                write_preview(step)
+            if step % tc.image_every == 0 or step == tc.max_steps:
+                if accelerator.is_main_process:
+                    write_preview(step)
+                if quantizer is not None:
+                    quantizer.hist.zero_()  # on every rank: the histogram covers one image interval
             if step % tc.checkpoint_every == 0 or step == tc.max_steps:
                 save(step, last_logs)
             if step >= tc.max_steps:

@@ -18,6 +18,7 @@ from ldm_vae.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_KL = ROOT / "configs" / "tiny_kl.yaml"
+TINY_VQ = ROOT / "configs" / "tiny_vq.yaml"
 
 
 def _shapes(n: int, rng: np.random.Generator) -> np.ndarray:
@@ -58,6 +59,16 @@ def tiny_cfg(fake_fashion):
 
     def make(*overrides: str):
         return load_config(TINY_KL, [f"data.path={fake_fashion}", *overrides])
+
+    return make
+
+
+@pytest.fixture
+def tiny_vq_cfg(fake_fashion):
+    """tiny_vq.yaml on the synthetic data; call with extra KEY=VALUE overrides."""
+
+    def make(*overrides: str):
+        return load_config(TINY_VQ, [f"data.path={fake_fashion}", *overrides])
 
     return make
 

@@ -7,10 +7,10 @@ import sys
 
 import pytest
 
-from ldm_vae.config import Config, load_config, to_dict, from_dict
+from ldm_vae.config import Config, from_dict, load_config, to_dict
 from ldm_vae.errors import UserError
 
-from .conftest import ROOT, TINY_KL
+from .conftest import ROOT, TINY_KL, TINY_VQ
 
 
 def test_shipped_configs_load():
@@ -52,9 +52,24 @@ def test_overrides_are_typed_and_strict():
         load_config(TINY_KL, ["train.max_steps"])
 
 
+def test_settings_of_the_other_model_kind_are_refused():
+    # a quantizer option on a KL model, or a KL option on a VQ model, would be silently ignored
+    with pytest.raises(UserError, match="quantizer.beta do not apply to model.kind 'kl'"):
+        load_config(TINY_KL, ["quantizer.beta=0.5"])
+    with pytest.raises(UserError, match="model.num_vq_embeddings do not apply"):
+        load_config(TINY_KL, ["model.num_vq_embeddings=64"])
+    with pytest.raises(UserError, match="loss.kl_weight do not apply to model.kind 'vq'"):
+        load_config(TINY_VQ, ["loss.kl_weight=1e-5"])
+    with pytest.raises(UserError, match="needs 'model.num_vq_embeddings'"):
+        load_config(TINY_VQ, ["model.num_vq_embeddings=null"])
+    with pytest.raises(UserError, match="quantizer.ema_decay"):
+        load_config(TINY_VQ, ["quantizer.ema_decay=1.5"])
+
+
 def test_round_trip_through_dict():
-    cfg = load_config(TINY_KL)
-    assert from_dict(to_dict(cfg), "x") == cfg
+    for path in (TINY_KL, TINY_VQ):
+        cfg = load_config(path)
+        assert from_dict(to_dict(cfg), "x") == cfg
 
 
 def test_cli_reports_config_errors_without_traceback(tmp_path):

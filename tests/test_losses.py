@@ -8,8 +8,17 @@ import pytest
 import torch
 
 from ldm_vae.discriminator import PatchDiscriminator
-from ldm_vae.losses import (AutoencoderLoss, LeCamEMA, adaptive_weight, hinge_d_loss, hinge_g_loss,
-                            kl_divergence, kl_with_free_bits, vanilla_d_loss, vanilla_g_loss)
+from ldm_vae.losses import (
+    AutoencoderLoss,
+    LeCamEMA,
+    adaptive_weight,
+    hinge_d_loss,
+    hinge_g_loss,
+    kl_divergence,
+    kl_with_free_bits,
+    vanilla_d_loss,
+    vanilla_g_loss,
+)
 from ldm_vae.models import KLAutoencoder, build_autoencoder
 from ldm_vae.perceptual import build_lpips
 
@@ -77,8 +86,8 @@ def _setup(tiny_cfg, **loss_overrides):
 def test_lpips_term_sends_gradient_to_the_decoder(tiny_cfg):
     # only the perceptual term is on: any decoder gradient must come through LPIPS
     cfg, ae, disc, loss_fn, x = _setup(tiny_cfg, rec_l1=0, kl_weight=0, perceptual_weight=1.0)
-    recon, mean, logvar = ae(x)
-    loss, logs = loss_fn.generator(x, recon, mean, logvar, step=0)
+    recon, latent = ae(x)
+    loss, logs = loss_fn.generator(x, recon, latent, step=0)
     assert logs["lpips"] > 0
     loss.backward()
     grad = ae.vae.decoder.conv_out.weight.grad
@@ -88,10 +97,10 @@ def test_lpips_term_sends_gradient_to_the_decoder(tiny_cfg):
 
 def test_discriminator_step_leaves_autoencoder_grads_untouched(tiny_cfg):
     cfg, ae, disc, loss_fn, x = _setup(tiny_cfg, disc_start=0)
-    recon, mean, logvar = ae(x)
+    recon, latent = ae(x)
     for p in disc.parameters():
         p.requires_grad_(False)  # as the trainer does for the generator step
-    g_loss, logs = loss_fn.generator(x, recon, mean, logvar, step=0, disc=disc, last_layer=ae.last_layer())
+    g_loss, logs = loss_fn.generator(x, recon, latent, step=0, disc=disc, last_layer=ae.last_layer())
     g_loss.backward()
     assert all(p.grad is None for p in disc.parameters())  # the generator step trains no D weight
     assert torch.isfinite(logs["adaptive_weight"]) and logs["adaptive_weight"] > 0

@@ -8,6 +8,7 @@ overwritten; two processes end with identical weights.
 from __future__ import annotations
 
 import copy
+import json
 import math
 import os
 import shutil
@@ -115,24 +116,32 @@ def test_refuses_to_overwrite_a_run(trained):
         train(cfg, started)
 
 
-def test_two_process_training_keeps_ranks_identical(tmp_path, fake_fashion):
+def _run_two_processes(tmp_path, config, overrides: list[str]) -> list[dict]:
+    """Train `config` under a 2-process CPU `accelerate launch`; each rank's final state."""
     out = tmp_path / "ddp"
     env = dict(os.environ, ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           str(ROOT / "tests" / "ddp_worker.py"), str(TINY_KL), str(out), f"data.path={fake_fashion}",
-           "train.max_steps=24", "loss.disc_start=12", "loss.lecam_weight=0.1", "train.batch_size=4",
-           "train.grad_accum_steps=2", "train.checkpoint_every=12", "train.image_every=12"]
+           str(ROOT / "tests" / "ddp_worker.py"), str(config), str(out), *overrides]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    r0, r1 = load_file(out / "rank0.safetensors"), load_file(out / "rank1.safetensors")
-    assert r0.keys() == r1.keys() and {"ema.0", "lecam.real", "lecam.fake"} <= set(r0)
+    # it really ran as two processes, to the end
+    summary = json.loads((out / "summary.json").read_text())
+    max_steps = int(next(o.split("=")[1] for o in overrides if o.startswith("train.max_steps=")))
+    assert summary["num_processes"] == 2 and summary["steps"] == max_steps
+    ranks = [load_file(out / f"rank{r}.safetensors") for r in (0, 1)]
+    assert ranks[0].keys() == ranks[1].keys()
+    return ranks
+
+
+def test_two_process_training_keeps_ranks_identical(tmp_path, fake_fashion):
+    r0, r1 = _run_two_processes(tmp_path, TINY_KL, [
+        f"data.path={fake_fashion}", "train.max_steps=24", "loss.disc_start=12", "loss.lecam_weight=0.1",
+        "train.batch_size=4", "train.grad_accum_steps=2", "train.checkpoint_every=12", "train.image_every=12"])
+    assert {"ema.0", "lecam.real", "lecam.fake"} <= set(r0)
     assert r0["lecam.real"] != 0  # the LeCam EMA was updated (from process-averaged logits)
     for k in r0:
         assert torch.equal(r0[k], r1[k]), k
-    # it really ran as two processes, to the end
-    summary = __import__("json").loads((out / "summary.json").read_text())
-    assert summary["num_processes"] == 2 and summary["steps"] == 24
 
 
 def test_cli_export_refuses_to_overwrite(trained, tmp_path):

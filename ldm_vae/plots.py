@@ -1,0 +1,43 @@
+"""Small PNG plots drawn with Pillow (no plotting dependency for a couple of charts)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+from PIL import Image, ImageDraw
+
+WIDTH, HEIGHT, MARGIN = 640, 280, 44
+
+
+def save_usage_histogram(counts: torch.Tensor, path: str | Path, title: str) -> None:
+    """Codebook usage as a rank plot: hits per code sorted high to low, log scale.
+
+    A healthy codebook is a long flat band; collapse shows as a cliff to zero at the
+    share of codes in use.
+    """
+    counts = counts.detach().cpu().double()
+    k, total = counts.numel(), counts.sum().item()
+    used = int((counts > 0).sum())
+    ranked = counts.sort(descending=True).values
+    top = math.log10(max(ranked[0].item(), 1.0)) + 0.1
+    img = Image.new("RGB", (WIDTH, HEIGHT), "white")
+    draw = ImageDraw.Draw(img)
+    x0, y0, x1, y1 = MARGIN, 30, WIDTH - 10, HEIGHT - 30
+    draw.rectangle([x0, y0, x1, y1], outline="black")
+    for col in range(x1 - x0):
+        lo, hi = col * k // (x1 - x0), max((col + 1) * k // (x1 - x0), col * k // (x1 - x0) + 1)
+        value = ranked[lo:hi].mean().item()
+        if value >= 1:
+            height = (math.log10(value) + 0.1) / top * (y1 - y0)
+            draw.line([(x0 + col, y1), (x0 + col, y1 - height)], fill=(40, 90, 200))
+    for decade in range(int(top) + 1):
+        y = y1 - (decade + 0.1) / top * (y1 - y0)
+        draw.text((4, y - 6), f"1e{decade}", fill="black")
+    perplexity = math.exp(-sum(p * math.log(p) for p in (counts[counts > 0] / total).tolist())) if total else 0.0
+    draw.text((x0, 8), f"{title}: {used}/{k} codes hit ({100 * used / k:.1f}%), perplexity {perplexity:.0f}",
+              fill="black")
+    draw.text((x0, y1 + 8), f"codes ranked by hits (0 .. {k - 1}); hits on a log scale", fill="black")
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    img.save(path)

@@ -1,0 +1,137 @@
+"""VQ tokenizer end to end on the tiny CPU config (synthetic data, RANDOM LPIPS backbone).
+
+Covers: training lowers the reconstruction error and keeps the codebook in use; the export
+loads in stock diffusers `VQModel` and reproduces the trainer's model exactly; `Tokenizer`
+ids are stock VQModel's codes and decode like stock decode; resume is exact with the
+quantizer's state; two processes end with the same codebook.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from diffusers import VQModel
+
+from ldm_vae import Tokenizer
+from ldm_vae.data import build_dataset
+from ldm_vae.errors import UserError
+from ldm_vae.models import build_autoencoder, reconstruct
+from ldm_vae.train_vae import train
+
+from .test_train import _run_two_processes
+
+
+@pytest.fixture(scope="module")
+def vq_run(tmp_path_factory, fake_fashion):
+    """One 60-step run shared by the tests below (GAN from step 40, restarts on)."""
+    from ldm_vae.config import load_config
+
+    from .conftest import TINY_VQ
+
+    cfg = load_config(TINY_VQ, [f"data.path={fake_fashion}", "train.max_steps=60", "loss.disc_start=40",
+                                "train.checkpoint_every=30"])
+    out = tmp_path_factory.mktemp("run") / "vq"
+    summary = train(cfg, out)
+    return cfg, out, summary
+
+
+def _test_images(cfg, n=32):
+    return torch.stack([build_dataset(cfg.data, "test", train=False)[i]["pixel_values"] for i in range(n)])
+
+
+def test_vq_run_learns_and_uses_its_codebook(vq_run):
+    cfg, out, summary = vq_run
+    x = _test_images(cfg)
+    torch.manual_seed(cfg.seed)
+    initial = build_autoencoder(cfg.model, cfg.data.resolution)
+    stock = VQModel.from_pretrained(out / "export")
+    before = (reconstruct(initial, x) - x).abs().mean()
+    after = (reconstruct(stock, x) - x).abs().mean()
+    assert after < 0.6 * before, (before, after)
+    logs = summary["final_logs"]
+    assert {"usage", "perplexity", "vq_commitment", "vq_codebook", "g_adv"} <= set(logs)
+    assert logs["usage"] > 0.9 and logs["perplexity"] > 10
+    # the cosine codebook is stored unit-norm, as stock VQModel's Euclidean lookup needs
+    torch.testing.assert_close(stock.quantize.embedding.weight.norm(dim=1), torch.ones(64))
+    assert (out / "codebook_usage.png").is_file()
+    info = json.loads((out / "export" / "ldm_vae.json").read_text())
+    assert 0 < info["latent_stats"]["codebook_usage"] <= 1
+
+
+def test_export_loads_in_stock_vqmodel_and_reproduces_the_trained_model(vq_run):
+    cfg, out, summary = vq_run
+    ae, ema = copy.deepcopy(summary["models"]["ae"]), summary["models"]["ema"]
+    from ldm_vae.models import ema_parameters
+
+    ema.copy_to(ema_parameters(ae.vae))  # the trainer's EMA weights and its live codebook
+    ae.eval()
+    stock = VQModel.from_pretrained(out / "export")
+    x = torch.rand(4, 3, 16, 16) * 2 - 1
+    with torch.no_grad():
+        ours, theirs = reconstruct(ae.vae, x), stock.decode(stock.encode(x).latents).sample
+    assert torch.equal(ours, theirs)
+    assert stock.config.scaling_factor != pytest.approx(0.18215) and stock.config.scaling_factor > 0
+    data = torch.stack([build_dataset(cfg.data, "train", train=False)[i]["pixel_values"] for i in range(128)])
+    with torch.no_grad():
+        h = stock.encode(data).latents
+    assert abs((h * stock.config.scaling_factor).std().item() - 1) < 0.1
+    card = (out / "export" / "README.md").read_text()
+    for fact in ("library_name: diffusers", "64 codes of dimension 4", "| Downsampling factor | 2 ",
+                 "| Tokens per image | 64 at 16 x 16", "RANDOM LPIPS backbone"):
+        assert fact in card, fact
+
+
+def test_tokenizer_ids_are_stock_codes_and_decode_like_stock(vq_run):
+    cfg, out, _ = vq_run
+    tok = Tokenizer.from_pretrained(out / "export")
+    x = _test_images(cfg, 8)
+    ids = tok.encode(x)
+    assert ids.shape == (8, 8, 8) and ids.dtype == torch.int64 and tok.codebook_size == 64
+    stock = VQModel.from_pretrained(out / "export")
+    with torch.no_grad():
+        h = stock.encode(x).latents
+        quant, _, (_, _, stock_ids) = stock.quantize(h)
+        stock_recon = stock.decode(h).sample
+        # decode(indices) == decode(quantized latents)
+        from_codes = stock.decode(quant, force_not_quantize=True).sample
+    assert torch.equal(ids.flatten(), stock_ids.flatten())
+    recon = tok.decode(ids)
+    torch.testing.assert_close(recon, from_codes, atol=1e-5, rtol=1e-5)
+    # stock decode adds (code - h) back onto h, a float rounding away from the code itself
+    torch.testing.assert_close(recon, stock_recon, atol=1e-4, rtol=1e-4)
+    with pytest.raises(UserError, match="token ids must be in"):
+        tok.decode(torch.full((1, 8, 8), 64))
+    with pytest.raises(UserError, match="multiples of the downsampling factor"):
+        tok.encode(torch.zeros(1, 3, 9, 9))
+
+
+def test_vq_resume_gives_identical_codebook_and_quantizer_state(tmp_path, tiny_vq_cfg):
+    """Restarts, usage counts and the codebook all come back from the checkpoint."""
+    overrides = ("train.max_steps=30", "train.checkpoint_every=15", "loss.disc_start=100",
+                 "quantizer.restart_after_steps=3", "train.ema_decay=0")
+    full = train(tiny_vq_cfg(*overrides), tmp_path / "full")["models"]["ae"].state_dict()
+    train(tiny_vq_cfg(*overrides, "train.max_steps=15"), tmp_path / "part")
+    resumed = train(tiny_vq_cfg(*overrides), tmp_path / "part", resume="latest")["models"]["ae"].state_dict()
+    assert full["quantizer.last_restart"].max() > 15  # restarts happened after the resume point
+    for k in full:
+        assert torch.equal(full[k], resumed[k]), k
+
+
+@pytest.mark.parametrize("mode", ["gradient", "ema"])
+def test_two_process_vq_training_keeps_the_codebook_identical(tmp_path, fake_fashion, mode):
+    """k-means, usage counts, restarts and (EMA mode) codebook statistics under 2-process DDP."""
+    from .conftest import TINY_VQ
+
+    # more codes than a few batches can hit, so dead codes are restarted
+    extra = ["model.num_vq_embeddings=1024", "quantizer.restart_after_steps=2", "quantizer.entropy_weight=0.01"]
+    if mode == "ema":
+        extra.append("quantizer.ema_decay=0.9")
+    ranks = _run_two_processes(tmp_path, TINY_VQ, [f"data.path={fake_fashion}", "train.max_steps=20",
+                                                   "loss.disc_start=10", *extra])
+    assert ranks[0]["ae.quantizer.last_restart"].max() > 0  # restarts happened
+    assert ranks[0]["ae.quantizer.initialized"].item()
+    for k in ranks[0]:
+        assert torch.equal(ranks[0][k], ranks[1][k]), k
