@@ -16,8 +16,10 @@ EPILOG = """examples:
   ldm-vae train-vae configs/kl_f4_fashion.yaml --output-dir runs/kl
   ldm-vae train-vae configs/kl_f4_fashion.yaml --output-dir runs/kl --resume latest
   ldm-vae train-vae configs/kl_f4_fashion.yaml --output-dir runs/kl2 train.max_steps=500 train.batch_size=16
+  ldm-vae train-vae configs/vq_f4_fashion.yaml --output-dir runs/vq model.num_vq_embeddings=16384
   accelerate launch -m ldm_vae train-vae configs/kl_f4_fashion.yaml --output-dir runs/kl
   ldm-vae export runs/kl exports/kl
+  ldm-vae export runs/vq exports/vq
 """
 
 
@@ -44,8 +46,10 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("train-vae", help="train a KL autoencoder (LPIPS + PatchGAN) under Accelerate",
-                       description="Train an autoencoder. Runs on one process, or on many under "
+    p = sub.add_parser("train-vae", help="train a KL autoencoder or VQ tokenizer (LPIPS + PatchGAN) under Accelerate",
+                       description="Train an autoencoder (model.kind: kl -> diffusers AutoencoderKL, vq -> "
+                                   "VQModel with our quantizer, see configs/vq_f4_fashion.yaml). "
+                                   "Runs on one process, or on many under "
                                    "`accelerate launch -m ldm_vae train-vae ...`. Writes checkpoints, "
                                    "TensorBoard logs (OUTPUT_DIR/logs), reconstruction grids "
                                    "(OUTPUT_DIR/samples) and, at the end, a diffusers export (OUTPUT_DIR/export).")
@@ -59,7 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("export", help="write a run's EMA weights as a diffusers folder with a model card",
                        description="Export the newest complete checkpoint of RUN_DIR as a diffusers folder "
-                                   "(safetensors, measured scaling_factor/shift_factor, README.md model card).")
+                                   "(safetensors, measured scaling_factor (and shift_factor for KL), README.md "
+                                   "model card). "
+                                   "Loads with stock diffusers AutoencoderKL / VQModel.from_pretrained.")
     p.add_argument("run_dir")
     p.add_argument("out_dir")
     p.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it already holds files")

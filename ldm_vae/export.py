@@ -121,8 +121,8 @@ def _model_card(cfg: Config, state: dict, stats: dict, vae: AutoencoderKL | VQMo
             title=f"VQ tokenizer f{factor}, {codes} codes x {dim} dims ({dataset.dataset_id})",
             grid=res // factor, tokens_per_image=(res // factor) ** 2, num_codes=codes, code_dim=dim,
             lookup="l2-normalised codes: cosine lookup" if q.l2_normalize else "Euclidean lookup",
-            usage=(f"{100 * stats['codebook_usage']:.1f}% of codes used by the {stats['num_images']} training images "
-                   f"above (perplexity {stats['codebook_perplexity']:.0f})"))
+            usage=(f"{100 * stats['codebook_usage']:.1f}% of the codes are used by the {stats['num_images']} training "
+                   f"images measured for `scaling_factor` (code perplexity {stats['codebook_perplexity']:.0f})"))
     template = "autoencoder_kl.md" if cfg.model.kind == "kl" else "vq_model.md"
     return string.Template((CARD_TEMPLATES / template).read_text()).substitute(fields)
 

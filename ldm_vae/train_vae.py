@@ -80,7 +80,9 @@ def _check_output_dir(output_dir: Path, resume: str | None) -> None:
 
 def _check_resume_compatible(cfg: Config, checkpoint: Path) -> None:
     saved = config_lib.from_dict(read_state(checkpoint)["config"], f"{checkpoint}/trainer_state.json")
-    changed = [k for k in ("model", "data.resolution") if config_lib.get_key(saved, k) != config_lib.get_key(cfg, k)]
+    # these change what the checkpoint's tensors mean (the EMA codebook mode adds buffers)
+    fixed = ("model", "data.resolution", "quantizer.l2_normalize", "quantizer.ema_decay")
+    changed = [k for k in fixed if config_lib.get_key(saved, k) != config_lib.get_key(cfg, k)]
     if changed:
         raise UserError(f"cannot resume {checkpoint}: {', '.join(changed)} differ from the checkpoint's config; "
                         f"resume with the run's own config ({checkpoint.parent / 'config.yaml'})")
@@ -226,8 +228,10 @@ def train(cfg: Config, output_dir: str | Path, resume: str | None = None) -> dic
         tb = accelerator.get_tracker("tensorboard", unwrap=True)
         tb.add_images("reconstruction (top: input, bottom: EMA recon)", (grid + 1) / 2, at_step)
         if quantizer is not None:
+            since = (at_step - 1) // tc.image_every * tc.image_every + 1  # hist was reset after the last grid
             save_usage_histogram(quantizer.hist, output_dir / "codebook_usage.png",
-                                 f"codebook hits, steps {at_step - tc.image_every + 1}-{at_step}")
+                                 f"codebook hits, steps {since}-{at_step}")
+            tb.add_histogram("codebook hits per code", quantizer.hist.float().cpu(), at_step)
 
     # per-key device-side sums and counts since the last log step (no host sync in between)
     window: dict[str, tuple] = {}

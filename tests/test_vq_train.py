@@ -118,6 +118,9 @@ def test_vq_resume_gives_identical_codebook_and_quantizer_state(tmp_path, tiny_v
     assert full["quantizer.last_restart"].max() > 15  # restarts happened after the resume point
     for k in full:
         assert torch.equal(full[k], resumed[k]), k
+    # switching the codebook's update rule mid-run is refused, not half-loaded
+    with pytest.raises(UserError, match="quantizer.ema_decay differ"):
+        train(tiny_vq_cfg(*overrides, "quantizer.ema_decay=0.9"), tmp_path / "part", resume="latest")
 
 
 @pytest.mark.parametrize("mode", ["gradient", "ema"])
