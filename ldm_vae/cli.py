@@ -20,6 +20,9 @@ EPILOG = """examples:
   accelerate launch -m ldm_vae train-vae configs/kl_f4_fashion.yaml --output-dir runs/kl
   ldm-vae export runs/kl exports/kl
   ldm-vae export runs/vq exports/vq
+  ldm-vae eval exports/kl --split test --num-images 10000 --out reports/kl
+  ldm-vae eval exports/kl exports/vq --data fashion-mnist --out reports/compare --fd-features features/fashion.pt
+  ldm-vae train-fd-features --data fashion-mnist --out features/fashion.pt
 """
 
 
@@ -38,6 +41,43 @@ def _export(args) -> None:
 
     out = export_run(args.run_dir, args.out_dir, replace=args.overwrite)
     logging.getLogger("ldm_vae").info(f"exported {args.run_dir} to {out}")
+
+
+def _eval(args) -> None:
+    from .evaluate import EvalOptions, run_eval
+
+    device = args.device or ("cuda" if __import__("torch").cuda.is_available() else "cpu")
+    opts = EvalOptions(num_images=args.num_images or None, batch_size=args.batch_size, device=device,
+                       lpips_weights={"vgg": args.lpips_vgg_weights, "alex": args.lpips_alex_weights},
+                       fid_weights=args.fid_weights, fd_features=args.fd_features, iwae_k=args.iwae_k,
+                       bound_images=args.bound_images, likelihood_sigma=args.likelihood_sigma, seed=args.seed)
+    report = run_eval(args.models, args.out, opts, split=args.split, source=args.data, data_path=args.data_path,
+                      data_name=args.data_name, resolution=args.resolution, update_card=args.update_card,
+                      overwrite=args.overwrite)
+    print(f"{report['dataset']}, {report['split']} split, {report['num_images']} images\n\n{report['table']}\n")
+    logging.getLogger("ldm_vae").info(f"wrote {args.out}/metrics.json and pictures")
+
+
+def _train_fd_features(args) -> None:
+    from .config import DataConfig
+    from .fd_features import train_fd_features
+
+    data = DataConfig(source=args.data, path=args.data_path, name=args.data_name, resolution=args.resolution)
+    device = args.device or ("cuda" if __import__("torch").cuda.is_available() else "cpu")
+    meta = train_fd_features(data, args.out, args.name or args.data.replace("-", "_"), steps=args.steps,
+                             batch_size=args.batch_size, device=device, seed=args.seed, overwrite=args.overwrite)
+    logging.getLogger("ldm_vae").info(f"saved {args.out}: fd_{meta['name']} features, test accuracy "
+                                      f"{meta['test_accuracy']:.2%}")
+
+
+def _add_data_args(p, source_default=None) -> None:
+    p.add_argument("--data", default=source_default, choices=("fashion-mnist", "imagefolder", "hub", "photos"),
+                   help="data source" + ("" if source_default else " (default: the model's training data)"))
+    p.add_argument("--data-path", help="fashion-mnist idx folder or image folder")
+    p.add_argument("--data-name", help="hub dataset name (needs internet)")
+    p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true", help="replace the output if it exists")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -70,6 +110,45 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out_dir")
     p.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it already holds files")
     p.set_defaults(func=_export)
+
+    p = sub.add_parser("eval", help="PSNR, SSIM, LPIPS, rFID, codebook usage, pictures and VAE diagnostics",
+                       description="Evaluate one or more exported autoencoders (diffusers folders) on the same "
+                                   "images: writes OUT/metrics.json, reconstruction grids, error heatmaps, a code "
+                                   "usage histogram (VQ), interpolation / prior-sample grids and likelihood bounds "
+                                   "(KL), and with several models OUT/comparison.md. Metrics whose weights are "
+                                   "missing are reported as unavailable with the reason.")
+    p.add_argument("models", nargs="+", metavar="MODEL_DIR", help="export folder(s), e.g. runs/kl/export")
+    p.add_argument("--out", required=True, help="report folder (refused if not empty, unless --overwrite)")
+    p.add_argument("--split", default="test")
+    p.add_argument("--num-images", type=int, default=0, help="first N images of the split (0: all)")
+    p.add_argument("--resolution", type=int, help="default: the model's training resolution")
+    p.add_argument("--batch-size", type=int, default=100)
+    p.add_argument("--lpips-vgg-weights", metavar="PATH", help="vgg16-397923af.pth (default: torch hub cache)")
+    p.add_argument("--lpips-alex-weights", metavar="PATH", help="alexnet-owt-7be5be79.pth (default: torch hub cache)")
+    p.add_argument("--fid-weights", metavar="PATH",
+                   help="FID Inception weights pt_inception-2015-12-05-6726825d.pth (default: torch hub cache)")
+    p.add_argument("--fd-features", metavar="PATH",
+                   help="TorchScript feature extractor from `ldm-vae train-fd-features`: adds its Frechet distance")
+    p.add_argument("--iwae-k", type=int, default=16, help="KL: importance samples of the IWAE bound")
+    p.add_argument("--bound-images", type=int, default=256, help="KL: images for the ELBO / IWAE bounds")
+    p.add_argument("--likelihood-sigma", type=float, default=0.1,
+                   help="KL: std of the Gaussian decoder likelihood on [-1, 1] pixels used by the bounds")
+    p.add_argument("--update-card", action="store_true",
+                   help="write the results into each model's README.md (model-index metadata and a table)")
+    _add_data_args(p)
+    p.set_defaults(func=_eval)
+
+    p = sub.add_parser("train-fd-features", help="train a small classifier whose features give a domain "
+                                                 "Frechet distance (for --fd-features)",
+                       description="Train a small CNN classifier on a labelled dataset and save its feature layer "
+                                   "as TorchScript, for `ldm-vae eval --fd-features`. Reported as fd_NAME, not FID.")
+    p.add_argument("--out", required=True, help="TorchScript file to write, e.g. features/fashion.pt")
+    p.add_argument("--name", help="metric name suffix (default: the data source, e.g. fashion_mnist)")
+    p.add_argument("--resolution", type=int, default=32)
+    p.add_argument("--steps", type=int, default=2000)
+    p.add_argument("--batch-size", type=int, default=128)
+    _add_data_args(p, "fashion-mnist")
+    p.set_defaults(func=_train_fd_features)
     return parser
 
 

@@ -158,7 +158,7 @@ def build_lpips(net: str = "vgg", weights: str | None = None, random_backbone: b
     cache = Path(torch.hub.get_dir()) / "checkpoints"
     path = Path(weights).expanduser() if weights is not None else cache / filename
     if weights is not None and not path.is_file():
-        raise UserError(f"loss.lpips_weights: {path} does not exist (expected torchvision's {filename})")
+        raise UserError(f"LPIPS ({net}) weights file {path} does not exist (expected torchvision's {filename})")
     if path.is_file():
         model.load_backbone(_load(path), str(path))
         return model

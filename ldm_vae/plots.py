@@ -8,6 +8,8 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw
 
+from .data import make_grid
+
 WIDTH, HEIGHT, MARGIN = 640, 280, 44
 
 
@@ -39,5 +41,30 @@ def save_usage_histogram(counts: torch.Tensor, path: str | Path, title: str) -> 
     draw.text((x0, 8), f"{title}: {used}/{k} codes hit ({100 * used / k:.1f}%), perplexity {perplexity:.0f}",
               fill="black")
     draw.text((x0, y1 + 8), f"codes ranked by hits (0 .. {k - 1}); hits on a log scale", fill="black")
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    img.save(path)
+
+
+def _heat_colors(v: torch.Tensor) -> torch.Tensor:
+    """[N, H, W] in [0, 1] -> [N, 3, H, W] in [-1, 1]: black -> red -> yellow -> white."""
+    r, g, b = (v * 3).clamp(0, 1), (v * 3 - 1).clamp(0, 1), (v * 3 - 2).clamp(0, 1)
+    return torch.stack([r, g, b], 1) * 2 - 1
+
+
+def save_heatmaps(x: torch.Tensor, recon: torch.Tensor, path: str | Path) -> None:
+    """Originals, reconstructions and per-pixel error |x - recon| (mean over channels), one
+    column per image. Colours are scaled to the largest error in the picture, stated on it."""
+    x, recon = x.detach().float().cpu(), recon.detach().float().cpu()
+    err = (x - recon).abs().mean(1) / 2  # [N, H, W], in units of the [0, 1] pixel range
+    top = max(err.max().item(), 1e-8)
+    rows = torch.cat([x, recon, _heat_colors(err / top)])
+    grid = make_grid(rows, nrow=len(x)).clamp(-1, 1).add(1).mul(127.5).round().to(torch.uint8)
+    pixels = Image.fromarray(grid.permute(1, 2, 0).numpy())
+    scale = max(1, 1024 // pixels.width)  # small images are enlarged so the heat is visible
+    pixels = pixels.resize((pixels.width * scale, pixels.height * scale), Image.NEAREST)
+    img = Image.new("RGB", (max(pixels.width, 420), pixels.height + 22), "white")
+    img.paste(pixels, (0, 22))
+    ImageDraw.Draw(img).text((4, 5), f"rows: original, reconstruction, |error| (white = {top:.3f} of the pixel range)",
+                             fill="black")
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     img.save(path)

@@ -4,9 +4,10 @@ For each codebook size, trains configs/vq_f4_fashion.yaml twice for the same ste
   ours  - l2-normalised 8-dim codes, k-means init, dead-code restarts (the config as is)
   plain - the same model with quantizer.l2_normalize=false quantizer.kmeans_init=false
           quantizer.restart_after_steps=0 (Euclidean lookup, random init, no restarts)
-then loads each export with stock diffusers `VQModel` and measures, on the whole
-Fashion-MNIST test split, codebook usage (share of codes picked at least once), code
-perplexity, PSNR and SSIM. Writes OUT/results.json and OUT/results.md.
+then runs `ldm-vae eval` on each export (stock diffusers `VQModel`) over the whole
+Fashion-MNIST test split: codebook usage (share of codes picked at least once), code
+perplexity, PSNR, SSIM (reports in OUT/eval/<name>). Writes OUT/results.json and
+OUT/results.md.
 
     python scripts/vq_compare.py --out reports/vq_compare                 # 6 runs, ~80 min on 2 CPU cores
     python scripts/vq_compare.py --out reports/vq_quick --sizes 1024 train.max_steps=600
@@ -18,15 +19,11 @@ import argparse
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
-from diffusers import VQModel
 
-from ldm_vae.config import load_config
-from ldm_vae.data import build_dataset
-from ldm_vae.evaluate import reconstruction_metrics
+from ldm_vae.evaluate import EvalOptions, run_eval
 
 PLAIN = ["quantizer.l2_normalize=false", "quantizer.kmeans_init=false", "quantizer.restart_after_steps=0"]
 
@@ -45,21 +42,20 @@ for size in args.sizes:
         name = f"{variant}-{size}"
         run = out / "runs" / name
         overrides = [f"model.num_vq_embeddings={size}", *extra, *args.overrides]
-        t0 = time.perf_counter()
         if not (run / "export" / "config.json").exists():
             cmd = [sys.executable, "-m", "ldm_vae", "train-vae", args.config, "--output-dir", str(run), *overrides]
             if run.exists():
                 cmd += ["--resume", "latest"]
             subprocess.run(cmd, check=True)
-        train_s = time.perf_counter() - t0
-        cfg = load_config(run / "export" / "training_config.yaml")
-        dataset = build_dataset(cfg.data, cfg.data.test_split, train=False)
-        metrics, _ = reconstruction_metrics(VQModel.from_pretrained(run / "export"), dataset,
-                                            args.num_images or None, device=device)
+        opts = EvalOptions(num_images=args.num_images or None, device=device)
+        report = run_eval([str(run / "export")], out / "eval" / name, opts, overwrite=True)
+        metrics = report["results"][0]["metrics"]
         summary = json.loads((run / "summary.json").read_text())
         rows.append({"name": name, "variant": variant, "codebook_size": size, "steps": summary["steps"],
                      "train_wall_s": summary["wall_time_s"], "overrides": overrides,
-                     "train_usage_last_window": summary["final_logs"].get("usage"), **metrics})
+                     "train_usage_last_window": summary["final_logs"].get("usage"),
+                     **{k: metrics[k] for k in ("num_images", "psnr_db", "ssim", "codes_used", "codebook_usage",
+                                                "codebook_perplexity")}})
         print(json.dumps(rows[-1]), flush=True)
         (out / "results.json").write_text(json.dumps(rows, indent=2))
 

@@ -38,8 +38,8 @@ def trained(tmp_path_factory, fake_fashion):
     """One 60-step run shared by the tests below (GAN on from step 40)."""
     from ldm_vae.config import load_config
 
-    cfg = load_config(TINY_KL, [f"data.path={fake_fashion}", "train.max_steps=60", "loss.disc_start=40", "loss.disc_pretrain_steps=10",
-                                "train.checkpoint_every=30"])
+    cfg = load_config(TINY_KL, [f"data.path={fake_fashion}", "train.max_steps=60", "loss.disc_start=40",
+                                "loss.disc_pretrain_steps=10", "train.checkpoint_every=30"])
     out = tmp_path_factory.mktemp("run") / "kl"
     summary = train(cfg, out)
     return cfg, out, summary
@@ -147,8 +147,11 @@ def test_two_process_training_keeps_ranks_identical(tmp_path, fake_fashion):
 def test_cli_export_refuses_to_overwrite(trained, tmp_path):
     cfg, out, summary = trained
     dest = tmp_path / "exp"
-    run = lambda *extra: subprocess.run([sys.executable, "-m", "ldm_vae", "export", str(out), str(dest), *extra],
-                                        capture_output=True, text=True)
+
+    def run(*extra):
+        return subprocess.run([sys.executable, "-m", "ldm_vae", "export", str(out), str(dest), *extra],
+                              capture_output=True, text=True)
+
     assert run().returncode == 0
     AutoencoderKL.from_pretrained(dest)
     again = run()
