@@ -209,8 +209,38 @@ class EvalOptions:
     seed: int = 0
 
 
-def evaluate_model(vae, dataset, opts: EvalOptions, out_dir: Path, shared: dict) -> dict:
-    """All metrics of one model on `dataset`; writes its pictures into `out_dir`."""
+@dataclass
+class Instruments:
+    """The metric networks, built once and shared by every model evaluated."""
+
+    lpips: dict  # net -> LPIPS module
+    fid: object | None  # torchmetrics FID, or None
+    fd: tuple | None  # (metric name, torchmetrics Fréchet metric on the domain extractor), or None
+    unavailable: dict  # metric -> reason
+
+
+def build_instruments(opts: EvalOptions) -> Instruments:
+    lpips, unavailable_metrics = {}, {}
+    for net in ("vgg", "alex"):
+        try:
+            lpips[net] = build_lpips(net, opts.lpips_weights.get(net))
+        except LPIPSWeightsMissing:
+            unavailable_metrics[f"lpips_{net}"] = (
+                f"the pretrained {net} backbone weights ({BACKBONE_FILES[net][0]}) are not in the torch hub cache and "
+                f"could not be downloaded; pass --lpips-{net}-weights PATH")
+    fid, reason = build_fid(opts.fid_weights)
+    if fid is None:
+        unavailable_metrics["rfid"] = reason
+    fd = None
+    if opts.fd_features:
+        name, extractor = load_fd_features(opts.fd_features)
+        fd = (name, frechet_metric(extractor))
+    return Instruments(lpips, fid, fd, unavailable_metrics)
+
+
+def evaluate_model(vae, dataset, opts: EvalOptions, out_dir: Path, tools: Instruments, label: str):
+    """(metrics, first originals, their reconstructions) of one model on `dataset`; writes its
+    pictures into `out_dir`."""
     device = torch.device(opts.device)
     vae = vae.to(device).eval()
     is_vq = isinstance(vae, VQModel)
@@ -218,24 +248,19 @@ def evaluate_model(vae, dataset, opts: EvalOptions, out_dir: Path, shared: dict)
     loader = DataLoader(Subset(dataset, range(n)), batch_size=opts.batch_size)
     generator = torch.Generator(device=device).manual_seed(opts.seed)
 
-    lpips_nets = {net: model.to(device) for net, model in shared["lpips"].items() if model is not None}
-    unavailable_metrics = dict(shared["lpips_unavailable"])
-    fid, reason = shared["fid"]
-    if fid is None:
-        unavailable_metrics["rfid"] = reason
-    else:
-        fid.reset()
-        fid.to(device)
-    fd_name, fd = shared.get("fd", (None, None))
-    if fd is not None:
-        fd.reset()
-        fd.to(device)
+    lpips_nets = {net: model.to(device) for net, model in tools.lpips.items()}
+    fid = tools.fid
+    fd_name, fd = tools.fd or (None, None)
+    for metric in (fid, fd):
+        if metric is not None:
+            metric.reset()
+            metric.to(device)
 
     sums = _Sums()
     hits = torch.zeros(vae.config.num_vq_embeddings if is_vq else 0, dtype=torch.long, device=device)
     t_enc = t_dec = 0.0
     grid_x = grid_r = None
-    for batch in tqdm(loader, desc=f"eval {shared['label']}", leave=False):
+    for batch in tqdm(loader, desc=f"eval {label}", leave=False):
         x = batch["pixel_values"].to(device)
         t0 = _sync(device)
         if is_vq:
@@ -296,10 +321,8 @@ def evaluate_model(vae, dataset, opts: EvalOptions, out_dir: Path, shared: dict)
         m.update(_kl_pictures_and_bounds(vae, dataset, opts, out_dir, generator))
     save_heatmaps(grid_x, grid_r, out_dir / "error_heatmap.png")
     save_image(torch.cat([grid_x, grid_r]), out_dir / "reconstructions.png", nrow=len(grid_x))
-    shared.setdefault("grid_rows", []).append(grid_r)
-    shared["grid_x"] = grid_x
-    m["unavailable"] = unavailable_metrics
-    return m
+    m["unavailable"] = dict(tools.unavailable)
+    return m, grid_x, grid_r
 
 
 def _sync(device: torch.device) -> float:
@@ -452,31 +475,21 @@ def run_eval(models: list[str], out: str | Path, opts: EvalOptions, split: str =
         raise UserError("the models were trained on different data or resolutions; pass --data (and --resolution) "
                         "to evaluate them on the same images")
     dataset = build_dataset(first, split, train=False)
-    shared = {"fid": build_fid(opts.fid_weights), "lpips": {}, "lpips_unavailable": {}}
-    for net in ("vgg", "alex"):
-        try:
-            shared["lpips"][net] = build_lpips(net, opts.lpips_weights.get(net))
-        except LPIPSWeightsMissing:
-            shared["lpips_unavailable"][f"lpips_{net}"] = (
-                f"the pretrained {net} backbone weights ({BACKBONE_FILES[net][0]}) are not in the torch hub cache and "
-                f"could not be downloaded; pass --lpips-{net}-weights PATH")
-    if opts.fd_features:
-        name, extractor = load_fd_features(opts.fd_features)
-        shared["fd"] = (name, frechet_metric(extractor))
+    tools = build_instruments(opts)
     tmp = out.parent / f".tmp-{out.name}"
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     labels = _labels(paths)
-    results = []
+    results, rows = [], []
     for path, label, vae in zip(paths, labels, loaded):
-        shared["label"] = label
         folder = tmp / label if len(paths) > 1 else tmp
         folder.mkdir(parents=True, exist_ok=True)
-        metrics = evaluate_model(vae, dataset, opts, folder, shared)
+        metrics, originals, recon = evaluate_model(vae, dataset, opts, folder, tools, label)
         results.append({"model": str(path), "label": label, "kind": type(vae).__name__, "metrics": metrics})
-    grid = torch.cat([shared["grid_x"], *shared["grid_rows"]])
-    save_image(grid, tmp / "comparison_grid.png", nrow=len(shared["grid_x"]))
+        rows.append(recon)
+    # the same images for every model: the dataset order is fixed and evaluation starts at 0
+    save_image(torch.cat([originals, *rows]), tmp / "comparison_grid.png", nrow=len(originals))
     report = {
         "dataset": dataset.description, "dataset_id": dataset.dataset_id, "split": split,
         "num_images": results[0]["metrics"]["num_images"], "resolution": first.resolution,
@@ -527,7 +540,7 @@ def update_model_card(model_dir: Path, result: dict, report: dict) -> None:
     metrics = [{"type": mtype, "name": f"{name} ({report['split']}, {m['num_images']} images)",
                 "value": round(m[key], 6)} for key, name, mtype in CARD_METRICS if m.get(key) is not None]
     metrics += [{"type": k, "name": k, "value": round(m[k], 6)} for k in m if k.startswith("fd_")]
-    meta["model-index"] = [{"name": model_dir.name, "results": [{
+    meta["model-index"] = [{"name": result["label"], "results": [{
         "task": {"type": "image-to-image", "name": "image reconstruction"},
         "dataset": {"name": report["dataset_id"], "type": report["dataset_id"], "split": report["split"]},
         "metrics": metrics}]}]
