@@ -5,22 +5,30 @@ checkpoints before the new one exists): a crash mid-save can leave nothing usabl
 a checkpoint folder `checkpoint-<step>` only ever appears complete, because it is renamed
 from `.tmp-checkpoint-<step>` after everything (the `trainer_state.json` marker last) is
 written; old checkpoints are pruned only after that rename.
+
+Loading never unpickles code: accelerate reads models from safetensors and optimizer,
+sampler and RNG files with `weights_only=True`; the trainer's own extra state (schedulers,
+EMA, LeCam) is saved by us and read with `weights_only=True` too, because accelerate loads
+objects registered with `register_for_checkpointing` with `weights_only=False`.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import pickle
 import re
 import shutil
 from pathlib import Path
 from typing import Callable
 
+import torch
 from accelerate import Accelerator
 
 from .errors import UserError
 
 STATE_FILE = "trainer_state.json"
+EXTRA_FILE = "trainer_extra.pt"
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 
 
@@ -56,12 +64,49 @@ def read_state(checkpoint: str | Path) -> dict:
     return json.loads((Path(checkpoint) / STATE_FILE).read_text())
 
 
+def _refuse(path: Path, err: Exception) -> UserError:
+    reason = str(err).strip().splitlines()[0] if str(err).strip() else err.__class__.__name__
+    return UserError(f"refusing to load {path}: it holds something other than tensors and plain data, which could "
+                     f"run code when unpickled ({reason[:200]}); the checkpoint is damaged or was not written by "
+                     f"ldm-vae; resume from another checkpoint-<step> folder")
+
+
+def safe_load(path: str | Path):
+    """torch.load with weights_only=True: tensors and plain containers, never objects or code."""
+    path = Path(path)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise _refuse(path, err) from None
+    except (OSError, RuntimeError, EOFError) as err:
+        raise UserError(f"cannot read {path} ({err.__class__.__name__}: {err}); the checkpoint is damaged; "
+                        f"resume from another checkpoint-<step> folder") from None
+
+
+def load_checkpoint(accelerator: Accelerator, checkpoint: Path, objects: dict) -> int:
+    """Restore accelerate's state (models, optimizers, RNG of every process) and `objects`
+    (name -> object with load_state_dict) from `checkpoint`; returns its step."""
+    try:
+        accelerator.load_state(str(checkpoint))
+    except pickle.UnpicklingError as err:
+        raise _refuse(checkpoint, err) from None
+    extra = safe_load(checkpoint / EXTRA_FILE)
+    missing = sorted(set(objects) - set(extra))
+    if missing:
+        raise UserError(f"{checkpoint / EXTRA_FILE} lacks {', '.join(missing)}; it was written by a run with "
+                        f"another configuration; resume with the run's own config.yaml")
+    for name, obj in objects.items():
+        obj.load_state_dict(extra[name])
+    return read_state(checkpoint)["step"]
+
+
 def save_checkpoint(accelerator: Accelerator, output_dir: str | Path, step: int, state: dict,
-                    write_extra: Callable[[Path], None], total_limit: int) -> Path:
+                    write_extra: Callable[[Path], None], total_limit: int, objects: dict) -> Path:
     """Save the full training state for `step` atomically; call on every process.
 
-    `write_extra(folder)` runs on the main process and writes the slim parts (EMA
-    autoencoder, resolved config) before the marker file.
+    `objects` (name -> object with state_dict, identical on every process) go to
+    trainer_extra.pt; `write_extra(folder)` runs on the main process and writes the slim
+    parts (EMA autoencoder, resolved config). The marker file comes last.
     """
     root = Path(output_dir)
     tmp, final = root / f".tmp-checkpoint-{step}", root / f"checkpoint-{step}"
@@ -71,6 +116,7 @@ def save_checkpoint(accelerator: Accelerator, output_dir: str | Path, step: int,
     accelerator.save_state(str(tmp))  # models, optimizers, schedulers, RNG of every process
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        torch.save({name: obj.state_dict() for name, obj in objects.items()}, tmp / EXTRA_FILE)
         write_extra(tmp)
         marker = tmp / STATE_FILE
         with open(marker, "w") as f:

@@ -31,7 +31,7 @@ def _train_vae(args) -> None:
     from .train_vae import train
 
     cfg = load_config(args.config, args.overrides)
-    summary = train(cfg, args.output_dir, resume=args.resume)
+    summary = train(cfg, args.output_dir, resume=args.resume, overwrite=args.overwrite)
     logging.getLogger("ldm_vae").info(
         f"trained {summary['steps']} steps in {summary['wall_time_s']} s; export: {args.output_dir}/export")
 
@@ -99,6 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-dir", required=True, help="run folder; refused if it already holds a run, unless --resume")
     p.add_argument("--resume", metavar="latest|CHECKPOINT",
                    help="continue from the newest complete checkpoint of --output-dir, or from the given folder")
+    p.add_argument("--overwrite", action="store_true",
+                   help="delete a run already in --output-dir and start afresh (checked inputs first)")
     p.set_defaults(func=_train_vae)
 
     p = sub.add_parser("export", help="write a run's EMA weights as a diffusers folder with a model card",

@@ -156,6 +156,8 @@ class TrainConfig:
     mixed_precision: str = "no"
     # EMA of the autoencoder weights; 0 turns EMA off (export then uses raw weights)
     ema_decay: float = 0.999
+    # a step with non-finite gradients is skipped; this many in a row stop the run
+    max_consecutive_skips: int = 25
     log_every: int = 10
     image_every: int = 500
     checkpoint_every: int = 500
@@ -193,7 +195,8 @@ CHOICES = {
 }
 POSITIVE = ("data.resolution", "data.photos_per_epoch", "model.latent_channels", "model.layers_per_block",
             "model.norm_num_groups", "loss.disc_layers", "loss.disc_channels", "train.batch_size",
-            "train.max_steps", "train.grad_accum_steps", "train.lr", "train.disc_lr", "train.log_every",
+            "train.max_steps", "train.grad_accum_steps", "train.max_consecutive_skips", "train.lr", "train.disc_lr",
+            "train.log_every",
             "train.image_every", "train.checkpoint_every", "train.checkpoints_total_limit",
             "export.scale_num_images", "export.scale_batch_size", "model.num_vq_embeddings", "model.vq_embed_dim",
             "quantizer.kmeans_batches", "quantizer.kmeans_iters", "quantizer.entropy_temperature",

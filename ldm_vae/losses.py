@@ -102,8 +102,10 @@ class LeCamEMA(nn.Module):
 
     @torch.no_grad()
     def update(self, mean_real: torch.Tensor, mean_fake: torch.Tensor) -> None:
-        self.real.lerp_(mean_real.float(), 1 - self.decay)
-        self.fake.lerp_(mean_fake.float(), 1 - self.decay)
+        # a non-finite step (which the trainer skips) must not poison the averages
+        for ema, value in ((self.real, mean_real), (self.fake, mean_fake)):
+            value = value.float()
+            ema.copy_(torch.where(torch.isfinite(value), torch.lerp(ema, value, 1 - self.decay), ema))
 
 
 class AutoencoderLoss:

@@ -173,14 +173,16 @@ class VectorQuantizer(nn.Module):
         Call on every process with the same `step`; returns detached logs (usage, perplexity).
         """
         cfg = self.cfg
-        idx = out.indices.reshape(-1)
+        # rows from a non-finite forward (a step the trainer skips) must not reach the state
+        finite = torch.isfinite(out.z).all(1)
+        idx, z = out.indices.reshape(-1)[finite], out.z[finite]
         counts = reduce(torch.bincount(idx, minlength=self.num_codes), "sum")  # same on every rank
         self.hist += counts
         self.last_hit[counts > 0] = step
-        probs = counts.double() / counts.sum()
+        probs = counts.double() / counts.sum().clamp_min(1)
         perplexity = torch.exp(-(probs * torch.log(probs.clamp_min(1e-30))).sum()).float()
         if cfg.ema_decay > 0:
-            sums = reduce(torch.zeros_like(self.ema_sum).index_add_(0, idx, out.z), "sum")
+            sums = reduce(torch.zeros_like(self.ema_sum).index_add_(0, idx, z), "sum")
             self.ema_count.lerp_(counts.float(), 1 - cfg.ema_decay)
             self.ema_sum.lerp_(sums, 1 - cfg.ema_decay)
             # Laplace smoothing keeps rarely used codes from dividing by ~0 (Sonnet's VQ-VAE-EMA)
@@ -198,6 +200,7 @@ class VectorQuantizer(nn.Module):
         if dead.numel() == 0:  # same decision on every rank: the buffers are identical
             return 0
         candidates = gather(z.contiguous())  # this batch's encoder outputs from every process
+        candidates = candidates[torch.isfinite(candidates).all(1)]  # the same filter on every rank
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
         n = min(dead.numel(), candidates.shape[0])  # the rest wait for the next batch
         dead = dead[:n]

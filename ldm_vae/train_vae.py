@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import shutil
 import time
 from pathlib import Path
 
@@ -32,7 +33,7 @@ from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
 from . import config as config_lib
-from .checkpoint import complete_checkpoints, find_checkpoint, read_state, save_checkpoint
+from .checkpoint import complete_checkpoints, find_checkpoint, load_checkpoint, read_state, save_checkpoint
 from .config import Config
 from .data import build_dataset, save_image
 from .discriminator import PatchDiscriminator
@@ -67,15 +68,17 @@ def build_perceptual(cfg: Config):
     return net, f"LPIPS ({lc.lpips_net}, pretrained backbone)"
 
 
-def _check_output_dir(output_dir: Path, resume: str | None) -> None:
-    if resume is not None:
+def _check_output_dir(output_dir: Path, resume: str | None, overwrite: bool) -> None:
+    if resume is not None and overwrite:
+        raise UserError("--resume continues the run in --output-dir and --overwrite deletes it; pass one of them")
+    if resume is not None or overwrite:
         return
     if complete_checkpoints(output_dir):
-        raise UserError(f"{output_dir} already holds a run; continue it with --resume latest, "
-                        f"or choose another --output-dir (nothing was changed)")
+        raise UserError(f"{output_dir} already holds a run; continue it with --resume latest, choose another "
+                        f"--output-dir, or replace it with --overwrite (nothing was changed)")
     if (output_dir / "config.yaml").exists():
-        raise UserError(f"{output_dir} holds a run that has no complete checkpoint yet; delete that folder "
-                        f"or choose another --output-dir (nothing was changed)")
+        raise UserError(f"{output_dir} holds a run that has no complete checkpoint yet; replace it with "
+                        f"--overwrite or choose another --output-dir (nothing was changed)")
 
 
 def _check_resume_compatible(cfg: Config, checkpoint: Path) -> None:
@@ -86,6 +89,46 @@ def _check_resume_compatible(cfg: Config, checkpoint: Path) -> None:
     if changed:
         raise UserError(f"cannot resume {checkpoint}: {', '.join(changed)} differ from the checkpoint's config; "
                         f"resume with the run's own config ({checkpoint.parent / 'config.yaml'})")
+
+
+class NonFiniteGuard:
+    """Skips optimizer steps whose gradients are not finite, and stops a run that keeps
+    producing them.
+
+    The decision uses the clipped-gradient norm, which is computed from gradients already
+    averaged over processes, so every process skips the same steps without another
+    collective. A NaN/inf loss on any process makes that norm non-finite. Under fp16 the
+    GradScaler owns this decision (it skips the step and lowers the scale); its skips are
+    counted the same way.
+    """
+
+    def __init__(self, accelerator: Accelerator, limit: int):
+        self.accelerator, self.limit = accelerator, limit
+        self.total, self.consecutive, self.first_bad = 0, 0, None
+
+    def finite(self, grad_norm: torch.Tensor) -> bool:
+        if self.accelerator.scaler is not None:
+            return True  # the scaler skips non-finite steps itself
+        return bool(torch.isfinite(grad_norm))
+
+    def end_step(self, step: int, stepped: bool, output_dir: Path) -> bool:
+        """Record whether the optimizer step at `step` happened; True if it was skipped."""
+        skipped = not stepped or (self.accelerator.scaler is not None and self.accelerator.optimizer_step_was_skipped)
+        if not skipped:
+            self.consecutive = 0
+            return False
+        self.total += 1
+        self.consecutive += 1
+        self.first_bad = step if self.consecutive == 1 else self.first_bad
+        logger.warning(f"step {step}: non-finite loss or gradients, optimizer step skipped "
+                       f"({self.consecutive} in a row, {self.total} in this session)", main_process_only=True)
+        if self.consecutive >= self.limit:
+            found = complete_checkpoints(output_dir)
+            last = f"the last good checkpoint is {found[-1][1]}" if found else "no checkpoint was written yet"
+            raise UserError(f"{self.consecutive} consecutive steps ({self.first_bad}-{step}) had non-finite losses or "
+                            f"gradients, so training stopped; {last}. Lower train.lr, try train.mixed_precision=no or "
+                            f"bf16, or check the data; the limit is train.max_consecutive_skips")
+        return True
 
 
 @torch.no_grad()
@@ -108,10 +151,13 @@ def _set_requires_grad(module: torch.nn.Module, flag: bool) -> None:
         p.requires_grad_(flag)
 
 
-def train(cfg: Config, output_dir: str | Path, resume: str | None = None) -> dict:
-    """Train the autoencoder described by `cfg` into `output_dir`; returns the run summary."""
+def train(cfg: Config, output_dir: str | Path, resume: str | None = None, overwrite: bool = False) -> dict:
+    """Train the autoencoder described by `cfg` into `output_dir`; returns the run summary.
+
+    `overwrite=True` deletes a run already in `output_dir` (after the config, data and
+    weights have been checked, so a mistake there deletes nothing)."""
     output_dir = Path(output_dir)
-    _check_output_dir(output_dir, resume)
+    _check_output_dir(output_dir, resume, overwrite)
     tc = cfg.train
     accelerator = Accelerator(
         gradient_accumulation_steps=tc.grad_accum_steps,
@@ -164,21 +210,24 @@ def train(cfg: Config, output_dir: str | Path, resume: str | None = None) -> dic
     ema = EMAModel(ema_parameters(vae), decay=tc.ema_decay) if tc.ema_decay > 0 else None
     if ema is not None:
         ema.to(device)
-    accelerator.register_for_checkpointing(sched_ae, sched_d, lecam, *([ema] if ema else []))
+    # saved and loaded by checkpoint.py (weights_only), not accelerate's pickled custom objects
+    extra_state = {"sched_ae": sched_ae, "sched_d": sched_d, "lecam": lecam, **({"ema": ema} if ema else {})}
     # ... and a different seed per process from here on (posterior noise, augmentation).
     set_seed(cfg.seed, device_specific=True)
 
     step = 0
     if checkpoint is not None:
-        accelerator.load_state(str(checkpoint))  # also restores every process's RNG
+        step = load_checkpoint(accelerator, checkpoint, extra_state)  # also every process's RNG
         if ema is not None:
             ema.to(device)
-        step = read_state(checkpoint)["step"]
         logger.info(f"resumed from {checkpoint} at step {step}", main_process_only=True)
     if quantizer is not None and not quantizer.initialized:
         _kmeans_init(cfg, accelerator, vae, quantizer, train_ds)
 
     if accelerator.is_main_process:
+        if overwrite and output_dir.exists():
+            shutil.rmtree(output_dir)
+            logger.info(f"--overwrite: deleted the previous run in {output_dir}")
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / "config.yaml").write_text(config_lib.to_yaml(cfg))
         logger.info(f"data: {train_ds.description}; perceptual: {perceptual_status}")
@@ -198,7 +247,8 @@ def train(cfg: Config, output_dir: str | Path, resume: str | None = None) -> dic
             with ema_weights():
                 vae.save_pretrained(folder / "autoencoder")
 
-        path = save_checkpoint(accelerator, output_dir, at_step, state, write_extra, tc.checkpoints_total_limit)
+        path = save_checkpoint(accelerator, output_dir, at_step, state, write_extra, tc.checkpoints_total_limit,
+                               extra_state)
         logger.info(f"saved {path}", main_process_only=True)
 
     @contextlib.contextmanager
@@ -233,6 +283,7 @@ def train(cfg: Config, output_dir: str | Path, resume: str | None = None) -> dic
                                  f"codebook hits, steps {since}-{at_step}")
             tb.add_histogram("codebook hits per code", quantizer.hist.float().cpu(), at_step)
 
+    guard = NonFiniteGuard(accelerator, tc.max_consecutive_skips)
     # per-key device-side sums and counts since the last log step (no host sync in between)
     window: dict[str, tuple] = {}
     window_steps, last_logs, t_window = 0, {}, time.perf_counter()
@@ -256,9 +307,12 @@ def train(cfg: Config, output_dir: str | Path, resume: str | None = None) -> dic
                     g_loss, logs = loss_fn.generator(x, recon, latent, step, raw_disc if gan else None,
                                                      last_layer, grad_scale)
                 accelerator.backward(g_loss)
+                ae_ok = True
                 if accelerator.sync_gradients:
                     logs["grad_norm_ae"] = accelerator.clip_grad_norm_(ae.parameters(), tc.max_grad_norm or math.inf)
-                opt_ae.step()
+                    ae_ok = guard.finite(logs["grad_norm_ae"])
+                if ae_ok:
+                    opt_ae.step()
                 opt_ae.zero_grad(set_to_none=True)
                 if quantizer is not None:
                     quantizer.renormalize_(vae.quantize.embedding.weight)
@@ -274,24 +328,30 @@ def train(cfg: Config, output_dir: str | Path, resume: str | None = None) -> dic
                         # averaged over processes so every rank keeps the same LeCam state
                         lecam.update(accelerator.reduce(d_logs["logits_real"], "mean"),
                                      accelerator.reduce(d_logs["logits_fake"], "mean"))
+                    d_ok = True
                     if accelerator.sync_gradients:
                         d_logs["grad_norm_d"] = accelerator.clip_grad_norm_(disc.parameters(),
                                                                             tc.max_grad_norm or math.inf)
-                    opt_d.step()
+                        d_ok = guard.finite(d_logs["grad_norm_d"])
+                    if d_ok:
+                        opt_d.step()
                     opt_d.zero_grad(set_to_none=True)
                     logs.update(d_logs)
             if not accelerator.sync_gradients:
                 continue
+            # the LR schedule follows the step count, skipped steps included
             sched_ae.step()
             if train_d:
                 sched_d.step()
-            if ema is not None:
+            skipped = guard.end_step(step, ae_ok and (not train_d or d_ok), output_dir)
+            if ema is not None and not skipped:
                 ema.step(ema_parameters(vae))
             step += 1
             progress.update(1)
-            for k, v in logs.items():
-                total, count = window.get(k, (0.0, 0))
-                window[k] = (total + v.detach().float(), count + 1)
+            if not skipped:  # a skipped step's values are not finite: keep them out of the averages
+                for k, v in logs.items():
+                    total, count = window.get(k, (0.0, 0))
+                    window[k] = (total + v.detach().float(), count + 1)
             window_steps += 1
 
             if step % tc.log_every == 0 or step == tc.max_steps:
@@ -302,6 +362,7 @@ def train(cfg: Config, output_dir: str | Path, resume: str | None = None) -> dic
                 last_logs["images_per_s"] = window_steps * images_per_step / elapsed
                 last_logs["lr"] = sched_ae.get_last_lr()[0]
                 last_logs["kl_weight"] = loss_fn.kl_weight(step)
+                last_logs["skipped_steps"] = guard.total
                 accelerator.log(last_logs, step=step)
                 progress.set_postfix({k: f"{last_logs[k]:.4g}" for k in
                                       ("loss", "l1", "lpips", "kl", "usage", "perplexity", "g_adv", "d_loss")
@@ -328,6 +389,7 @@ def train(cfg: Config, output_dir: str | Path, resume: str | None = None) -> dic
         "mixed_precision": tc.mixed_precision,
         "data": train_ds.description,
         "perceptual": perceptual_status,
+        "skipped_steps": guard.total,
         "final_logs": last_logs,
     }
     if accelerator.is_main_process:

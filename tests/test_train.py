@@ -116,10 +116,10 @@ def test_refuses_to_overwrite_a_run(trained):
         train(cfg, started)
 
 
-def _run_two_processes(tmp_path, config, overrides: list[str]) -> list[dict]:
+def _run_two_processes(tmp_path, config, overrides: list[str], **env_extra) -> list[dict]:
     """Train `config` under a 2-process CPU `accelerate launch`; each rank's final state."""
     out = tmp_path / "ddp"
-    env = dict(os.environ, ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1")
+    env = dict(os.environ, ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1", **env_extra)
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
            str(ROOT / "tests" / "ddp_worker.py"), str(config), str(out), *overrides]

@@ -1,0 +1,119 @@
+"""Reliability: nothing overwritten, non-finite steps skipped the same way on every process,
+checkpoints loaded without unpickling code."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from ldm_vae.checkpoint import EXTRA_FILE, complete_checkpoints
+from ldm_vae.errors import UserError
+from ldm_vae.losses import AutoencoderLoss
+from ldm_vae.train_vae import train
+
+from .conftest import TINY_KL
+from .test_train import _run_two_processes
+
+
+def _inject_nan(monkeypatch, steps: set[int]) -> None:
+    original = AutoencoderLoss.generator
+
+    def generator(self, x, recon, latent, step, *args, **kwargs):
+        loss, logs = original(self, x, recon, latent, step, *args, **kwargs)
+        return (loss * float("nan") if step in steps else loss), logs
+
+    monkeypatch.setattr(AutoencoderLoss, "generator", generator)
+
+
+def test_nan_steps_are_skipped_counted_and_leave_weights_finite(tiny_cfg, tmp_path, monkeypatch):
+    _inject_nan(monkeypatch, {3, 4, 9})
+    summary = train(tiny_cfg("train.max_steps=12", "loss.disc_start=2", "train.log_every=4"), tmp_path / "run")
+    assert summary["steps"] == 12 and summary["skipped_steps"] == 3
+    assert all(torch.isfinite(p).all() for p in summary["models"]["ae"].parameters())
+    assert all(torch.isfinite(p).all() for p in summary["models"]["ema"].shadow_params)
+    assert all(math.isfinite(v) for v in summary["final_logs"].values())
+
+
+def test_consecutive_nan_steps_stop_the_run_and_keep_the_last_good_checkpoint(tiny_cfg, tmp_path, monkeypatch):
+    _inject_nan(monkeypatch, set(range(10, 100)))
+    cfg = tiny_cfg("train.max_steps=30", "train.checkpoint_every=5", "train.max_consecutive_skips=4")
+    with pytest.raises(UserError, match=r"4 consecutive steps \(10-13\).*last good checkpoint is .*checkpoint-10"):
+        train(cfg, tmp_path / "run")
+    # the checkpoint at step 10 holds the last finite weights and still resumes
+    assert [s for s, _ in complete_checkpoints(tmp_path / "run")] == [5, 10]
+    monkeypatch.undo()
+    summary = train(cfg, tmp_path / "run", resume="latest")
+    assert summary["steps"] == 30 and summary["skipped_steps"] == 0
+
+
+def test_two_processes_skip_the_same_nan_steps(tmp_path, fake_fashion):
+    # NaN on rank 1 only, at steps 4 and 5: both ranks must skip both steps and stay identical
+    r0, r1 = _run_two_processes(tmp_path, TINY_KL, [f"data.path={fake_fashion}", "train.max_steps=10",
+                                                    "loss.disc_start=3", "train.batch_size=4"],
+                                LDM_VAE_TEST_NAN="1:4,5")
+    for k in r0:
+        assert torch.equal(r0[k], r1[k]), k
+        assert torch.isfinite(r0[k].float()).all(), k
+    summary = json.loads((tmp_path / "ddp" / "summary.json").read_text())
+    assert summary["skipped_steps"] == 2
+
+
+def test_overwrite_replaces_a_run_only_when_asked(tiny_cfg, tmp_path):
+    cfg = tiny_cfg("train.max_steps=4")
+    train(cfg, tmp_path / "run")
+    with pytest.raises(UserError, match="--overwrite"):
+        train(cfg, tmp_path / "run")
+    with pytest.raises(UserError, match="pass one of them"):
+        train(cfg, tmp_path / "run", resume="latest", overwrite=True)
+    (tmp_path / "run" / "old-note.txt").write_text("from the first run")
+    summary = train(tiny_cfg("train.max_steps=2"), tmp_path / "run", overwrite=True)
+    assert summary["steps"] == 2 and not (tmp_path / "run" / "old-note.txt").exists()
+    assert [s for s, _ in complete_checkpoints(tmp_path / "run")] == [2]
+
+
+def test_overwrite_with_a_bad_config_deletes_nothing(tmp_path, fake_fashion):
+    cli = [sys.executable, "-m", "ldm_vae", "train-vae", str(TINY_KL), f"data.path={fake_fashion}",
+           "--output-dir", str(tmp_path / "run")]
+    assert subprocess.run([*cli, "train.max_steps=2"], capture_output=True).returncode == 0
+    before = sorted(p.name for p in (tmp_path / "run").rglob("*"))
+    bad = subprocess.run([*cli, "train.max_steps=2", "data.path=/nonexistent", "--overwrite"],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
+    assert sorted(p.name for p in (tmp_path / "run").rglob("*")) == before
+
+
+class _RunsCode:
+    """Unpickling this calls os.system: what a tampered checkpoint would do."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.mark.parametrize("target", [EXTRA_FILE, "optimizer.bin"])
+def test_crafted_pickle_in_a_checkpoint_is_refused(tiny_cfg, tmp_path, target):
+    cfg = tiny_cfg("train.max_steps=4", "train.checkpoint_every=2")
+    train(cfg, tmp_path / "run")
+    marker = tmp_path / "pwned"
+    # a checkpoint file replaced by a pickle that would run a command when loaded
+    torch.save({"state": _RunsCode(marker)}, tmp_path / "run" / "checkpoint-4" / target)
+    with pytest.raises(UserError, match="refusing to load"):
+        train(tiny_cfg("train.max_steps=6", "train.checkpoint_every=2"), tmp_path / "run", resume="latest")
+    assert not marker.exists()
+
+
+def test_crafted_pickle_as_lpips_weights_is_refused(tiny_cfg, tmp_path):
+    marker = tmp_path / "pwned"
+    weights = tmp_path / "vgg16-397923af.pth"
+    torch.save({"features.0.weight": _RunsCode(marker)}, weights)
+    with pytest.raises(UserError, match="cannot read weights file"):
+        train(tiny_cfg("loss.lpips_random_backbone=false", f"loss.lpips_weights={weights}"), tmp_path / "run")
+    assert not marker.exists() and not (tmp_path / "run").exists()
