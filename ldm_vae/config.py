@@ -37,6 +37,9 @@ class DataConfig:
     random_flip: bool = True
     # use only the first N images of each split (tiny smoke runs); null: all
     max_images: Optional[int] = None
+    # imagefolder/hub: files that cannot be decoded are skipped and listed; above this share
+    # of the split, stop before training
+    max_bad_fraction: float = 0.05
     # photos: how many random crops make one epoch
     photos_per_epoch: int = 2048
     num_workers: int = 0
@@ -207,7 +210,8 @@ NON_NEGATIVE = ("data.num_workers", "loss.rec_l1", "loss.rec_l2", "loss.perceptu
                 "train.max_grad_norm",
                 "quantizer.beta", "quantizer.codebook_weight", "quantizer.restart_after_steps",
                 "quantizer.entropy_weight")
-UNIT_INTERVAL = ("loss.lecam_decay", "train.ema_decay", "quantizer.ema_decay", "train.adam_beta1", "train.adam_beta2")
+UNIT_INTERVAL = ("data.max_bad_fraction", "loss.lecam_decay", "train.ema_decay", "quantizer.ema_decay",
+                 "train.adam_beta1", "train.adam_beta2")
 
 
 def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:

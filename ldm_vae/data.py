@@ -13,7 +13,9 @@ would land on the wrong side of a checkpoint and break resume).
 from __future__ import annotations
 
 import gzip
+import io
 import math
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +41,47 @@ def pil_to_tensor(img: Image.Image) -> torch.Tensor:
     """PIL image (any mode) -> float32 [3, H, W] in [-1, 1]."""
     arr = np.asarray(img.convert("RGB"), dtype=np.uint8)
     return torch.from_numpy(arr.copy()).permute(2, 0, 1).float() / 127.5 - 1.0
+
+
+class BadImage(Exception):
+    """A file that cannot be used as an image (the message says why)."""
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL mode -> RGB: 16-bit gray scaled (not clipped) to 8 bits, transparency composited
+    on white, CMYK and palettes converted."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        arr = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
+        img = Image.fromarray((arr / top * 255).clip(0, 255).round().astype(np.uint8), "L")
+    if img.mode == "P":
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA"):
+        background = Image.new("RGBA", img.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(background, img.convert("RGBA"))
+    return img.convert("RGB")
+
+
+def decode_image(value) -> Image.Image:
+    """Decode a file (path, bytes or a datasets Image(decode=False) dict) fully, applying its
+    EXIF orientation; raises BadImage for truncated, empty, non-image or oversized files.
+
+    The decompression-bomb guard is PIL's `Image.MAX_IMAGE_PIXELS` (89 M pixels by default),
+    checked before pixel memory is allocated.
+    """
+    if isinstance(value, dict):
+        value = value.get("bytes") or value.get("path")
+    src = io.BytesIO(value) if isinstance(value, bytes) else value
+    try:
+        with warnings.catch_warnings():  # local: a bomb warning becomes an error for this call only
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(src)
+            img.load()  # a full decode: truncated files fail here, not in the training loop
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise BadImage(f"larger than the decompression-bomb limit of {Image.MAX_IMAGE_PIXELS} pixels") from None
+    except Exception as e:  # every decoder error means the same here: the file is not usable
+        raise BadImage(_first_line(e)) from None
+    return to_rgb(ImageOps.exif_transpose(img))  # phone photos keep their rotation in EXIF
 
 
 def _maybe_flip(x: torch.Tensor, enabled: bool, g: torch.Generator) -> torch.Tensor:
@@ -154,7 +197,12 @@ def _fashion_mnist_hub(split: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 class HFImages(Augmented):
-    """A Hugging Face dataset of PIL images: resize short side, crop, flip (imagefolder and hub)."""
+    """A Hugging Face dataset of images: resize short side, crop, flip (imagefolder and hub).
+
+    Every file is decoded once when the dataset is built: files that cannot be used
+    (truncated, empty, not images, decompression bombs) are skipped, counted and listed in
+    `self.bad`; if more than `data.max_bad_fraction` of them are bad, building fails.
+    """
 
     def __init__(self, ds, cfg: DataConfig, split: str, train: bool, what: str, dataset_id: str):
         import datasets
@@ -169,21 +217,46 @@ class HFImages(Augmented):
         # Only integer labels make sense as class ids (for conditioning and model cards).
         self.has_labels = isinstance(label_feature, datasets.ClassLabel) or (
             isinstance(label_feature, datasets.Value) and label_feature.dtype.startswith("int"))
-        self.ds = ds.select(range(min(len(ds), cfg.max_images))) if cfg.max_images is not None else ds
+        ds = ds.select(range(min(len(ds), cfg.max_images))) if cfg.max_images is not None else ds
+        # our own decoder (decode_image), so a broken file is a counted skip, not a crash
+        self.ds = ds.cast_column(cfg.image_column, datasets.Image(decode=False))
         self.cfg, self.train = cfg, train
-        self.description = f"{what} ({split}, {len(self.ds)} images) at {cfg.resolution}x{cfg.resolution}"
+        self.good, self.bad = self._scan(what, split)
+        skipped = f", {len(self.bad)} unusable files skipped" if self.bad else ""
+        self.description = (f"{what} ({split}, {len(self.good)} images{skipped}) "
+                            f"at {cfg.resolution}x{cfg.resolution}")
         self.dataset_id = dataset_id
 
+    def _scan(self, what: str, split: str) -> tuple[list[int], list[tuple[str, str]]]:
+        from tqdm.auto import tqdm
+
+        good, bad, col = [], [], self.cfg.image_column
+        for i in tqdm(range(len(self.ds)), desc=f"checking images of {split}", leave=False,
+                      disable=len(self.ds) < 1000):
+            value = self.ds[i][col]
+            try:
+                decode_image(value)
+                good.append(i)
+            except BadImage as e:
+                bad.append((value.get("path") or f"row {i}", str(e)))
+        limit = self.cfg.max_bad_fraction
+        if len(self.ds) == 0 or len(bad) > limit * len(self.ds):
+            listed = "; ".join(f"{p}: {r}" for p, r in bad[:5])
+            raise UserError(f"{what} ({split}): {len(bad)} of {len(self.ds)} files cannot be used as images, more than "
+                            f"data.max_bad_fraction={limit} ({listed}{' ...' if len(bad) > 5 else ''}); remove or "
+                            f"fix them, or raise data.max_bad_fraction")
+        return good, bad
+
     def __len__(self):
-        return len(self.ds)
+        return len(self.good)
 
     def __getitem__(self, i):
-        row, res, g = self.ds[i], self.cfg.resolution, self.item_generator(i)
-        img = ImageOps.exif_transpose(row[self.cfg.image_column])  # phone photos keep rotation in EXIF
+        row, res, g = self.ds[self.good[i]], self.cfg.resolution, self.item_generator(i)
+        img = decode_image(row[self.cfg.image_column])
         w, h = img.size
         scale = res / min(w, h)
         size = (max(res, round(w * scale)), max(res, round(h * scale)))
-        img = img.convert("RGB").resize(size, Image.BICUBIC, reducing_gap=3.0)
+        img = img.resize(size, Image.BICUBIC, reducing_gap=3.0)
         if self.train and not self.cfg.center_crop:
             left, top = (int(torch.randint(0, n - res + 1, (), generator=g)) for n in size)
         else:

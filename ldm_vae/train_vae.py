@@ -173,6 +173,7 @@ def train(cfg: Config, output_dir: str | Path, resume: str | None = None, overwr
         _check_resume_compatible(cfg, checkpoint)
 
     train_ds = build_dataset(cfg.data, cfg.data.train_split, train=True, seed=cfg.seed)
+    bad_images = getattr(train_ds, "bad", [])  # (file, reason) skipped by imagefolder/hub sources
     try:
         preview_ds = build_dataset(cfg.data, cfg.data.test_split, train=False)
     except UserError:  # a source without a test split: preview training images instead
@@ -228,9 +229,13 @@ def train(cfg: Config, output_dir: str | Path, resume: str | None = None, overwr
         if overwrite and output_dir.exists():
             shutil.rmtree(output_dir)
             logger.info(f"--overwrite: deleted the previous run in {output_dir}")
-        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / "logs").mkdir(parents=True, exist_ok=True)
         (output_dir / "config.yaml").write_text(config_lib.to_yaml(cfg))
         logger.info(f"data: {train_ds.description}; perceptual: {perceptual_status}")
+        if bad_images:
+            (output_dir / "bad_images.txt").write_text("".join(f"{path}\t{why}\n" for path, why in bad_images))
+            logger.warning(f"{len(bad_images)} files of the training split cannot be used as images and are skipped; "
+                           f"see {output_dir / 'bad_images.txt'}")
     accelerator.init_trackers("train_vae")
 
     loss_fn = AutoencoderLoss(cfg.loss, perceptual)
@@ -364,6 +369,9 @@ def train(cfg: Config, output_dir: str | Path, resume: str | None = None, overwr
                 last_logs["kl_weight"] = loss_fn.kl_weight(step)
                 last_logs["skipped_steps"] = guard.total
                 accelerator.log(last_logs, step=step)
+                if accelerator.is_main_process:  # plain-text twin of the TensorBoard scalars
+                    with open(output_dir / "logs" / "metrics.jsonl", "a") as f:
+                        f.write(json.dumps({"step": step, **last_logs}) + "\n")
                 progress.set_postfix({k: f"{last_logs[k]:.4g}" for k in
                                       ("loss", "l1", "lpips", "kl", "usage", "perplexity", "g_adv", "d_loss")
                                       if k in last_logs})
@@ -390,10 +398,15 @@ def train(cfg: Config, output_dir: str | Path, resume: str | None = None, overwr
         "data": train_ds.description,
         "perceptual": perceptual_status,
         "skipped_steps": guard.total,
+        "bad_images": {"count": len(bad_images), "files": [f"{p}: {why}" for p, why in bad_images[:100]]},
         "final_logs": last_logs,
     }
     if accelerator.is_main_process:
         (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        if bad_images:
+            listed = "; ".join(f"{p}: {why}" for p, why in bad_images[:10]) + (" ..." if len(bad_images) > 10 else "")
+            logger.warning(f"{len(bad_images)} unusable files were skipped (all in {output_dir / 'bad_images.txt'}): "
+                           f"{listed}")
         from .export import export_run  # the export reads the checkpoint just written
 
         export_run(output_dir, output_dir / "export", replace=True)

@@ -1,0 +1,57 @@
+"""User mistakes end with one line that names the problem and the fix, exit code 2, no traceback,
+and nothing written."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from .conftest import TINY_KL, TINY_VQ
+
+
+def _cases(tmp, fashion):
+    run = ["train-vae", str(TINY_KL), f"data.path={fashion}", "--output-dir"]
+    empty = tmp / "empty"  # created by the test
+    return {
+        "missing config file": (["train-vae", str(tmp / "nope.yaml"), "--output-dir", str(tmp / "r")],
+                                "does not exist"),
+        "unknown config key": ([*run, str(tmp / "r"), "train.max_stepz=3"], "unknown key 'train.max_stepz'"),
+        "wrong type": ([*run, str(tmp / "r"), "train.batch_size=eight"], "'train.batch_size' must be int"),
+        "out-of-range value": ([*run, str(tmp / "r"), "train.lr=-1"], "'train.lr' must be > 0"),
+        "missing data path": (["train-vae", str(TINY_KL), "data.source=imagefolder", f"data.path={tmp / 'nodata'}",
+                               "--output-dir", str(tmp / "r")], "image folder does not exist"),
+        "missing Fashion-MNIST folder": (["train-vae", str(TINY_KL), f"data.path={tmp / 'nofashion'}",
+                                          "--output-dir", str(tmp / "r")], "folder does not exist"),
+        "wrong split": ([*run, str(tmp / "r"), "data.train_split=validation"], "validation"),
+        "size not divisible": ([*run, str(tmp / "r"), "data.resolution=17"], "must be divisible by the downsampling"),
+        "missing LPIPS weights": ([*run, str(tmp / "r"), "loss.lpips_random_backbone=false",
+                                   f"loss.lpips_weights={tmp / 'vgg16.pth'}"], "does not exist"),
+        "resume without a checkpoint": ([*run, str(empty), "--resume", "latest"], "no complete checkpoint"),
+        "resume and overwrite": ([*run, str(tmp / "r"), "--resume", "latest", "--overwrite"], "pass one of them"),
+        "vq without codebook size": (["train-vae", str(TINY_VQ), f"data.path={fashion}",
+                                      "model.num_vq_embeddings=null", "--output-dir", str(tmp / "r")],
+                                     "needs 'model.num_vq_embeddings'"),
+        "option of the other model kind": ([*run, str(tmp / "r"), "quantizer.beta=0.5"], "do not apply"),
+        "batch larger than the data": ([*run, str(tmp / "r"), "data.max_images=4", "train.batch_size=8"],
+                                       "fewer than one batch"),
+        "export of a non-run": (["export", str(empty), str(tmp / "e")], "no complete checkpoint"),
+        "eval of a non-model": (["eval", str(empty), "--out", str(tmp / "ev")], "not a diffusers model folder"),
+    }
+
+
+CASE_NAMES = list(_cases(Path("/unused"), "/unused"))
+
+
+@pytest.mark.parametrize("case", CASE_NAMES)
+def test_user_mistakes_give_one_clear_line(case, tmp_path, fake_fashion):
+    (tmp_path / "empty").mkdir()
+    args, expected = _cases(tmp_path, fake_fashion)[case]
+    proc = subprocess.run([sys.executable, "-m", "ldm_vae", *args], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, (case, proc.stderr[-2000:])
+    assert "Traceback" not in proc.stderr, case
+    error_lines = [line for line in proc.stderr.splitlines() if line.startswith("ldm-vae: error:")]
+    assert len(error_lines) == 1 and expected in error_lines[0], (case, proc.stderr[-2000:])
+    assert not (tmp_path / "r").exists() and not (tmp_path / "e").exists() and not (tmp_path / "ev").exists()
