@@ -512,7 +512,8 @@ def run_eval(models: list[str], out: str | Path, opts: EvalOptions, split: str =
 
 
 def _labels(paths: list[Path]) -> list[str]:
-    names = [p.name for p in paths]
+    # a training run's export is RUN/export: the run's name says more than "export"
+    names = [p.resolve().parent.name if p.name == "export" else p.name for p in paths]
     if len(set(names)) < len(names):
         names = ["_".join(p.parts[-2:]) for p in paths]
     if len(set(names)) < len(names):

@@ -126,9 +126,9 @@ def test_cli_eval_writes_all_files_and_updates_the_cards(exports, tmp_path, fake
                "--fd-features", str(features), "--bound-images", "8", "--iwae-k", "4", "--update-card")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "fd_shapes" in proc.stdout and "FID" not in proc.stdout.replace("rFID", "")
-    for f in ("metrics.json", "comparison.md", "comparison_grid.png", "kl_export/reconstructions.png",
-              "kl_export/error_heatmap.png", "kl_export/interpolation.png", "kl_export/prior_samples.png",
-              "vq_export/reconstructions.png", "vq_export/error_heatmap.png", "vq_export/codebook_usage.png"):
+    for f in ("metrics.json", "comparison.md", "comparison_grid.png", "kl/reconstructions.png",
+              "kl/error_heatmap.png", "kl/interpolation.png", "kl/prior_samples.png",
+              "vq/reconstructions.png", "vq/error_heatmap.png", "vq/codebook_usage.png"):
         assert (out / f).is_file(), f
     report = json.loads((out / "metrics.json").read_text())
     assert report["split"] == "test" and report["num_images"] == 48 and "diffusers" in report["versions"]
