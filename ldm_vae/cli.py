@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 
 from .errors import UserError
 
@@ -23,6 +24,7 @@ EPILOG = """examples:
   ldm-vae eval exports/kl --split test --num-images 10000 --out reports/kl
   ldm-vae eval exports/kl exports/vq --data fashion-mnist --out reports/compare --fd-features features/fashion.pt
   ldm-vae train-fd-features --data fashion-mnist --out features/fashion.pt
+  ldm-vae encode exports/kl --split train --out latents/kl
 """
 
 
@@ -70,13 +72,26 @@ def _train_fd_features(args) -> None:
                                       f"{meta['test_accuracy']:.2%}")
 
 
+def _encode(args) -> None:
+    from .evaluate import resolve_data
+    from .latents import encode_dataset
+
+    data = resolve_data(Path(args.model), args.data, args.data_path, args.data_name, args.resolution)
+    if args.no_flip:
+        data.random_flip = False
+    device = args.device or ("cuda" if __import__("torch").cuda.is_available() else "cpu")
+    meta = encode_dataset(args.model, data, args.split, args.out, batch_size=args.batch_size, device=device,
+                          overwrite=args.overwrite)
+    logging.getLogger("ldm_vae").info(f"{args.out}: {meta['num_images']} latents {meta['latent_shape']} of "
+                                      f"{meta['dataset']}{' (+ flipped twins)' if meta['flipped'] else ''}")
+
+
 def _add_data_args(p, source_default=None) -> None:
     p.add_argument("--data", default=source_default, choices=("fashion-mnist", "imagefolder", "hub", "photos"),
                    help="data source" + ("" if source_default else " (default: the model's training data)"))
     p.add_argument("--data-path", help="fashion-mnist idx folder or image folder")
     p.add_argument("--data-name", help="hub dataset name (needs internet)")
     p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true", help="replace the output if it exists")
 
 
@@ -137,8 +152,23 @@ def build_parser() -> argparse.ArgumentParser:
                    help="KL: std of the Gaussian decoder likelihood on [-1, 1] pixels used by the bounds")
     p.add_argument("--update-card", action="store_true",
                    help="write the results into each model's README.md (model-index metadata and a table)")
+    p.add_argument("--seed", type=int, default=0, help="posterior samples, bound estimates, prior samples")
     _add_data_args(p)
     p.set_defaults(func=_eval)
+
+    p = sub.add_parser("encode", help="cache a dataset split's latents (for latent diffusion training)",
+                       description="Encode a dataset split once with an exported autoencoder into safetensors "
+                                   "shards (KL: posterior mean and std; VQ: pre-quantization latents; labels; "
+                                   "flipped twins when the data flips). Idempotent: a finished cache is reused, "
+                                   "an interrupted one is completed.")
+    p.add_argument("model", metavar="MODEL_DIR", help="export folder, e.g. runs/kl/export")
+    p.add_argument("--out", required=True, help="cache folder, e.g. latents/kl")
+    p.add_argument("--split", default="train")
+    p.add_argument("--resolution", type=int, help="default: the model's training resolution")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--no-flip", action="store_true", help="do not store flipped twins")
+    _add_data_args(p)
+    p.set_defaults(func=_encode)
 
     p = sub.add_parser("train-fd-features", help="train a small classifier whose features give a domain "
                                                  "Frechet distance (for --fd-features)",
@@ -149,6 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resolution", type=int, default=32)
     p.add_argument("--steps", type=int, default=2000)
     p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--seed", type=int, default=0)
     _add_data_args(p, "fashion-mnist")
     p.set_defaults(func=_train_fd_features)
     return parser

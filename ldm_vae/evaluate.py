@@ -42,7 +42,7 @@ from tqdm.auto import tqdm
 from . import config as config_lib
 from .data import build_dataset, save_image
 from .errors import UserError
-from .models import code_indices
+from .models import code_indices, load_autoencoder
 from .perceptual import BACKBONE_FILES, LPIPSWeightsMissing, build_lpips
 from .plots import save_heatmaps, save_usage_histogram
 
@@ -60,19 +60,6 @@ def psnr(x01: torch.Tensor, r01: torch.Tensor) -> torch.Tensor:
 def ssim(x01: torch.Tensor, r01: torch.Tensor) -> torch.Tensor:
     """Per-image SSIM of [0, 1] images (data_range 1)."""
     return structural_similarity_index_measure(r01.float(), x01.float(), data_range=1.0, reduction="none")
-
-
-def load_autoencoder(path: str | Path) -> AutoencoderKL | VQModel:
-    """Stock diffusers model of an export folder, by the class named in its config.json."""
-    path = Path(path)
-    cfg_file = path / "config.json"
-    if not cfg_file.is_file():
-        raise UserError(f"{path} is not a diffusers model folder (no config.json); pass an export folder")
-    name = json.loads(cfg_file.read_text()).get("_class_name")
-    classes = {"AutoencoderKL": AutoencoderKL, "VQModel": VQModel}
-    if name not in classes:
-        raise UserError(f"{path} holds a {name}; ldm-vae eval handles AutoencoderKL and VQModel")
-    return classes[name].from_pretrained(path)
 
 
 def device_name(device: torch.device) -> str:

@@ -39,7 +39,7 @@ def load_run(run_dir: str | Path) -> tuple[AutoencoderKL | VQModel, Config, dict
     checkpoint = find_checkpoint(run_dir, "latest")
     state = read_state(checkpoint)
     cfg = config_lib.from_dict(state["config"], f"{checkpoint}/trainer_state.json")
-    vae = MODEL_CLASSES[cfg.model.kind].from_pretrained(checkpoint / "autoencoder")
+    vae = MODEL_CLASSES[cfg.model.kind].from_pretrained(checkpoint / "autoencoder", use_safetensors=True)
     return vae, cfg, state, checkpoint
 
 

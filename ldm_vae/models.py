@@ -9,6 +9,8 @@ does, bypasses DDP's gradient synchronisation.
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import NamedTuple
 
 import torch
@@ -16,9 +18,28 @@ from diffusers import AutoencoderKL, VQModel
 from torch import nn
 
 from .config import Config, ModelConfig
+from .errors import UserError
 from .quantize import VectorQuantizer, nearest_code
 
 MODEL_CLASSES = {"kl": AutoencoderKL, "vq": VQModel}
+
+
+def load_autoencoder(path: str | Path) -> AutoencoderKL | VQModel:
+    """Stock diffusers model of an export folder, by the class named in its config.json;
+    weights from safetensors only (never a pickle)."""
+    path = Path(path)
+    cfg_file = path / "config.json"
+    if not cfg_file.is_file():
+        raise UserError(f"{path} is not a diffusers model folder (no config.json); pass an export folder")
+    name = json.loads(cfg_file.read_text()).get("_class_name")
+    classes = {cls.__name__: cls for cls in MODEL_CLASSES.values()}
+    if name not in classes:
+        raise UserError(f"{path} holds a {name}; ldm-vae handles {' and '.join(classes)}")
+    try:
+        return classes[name].from_pretrained(path, use_safetensors=True)
+    except OSError as e:
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UserError(f"cannot load {path}: {reason} (ldm-vae reads safetensors weights only)") from None
 
 
 def downsampling_factor(cfg: ModelConfig) -> int:

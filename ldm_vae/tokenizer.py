@@ -24,8 +24,8 @@ class Tokenizer:
 
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str | torch.device | None = None, **kwargs) -> "Tokenizer":
-        """Load a `VQModel` folder (kwargs go to `VQModel.from_pretrained`)."""
-        vq = VQModel.from_pretrained(path, **kwargs)
+        """Load a `VQModel` folder (kwargs go to `VQModel.from_pretrained`; safetensors by default)."""
+        vq = VQModel.from_pretrained(path, **{"use_safetensors": True, **kwargs})
         return cls(vq.to(device) if device is not None else vq)
 
     @property
