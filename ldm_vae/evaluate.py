@@ -45,6 +45,7 @@ from .errors import UserError
 from .models import code_indices, load_autoencoder
 from .perceptual import BACKBONE_FILES, LPIPSWeightsMissing, build_lpips
 from .plots import save_heatmaps, save_usage_histogram
+from .quantize import code_stats
 
 PSNR_MSE_FLOOR = 1e-10  # caps PSNR at 100 dB for exact reconstructions
 GRID_IMAGES = 16
@@ -298,10 +299,7 @@ def evaluate_model(vae, dataset, opts: EvalOptions, out_dir: Path, tools: Instru
     m["decode_images_per_s"] = n / t_dec
     m["device"] = device_name(device)
     if is_vq:
-        p = hits[hits > 0].double() / hits.sum()
-        m.update(codebook_size=len(hits), codes_used=int((hits > 0).sum()),
-                 codebook_usage=(hits > 0).double().mean().item(),
-                 codebook_perplexity=torch.exp(-(p * p.log()).sum()).item())
+        m.update(code_stats(hits))
         save_usage_histogram(hits, out_dir / "codebook_usage.png", f"codebook hits on {n} images")
     else:
         m.update(_kl_summary(sums, n))

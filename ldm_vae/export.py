@@ -27,6 +27,7 @@ from .config import Config
 from .data import build_dataset
 from .errors import UserError
 from .models import MODEL_CLASSES, code_indices, downsampling_factor
+from .quantize import code_stats
 
 CARD_TEMPLATES = Path(__file__).resolve().parent.parent / "model_cards"
 
@@ -74,9 +75,8 @@ def measure_latent_stats(vae: AutoencoderKL | VQModel, dataset, cfg: Config, dev
         raise UserError("the latents have zero variance; the model did not train (check the run's losses)")
     stats = {"scaling_factor": 1.0 / std, "shift_factor": mean, "num_values": count, "num_images": len(indices)}
     if is_vq:
-        stats["codebook_usage"] = (hits > 0).float().mean().item()
-        p = hits[hits > 0].double() / hits.sum()
-        stats["codebook_perplexity"] = torch.exp(-(p * p.log()).sum()).item()
+        usage = code_stats(hits)
+        stats.update(codebook_usage=usage["codebook_usage"], codebook_perplexity=usage["codebook_perplexity"])
     return stats
 
 

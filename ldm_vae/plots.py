@@ -9,6 +9,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from .data import make_grid
+from .quantize import code_perplexity
 
 WIDTH, HEIGHT, MARGIN = 640, 280, 44
 
@@ -20,7 +21,7 @@ def save_usage_histogram(counts: torch.Tensor, path: str | Path, title: str) -> 
     share of codes in use.
     """
     counts = counts.detach().cpu().double()
-    k, total = counts.numel(), counts.sum().item()
+    k = counts.numel()
     used = int((counts > 0).sum())
     ranked = counts.sort(descending=True).values
     top = math.log10(max(ranked[0].item(), 1.0)) + 0.1
@@ -37,7 +38,7 @@ def save_usage_histogram(counts: torch.Tensor, path: str | Path, title: str) -> 
     for decade in range(int(top) + 1):
         y = y1 - (decade + 0.1) / top * (y1 - y0)
         draw.text((4, y - 6), f"1e{decade}", fill="black")
-    perplexity = math.exp(-sum(p * math.log(p) for p in (counts[counts > 0] / total).tolist())) if total else 0.0
+    perplexity = code_perplexity(counts).item()
     draw.text((x0, 8), f"{title}: {used}/{k} codes hit ({100 * used / k:.1f}%), perplexity {perplexity:.0f}",
               fill="black")
     draw.text((x0, y1 + 8), f"codes ranked by hits (0 .. {k - 1}); hits on a log scale", fill="black")

@@ -41,6 +41,19 @@ from .config import QuantizerConfig
 CHUNK_PAIRS = 2**24
 
 
+def code_perplexity(counts: torch.Tensor) -> torch.Tensor:
+    """exp(entropy) of a histogram of code hits: the effective number of codes in use."""
+    p = counts.double() / counts.sum().clamp_min(1)
+    return torch.exp(-(p * torch.log(p.clamp_min(1e-30))).sum())
+
+
+def code_stats(counts: torch.Tensor) -> dict:
+    """Usage (share of codes hit at least once), codes used and perplexity of a hit histogram."""
+    return {"codebook_size": counts.numel(), "codes_used": int((counts > 0).sum()),
+            "codebook_usage": (counts > 0).double().mean().item(),
+            "codebook_perplexity": code_perplexity(counts).item()}
+
+
 @torch.no_grad()
 def nearest_code(z: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
     """argmin_k ||z_i - e_k||^2 for each row of z [N, D] (fp32, chunked over rows)."""
@@ -179,8 +192,7 @@ class VectorQuantizer(nn.Module):
         counts = reduce(torch.bincount(idx, minlength=self.num_codes), "sum")  # same on every rank
         self.hist += counts
         self.last_hit[counts > 0] = step
-        probs = counts.double() / counts.sum().clamp_min(1)
-        perplexity = torch.exp(-(probs * torch.log(probs.clamp_min(1e-30))).sum()).float()
+        perplexity = code_perplexity(counts).float()
         if cfg.ema_decay > 0:
             sums = reduce(torch.zeros_like(self.ema_sum).index_add_(0, idx, z), "sum")
             self.ema_count.lerp_(counts.float(), 1 - cfg.ema_decay)
