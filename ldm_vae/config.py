@@ -197,19 +197,17 @@ CHOICES = {
     "train.lr_scheduler": ("constant_with_warmup", "cosine", "linear"),
 }
 POSITIVE = ("data.resolution", "data.photos_per_epoch", "model.latent_channels", "model.layers_per_block",
-            "model.norm_num_groups", "loss.disc_layers", "loss.disc_channels", "train.batch_size",
-            "train.max_steps", "train.grad_accum_steps", "train.max_consecutive_skips", "train.lr", "train.disc_lr",
-            "train.log_every",
-            "train.image_every", "train.checkpoint_every", "train.checkpoints_total_limit",
-            "export.scale_num_images", "export.scale_batch_size", "model.num_vq_embeddings", "model.vq_embed_dim",
-            "quantizer.kmeans_batches", "quantizer.kmeans_iters", "quantizer.entropy_temperature",
-            "quantizer.usage_window")
+            "model.norm_num_groups", "model.num_vq_embeddings", "model.vq_embed_dim", "loss.disc_layers",
+            "loss.disc_channels", "train.batch_size", "train.max_steps", "train.grad_accum_steps",
+            "train.max_consecutive_skips", "train.lr", "train.disc_lr", "train.log_every", "train.image_every",
+            "train.checkpoint_every", "train.checkpoints_total_limit", "quantizer.kmeans_batches",
+            "quantizer.kmeans_iters", "quantizer.entropy_temperature", "quantizer.usage_window",
+            "export.scale_num_images", "export.scale_batch_size")
 NON_NEGATIVE = ("data.num_workers", "loss.rec_l1", "loss.rec_l2", "loss.perceptual_weight", "loss.kl_weight",
                 "loss.kl_warmup_steps", "loss.free_bits", "loss.disc_weight", "loss.disc_start",
                 "loss.disc_pretrain_steps", "loss.lecam_weight", "train.weight_decay", "train.lr_warmup_steps",
-                "train.max_grad_norm",
-                "quantizer.beta", "quantizer.codebook_weight", "quantizer.restart_after_steps",
-                "quantizer.entropy_weight")
+                "train.max_grad_norm", "quantizer.beta", "quantizer.codebook_weight",
+                "quantizer.restart_after_steps", "quantizer.entropy_weight")
 UNIT_INTERVAL = ("data.max_bad_fraction", "loss.lecam_decay", "train.ema_decay", "quantizer.ema_decay",
                  "train.adam_beta1", "train.adam_beta2")
 
