@@ -48,7 +48,7 @@ def _export(args) -> None:
 def _eval(args) -> None:
     from .evaluate import EvalOptions, run_eval
 
-    device = args.device or ("cuda" if __import__("torch").cuda.is_available() else "cpu")
+    device = _device(args)
     opts = EvalOptions(num_images=args.num_images or None, batch_size=args.batch_size, device=device,
                        lpips_weights={"vgg": args.lpips_vgg_weights, "alex": args.lpips_alex_weights},
                        fid_weights=args.fid_weights, fd_features=args.fd_features, iwae_k=args.iwae_k,
@@ -65,7 +65,7 @@ def _train_fd_features(args) -> None:
     from .fd_features import train_fd_features
 
     data = DataConfig(source=args.data, path=args.data_path, name=args.data_name, resolution=args.resolution)
-    device = args.device or ("cuda" if __import__("torch").cuda.is_available() else "cpu")
+    device = _device(args)
     meta = train_fd_features(data, args.out, args.name or args.data.replace("-", "_"), steps=args.steps,
                              batch_size=args.batch_size, device=device, seed=args.seed, overwrite=args.overwrite)
     logging.getLogger("ldm_vae").info(f"saved {args.out}: fd_{meta['name']} features, test accuracy "
@@ -79,11 +79,17 @@ def _encode(args) -> None:
     data = resolve_data(Path(args.model), args.data, args.data_path, args.data_name, args.resolution)
     if args.no_flip:
         data.random_flip = False
-    device = args.device or ("cuda" if __import__("torch").cuda.is_available() else "cpu")
+    device = _device(args)
     meta = encode_dataset(args.model, data, args.split, args.out, batch_size=args.batch_size, device=device,
                           overwrite=args.overwrite)
     logging.getLogger("ldm_vae").info(f"{args.out}: {meta['num_images']} latents {meta['latent_shape']} of "
                                       f"{meta['dataset']}{' (+ flipped twins)' if meta['flipped'] else ''}")
+
+
+def _device(args) -> str:
+    import torch
+
+    return args.device or ("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def _add_data_args(p, source_default=None) -> None:

@@ -35,6 +35,7 @@ _FMNIST_CACHE: dict[tuple[str, str, int], tuple[torch.Tensor, torch.Tensor]] = {
 PHOTO_NAMES = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "retina",
                "immunohistochemistry", "motorcycle")
 _PHOTOS: list[Image.Image] = []
+_SCANS: dict[tuple, tuple[list[int], list[tuple[str, str]]]] = {}  # HFImages: (usable rows, bad files)
 
 
 def pil_to_tensor(img: Image.Image) -> torch.Tensor:
@@ -221,7 +222,12 @@ class HFImages(Augmented):
         # our own decoder (decode_image), so a broken file is a counted skip, not a crash
         self.ds = ds.cast_column(cfg.image_column, datasets.Image(decode=False))
         self.cfg, self.train = cfg, train
-        self.good, self.bad = self._scan(what, split)
+        # the train and eval views of a split, and the export after training, share one scan
+        key = (what, split, cfg.image_column, len(self.ds), getattr(self.ds, "_fingerprint", None),
+               cfg.max_bad_fraction, Image.MAX_IMAGE_PIXELS)
+        if key not in _SCANS:
+            _SCANS[key] = self._scan(what, split)
+        self.good, self.bad = _SCANS[key]
         skipped = f", {len(self.bad)} unusable files skipped" if self.bad else ""
         self.description = (f"{what} ({split}, {len(self.good)} images{skipped}) "
                             f"at {cfg.resolution}x{cfg.resolution}")

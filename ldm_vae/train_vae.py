@@ -208,7 +208,8 @@ def train(cfg: Config, output_dir: str | Path, resume: str | None = None, overwr
     lecam.to(device)
     vae = accelerator.unwrap_model(ae).vae
     quantizer = getattr(accelerator.unwrap_model(ae), "quantizer", None)
-    ema = EMAModel(ema_parameters(vae), decay=tc.ema_decay) if tc.ema_decay > 0 else None
+    ema_params = ema_parameters(vae)  # the same tensors for the whole run (a VQ codebook is not among them)
+    ema = EMAModel(ema_params, decay=tc.ema_decay) if tc.ema_decay > 0 else None
     if ema is not None:
         ema.to(device)
     # saved and loaded by checkpoint.py (weights_only), not accelerate's pickled custom objects
@@ -262,13 +263,12 @@ def train(cfg: Config, output_dir: str | Path, resume: str | None = None, overwr
         if ema is None:
             yield
             return
-        params = ema_parameters(vae)
-        ema.store(params)
-        ema.copy_to(params)
+        ema.store(ema_params)
+        ema.copy_to(ema_params)
         try:
             yield
         finally:
-            ema.restore(params)
+            ema.restore(ema_params)
 
     @torch.no_grad()
     def write_preview(at_step: int) -> None:
@@ -320,7 +320,8 @@ def train(cfg: Config, output_dir: str | Path, resume: str | None = None, overwr
                     opt_ae.step()
                 opt_ae.zero_grad(set_to_none=True)
                 if quantizer is not None:
-                    quantizer.renormalize_(vae.quantize.embedding.weight)
+                    if accelerator.sync_gradients and ae_ok:  # only an optimizer step moves the codebook
+                        quantizer.renormalize_(vae.quantize.embedding.weight)
                     logs.update(quantizer.update(latent, vae.quantize.embedding.weight, step))
                 # 2. discriminator, on detached reconstructions
                 if train_d:
@@ -350,7 +351,7 @@ def train(cfg: Config, output_dir: str | Path, resume: str | None = None, overwr
                 sched_d.step()
             skipped = guard.end_step(step, ae_ok and (not train_d or d_ok), output_dir)
             if ema is not None and not skipped:
-                ema.step(ema_parameters(vae))
+                ema.step(ema_params)
             step += 1
             progress.update(1)
             if not skipped:  # a skipped step's values are not finite: keep them out of the averages
