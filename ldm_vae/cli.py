@@ -25,6 +25,10 @@ EPILOG = """examples:
   ldm-vae eval exports/kl exports/vq --data fashion-mnist --out reports/compare --fd-features features/fashion.pt
   ldm-vae train-fd-features --data fashion-mnist --out features/fashion.pt
   ldm-vae encode exports/kl --split train --out latents/kl
+  ldm-vae train-ldm configs/ldm_fashion.yaml --latents latents/kl --output-dir runs/ldm
+  ldm-vae sample runs/ldm --num-images 64 --class-label 3 --guidance-scale 3 --steps 50 --out samples/
+  ldm-vae export-pipeline runs/ldm pipelines/fashion
+  ldm-vae demo                       # all of the above on Fashion-MNIST, report in demo/REPORT.md
 """
 
 
@@ -86,6 +90,48 @@ def _encode(args) -> None:
                                       f"{meta['dataset']}{' (+ flipped twins)' if meta['flipped'] else ''}")
 
 
+def _train_ldm(args) -> None:
+    from .config import LDMConfig, load_config
+    from .train_ldm import train_ldm
+
+    overrides = list(args.overrides) + ([f"latents={args.latents}"] if args.latents else [])
+    cfg = load_config(args.config, overrides, LDMConfig)
+    summary = train_ldm(cfg, args.output_dir, resume=args.resume, overwrite=args.overwrite)
+    logging.getLogger("ldm_vae").info(f"trained {summary['steps']} steps in {summary['wall_time_s']} s; samples in "
+                                      f"{args.output_dir}/samples")
+
+
+def _sample(args) -> None:
+    from .sample import generate, load_pipeline, sample_labels, write_samples
+
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()) and not args.overwrite:
+        raise UserError(f"{out} exists and is not empty; choose another --out or pass --overwrite")
+    if args.num_images < 1 or args.steps < 1 or args.batch_size < 1:
+        raise UserError("--num-images, --steps and --batch-size must be at least 1")
+    pipe, info = load_pipeline(args.model, args.solver)
+    pipe.to(_device(args))
+    labels = sample_labels(pipe.num_classes, args.class_label, args.num_images)
+    images = generate(pipe, args.num_images, labels, args.steps, args.guidance_scale, args.seed, args.batch_size)
+    write_samples(images, out, nrow=args.nrow or min(args.num_images, 10))
+    logging.getLogger("ldm_vae").info(f"wrote {len(images)} samples and grid.png to {out}")
+
+
+def _export_pipeline(args) -> None:
+    from .sample import export_pipeline
+
+    out = export_pipeline(args.run_dir, args.out_dir, overwrite=args.overwrite)
+    logging.getLogger("ldm_vae").info(f"exported {args.run_dir} to {out}; load it with "
+                                      f"DiffusionPipeline.from_pretrained('{out}', trust_remote_code=True)")
+
+
+def _demo(args) -> None:
+    from .demo import run_demo
+
+    report = run_demo(Path(args.out), quick=args.quick, overwrite=args.overwrite, data_path=args.data_path)
+    logging.getLogger("ldm_vae").info(f"demo finished: {report}")
+
+
 def _device(args) -> str:
     import torch
 
@@ -101,9 +147,22 @@ def _add_data_args(p, source_default=None) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace the output if it exists")
 
 
+def _add_run_args(p, config_example: str, overrides_example: str) -> None:
+    """What both trainers take: config, overrides and the run folder's flags."""
+    p.add_argument("config", help=f"YAML config, e.g. {config_example}")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help=f"dotted overrides of config values, e.g. {overrides_example}")
+    p.add_argument("--output-dir", required=True, help="run folder; refused if it already holds a run, unless --resume")
+    p.add_argument("--resume", metavar="latest|CHECKPOINT",
+                   help="continue from the newest complete checkpoint of --output-dir, or from the given folder")
+    p.add_argument("--overwrite", action="store_true",
+                   help="delete a run already in --output-dir and start afresh (checked inputs first)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="ldm-vae", description="Train, export and evaluate latent-diffusion autoencoders.",
+        prog="ldm-vae", description="Train, export and evaluate latent-diffusion autoencoders, and train, sample "
+                    "and export latent diffusion models on their latents.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -114,14 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "`accelerate launch -m ldm_vae train-vae ...`. Writes checkpoints, "
                                    "TensorBoard logs (OUTPUT_DIR/logs), reconstruction grids "
                                    "(OUTPUT_DIR/samples) and, at the end, a diffusers export (OUTPUT_DIR/export).")
-    p.add_argument("config", help="YAML config, e.g. configs/kl_f4_fashion.yaml")
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
-                   help="dotted overrides of config values, e.g. train.max_steps=500 data.resolution=64")
-    p.add_argument("--output-dir", required=True, help="run folder; refused if it already holds a run, unless --resume")
-    p.add_argument("--resume", metavar="latest|CHECKPOINT",
-                   help="continue from the newest complete checkpoint of --output-dir, or from the given folder")
-    p.add_argument("--overwrite", action="store_true",
-                   help="delete a run already in --output-dir and start afresh (checked inputs first)")
+    _add_run_args(p, "configs/kl_f4_fashion.yaml", "train.max_steps=500 data.resolution=64")
     p.set_defaults(func=_train_vae)
 
     p = sub.add_parser("export", help="write a run's EMA weights as a diffusers folder with a model card",
@@ -175,6 +227,57 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-flip", action="store_true", help="do not store flipped twins")
     _add_data_args(p)
     p.set_defaults(func=_encode)
+
+    p = sub.add_parser("train-ldm", help="train a latent diffusion UNet on a latent cache under Accelerate",
+                       description="Train a diffusers UNet2DModel on the latents cached by `ldm-vae encode` (DDPM "
+                                   "noise schedule, epsilon or v prediction, optional class conditioning with label "
+                                   "dropout for classifier-free guidance, EMA). Same checkpoints, --resume and logs "
+                                   "as train-vae; a sample grid (one row per class) every train.image_every steps "
+                                   "in OUTPUT_DIR/samples.")
+    _add_run_args(p, "configs/ldm_fashion.yaml", "train.max_steps=500 sample.guidance_scale=2")
+    p.add_argument("--latents", help="latent cache folder from `ldm-vae encode` (sets the config's `latents`)")
+    p.set_defaults(func=_train_ldm)
+
+    p = sub.add_parser("sample", help="generate images from a train-ldm run or an exported pipeline",
+                       description="Sample with the EMA UNet of a train-ldm run (newest checkpoint) or an exported "
+                                   "pipeline folder; writes OUT/sample_NNNNN.png and OUT/grid.png. Images depend "
+                                   "on --seed and --batch-size.")
+    p.add_argument("model", metavar="RUN_OR_PIPELINE", help="train-ldm run folder or export-pipeline folder")
+    p.add_argument("--out", required=True, help="folder for the PNGs (refused if not empty, unless --overwrite)")
+    p.add_argument("--num-images", type=int, default=64)
+    p.add_argument("--class-label", type=int, action="append",
+                   help="class of the images (repeat for several, cycled); default: every class in turn")
+    p.add_argument("--guidance-scale", type=float, default=3.0, help="classifier-free guidance; 1 = none")
+    p.add_argument("--steps", type=int, default=20, help="sampler steps (DPM-Solver++: 20, DDIM: 50)")
+    p.add_argument("--solver", choices=("dpm++", "ddim"), help="default: the run's sample.solver / dpm++")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=100)
+    p.add_argument("--nrow", type=int, help="images per row of grid.png (default: 10)")
+    p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    p.add_argument("--overwrite", action="store_true", help="write into a non-empty --out")
+    p.set_defaults(func=_sample)
+
+    p = sub.add_parser("export-pipeline", help="write a train-ldm run as a diffusers pipeline folder",
+                       description="Write the newest checkpoint of RUN_DIR (EMA UNet), its autoencoder and a "
+                                   "DPM-Solver++ scheduler as a diffusers pipeline folder with pipeline.py and a "
+                                   "model card. Load: DiffusionPipeline.from_pretrained(OUT_DIR, "
+                                   "trust_remote_code=True).")
+    p.add_argument("run_dir")
+    p.add_argument("out_dir")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it already holds files")
+    p.set_defaults(func=_export_pipeline)
+
+    p = sub.add_parser("demo", help="the whole path on Fashion-MNIST, end to end, with a report",
+                       description="Train a KL-VAE, export and evaluate it, encode the training split, train a "
+                                   "class-conditional LDM, sample every class, measure Frechet distances in a "
+                                   "domain feature space, export the pipeline, and write OUT/REPORT.md with "
+                                   "pictures, metrics and the time of each stage (about 20 minutes on 2 CPU "
+                                   "cores; --quick: about a minute, for smoke checks).")
+    p.add_argument("--out", default="demo", help="demo folder (default: demo)")
+    p.add_argument("--quick", action="store_true", help="tiny sizes and few steps: checks the path, not quality")
+    p.add_argument("--data-path", help="Fashion-MNIST idx folder (default: the Debian package, else the hub)")
+    p.add_argument("--overwrite", action="store_true", help="replace a previous demo in --out")
+    p.set_defaults(func=_demo)
 
     p = sub.add_parser("train-fd-features", help="train a small classifier whose features give a domain "
                                                  "Frechet distance (for --fd-features)",

@@ -141,30 +141,38 @@ class LossConfig:
 
 
 @dataclass
-class TrainConfig:
+class OptimConfig:
+    """The optimisation and bookkeeping settings both trainers share (`train:`)."""
+
     batch_size: int = 32
     max_steps: int = 2000
     grad_accum_steps: int = 1
     lr: float = 1.0e-4
-    disc_lr: float = 1.0e-4
     adam_beta1: float = 0.5
     adam_beta2: float = 0.9
     weight_decay: float = 0.0
     lr_warmup_steps: int = 100
-    # the autoencoder's LR schedule (diffusers.optimization.get_scheduler) over max_steps:
-    # constant_with_warmup | cosine | linear; the discriminator's is constant_with_warmup
+    # the trained model's LR schedule (diffusers.optimization.get_scheduler) over max_steps:
+    # constant_with_warmup | cosine | linear
     lr_scheduler: str = "constant_with_warmup"
     max_grad_norm: float = 1.0
     # no | bf16 | fp16; weights stay fp32 (autocast), see train_vae.py
     mixed_precision: str = "no"
-    # EMA of the autoencoder weights; 0 turns EMA off (export then uses raw weights)
+    # EMA of the weights; 0 turns EMA off (export then uses raw weights)
     ema_decay: float = 0.999
     # a step with non-finite gradients is skipped; this many in a row stop the run
     max_consecutive_skips: int = 25
     log_every: int = 10
+    # a picture (reconstructions / samples) every N steps
     image_every: int = 500
     checkpoint_every: int = 500
     checkpoints_total_limit: int = 2
+
+
+@dataclass
+class TrainConfig(OptimConfig):
+    # the discriminator's LR; its schedule is constant_with_warmup
+    disc_lr: float = 1.0e-4
 
 
 @dataclass
@@ -186,30 +194,116 @@ class Config:
     export: ExportConfig = field(default_factory=ExportConfig)
 
 
-# Choices are checked here so a typo fails at load time, not hours into a run.
+@dataclass
+class UNetConfig:
+    """diffusers UNet2DModel on the latents (channels and size come from the cache)."""
+
+    # one entry per resolution level of the latent (8x8 latents: 8, 4, 2 with three levels)
+    block_out_channels: list[int] = field(default_factory=lambda: [64, 128, 256])
+    layers_per_block: int = 2
+    # levels (0 = full latent resolution) whose blocks have self-attention
+    attention_levels: list[int] = field(default_factory=lambda: [1, 2])
+    attention_head_dim: int = 32
+    norm_num_groups: int = 32
+    dropout: float = 0.0
+
+
+@dataclass
+class DiffusionConfig:
+    num_train_timesteps: int = 1000
+    # linear (DDPM, Ho et al. 2020) | scaled_linear (LDM/SD) | cosine (Nichol & Dhariwal
+    # 2021, arXiv:2102.09672; diffusers' squaredcos_cap_v2)
+    beta_schedule: str = "linear"
+    beta_start: float = 1.0e-4
+    beta_end: float = 0.02
+    # epsilon | v_prediction (Salimans & Ho 2022, arXiv:2202.00512)
+    prediction_type: str = "epsilon"
+    # condition on the cache's labels; the extra "null" class (index num_classes) replaces
+    # a label with probability label_dropout, for classifier-free guidance (Ho & Salimans
+    # 2022, arXiv:2207.12598)
+    class_conditional: bool = True
+    label_dropout: float = 0.1
+
+
+@dataclass
+class SampleConfig:
+    """How the training-time sample grids are drawn (and `ldm-vae sample`'s defaults)."""
+
+    # dpm++ (DPM-Solver++(2M), Lu et al. 2022, arXiv:2211.01095) | ddim (Song et al. 2020)
+    solver: str = "dpm++"
+    steps: int = 20
+    guidance_scale: float = 3.0
+    # the grid has one row per class (or one row, unconditional) of this many images
+    per_class: int = 8
+
+
+@dataclass
+class LDMTrainConfig(OptimConfig):
+    batch_size: int = 128
+    max_steps: int = 3000
+    lr: float = 2.0e-4
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    ema_decay: float = 0.999
+
+
+@dataclass
+class LDMConfig:
+    """`ldm-vae train-ldm`: a diffusers UNet2DModel trained on a latent cache."""
+
+    seed: int = 0
+    # the latent cache (`ldm-vae encode`); `--latents` sets it
+    latents: Optional[str] = None
+    model: UNetConfig = field(default_factory=UNetConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    train: LDMTrainConfig = field(default_factory=LDMTrainConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+
+
+# Choices and ranges are checked at load time, so a typo fails here, not hours into a run.
+# The `train:` section's rules are shared by both trainers.
+_OPTIM_CHOICES = {
+    "train.mixed_precision": ("no", "bf16", "fp16"),
+    "train.lr_scheduler": ("constant_with_warmup", "cosine", "linear"),
+}
+_OPTIM_POSITIVE = ("train.batch_size", "train.max_steps", "train.grad_accum_steps", "train.max_consecutive_skips",
+                   "train.lr", "train.log_every", "train.image_every", "train.checkpoint_every",
+                   "train.checkpoints_total_limit")
+_OPTIM_NON_NEGATIVE = ("train.weight_decay", "train.lr_warmup_steps", "train.max_grad_norm")
+_OPTIM_UNIT_INTERVAL = ("train.ema_decay", "train.adam_beta1", "train.adam_beta2")
+
 CHOICES = {
     "data.source": ("fashion-mnist", "imagefolder", "hub", "photos"),
     "model.kind": ("kl", "vq"),
     "loss.lpips_net": ("vgg", "alex"),
     "loss.lpips_if_missing": ("error", "skip"),
     "loss.disc_loss": ("hinge", "vanilla"),
-    "train.mixed_precision": ("no", "bf16", "fp16"),
-    "train.lr_scheduler": ("constant_with_warmup", "cosine", "linear"),
+    **_OPTIM_CHOICES,
 }
 POSITIVE = ("data.resolution", "data.photos_per_epoch", "model.latent_channels", "model.layers_per_block",
             "model.norm_num_groups", "model.num_vq_embeddings", "model.vq_embed_dim", "loss.disc_layers",
-            "loss.disc_channels", "train.batch_size", "train.max_steps", "train.grad_accum_steps",
-            "train.max_consecutive_skips", "train.lr", "train.disc_lr", "train.log_every", "train.image_every",
-            "train.checkpoint_every", "train.checkpoints_total_limit", "quantizer.kmeans_batches",
+            "loss.disc_channels", "train.disc_lr", "quantizer.kmeans_batches",
             "quantizer.kmeans_iters", "quantizer.entropy_temperature", "quantizer.usage_window",
-            "export.scale_num_images", "export.scale_batch_size")
+            "export.scale_num_images", "export.scale_batch_size", *_OPTIM_POSITIVE)
 NON_NEGATIVE = ("data.num_workers", "loss.rec_l1", "loss.rec_l2", "loss.perceptual_weight", "loss.kl_weight",
                 "loss.kl_warmup_steps", "loss.free_bits", "loss.disc_weight", "loss.disc_start",
-                "loss.disc_pretrain_steps", "loss.lecam_weight", "train.weight_decay", "train.lr_warmup_steps",
-                "train.max_grad_norm", "quantizer.beta", "quantizer.codebook_weight",
-                "quantizer.restart_after_steps", "quantizer.entropy_weight")
-UNIT_INTERVAL = ("data.max_bad_fraction", "loss.lecam_decay", "train.ema_decay", "quantizer.ema_decay",
-                 "train.adam_beta1", "train.adam_beta2")
+                "loss.disc_pretrain_steps", "loss.lecam_weight", "quantizer.beta", "quantizer.codebook_weight",
+                "quantizer.restart_after_steps", "quantizer.entropy_weight", *_OPTIM_NON_NEGATIVE)
+UNIT_INTERVAL = ("data.max_bad_fraction", "loss.lecam_decay", "quantizer.ema_decay", *_OPTIM_UNIT_INTERVAL)
+
+# diffusers' name of each beta schedule
+BETA_SCHEDULES = {"linear": "linear", "scaled_linear": "scaled_linear", "cosine": "squaredcos_cap_v2"}
+LDM_CHOICES = {
+    "diffusion.beta_schedule": tuple(BETA_SCHEDULES),
+    "diffusion.prediction_type": ("epsilon", "v_prediction"),
+    "sample.solver": ("dpm++", "ddim"),
+    **_OPTIM_CHOICES,
+}
+LDM_POSITIVE = ("model.layers_per_block", "model.attention_head_dim", "model.norm_num_groups",
+                "diffusion.num_train_timesteps", "diffusion.beta_start", "diffusion.beta_end", "sample.steps",
+                "sample.per_class", *_OPTIM_POSITIVE)
+LDM_NON_NEGATIVE = ("model.dropout", "sample.guidance_scale", *_OPTIM_NON_NEGATIVE)
+LDM_UNIT_INTERVAL = ("diffusion.label_dropout", *_OPTIM_UNIT_INTERVAL)
 
 
 def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
@@ -260,17 +354,25 @@ def _build(cls: type, raw: Any, prefix: str, source: str) -> Any:
     return cls(**kwargs)
 
 
-def _validate(cfg: Config, source: str) -> None:
-    for key, allowed in CHOICES.items():
+def _check_ranges(cfg: Any, source: str, choices: dict, positive: tuple, non_negative: tuple,
+                  unit_interval: tuple) -> None:
+    for key, allowed in choices.items():
         value = get_key(cfg, key)
         if value not in allowed:
             raise UserError(f"{source}: '{key}' must be one of {', '.join(allowed)}, got {value!r}")
-    for keys, ok, what in ((POSITIVE, lambda v: v > 0, "> 0"), (NON_NEGATIVE, lambda v: v >= 0, ">= 0"),
-                           (UNIT_INTERVAL, lambda v: 0 <= v < 1, "in [0, 1)")):
+    for keys, ok, what in ((positive, lambda v: v > 0, "> 0"), (non_negative, lambda v: v >= 0, ">= 0"),
+                           (unit_interval, lambda v: 0 <= v < 1, "in [0, 1)")):
         for key in keys:
             value = get_key(cfg, key)
             if value is not None and not ok(value):
                 raise UserError(f"{source}: '{key}' must be {what}, got {value!r}")
+
+
+def _validate(cfg: Config | LDMConfig, source: str) -> None:
+    if isinstance(cfg, LDMConfig):
+        _validate_ldm(cfg, source)
+        return
+    _check_ranges(cfg, source, CHOICES, POSITIVE, NON_NEGATIVE, UNIT_INTERVAL)
     factor = 2 ** (len(cfg.model.block_out_channels) - 1)
     if cfg.data.resolution % factor:
         raise UserError(f"{source}: 'data.resolution' ({cfg.data.resolution}) must be divisible by the "
@@ -305,6 +407,20 @@ def _validate_kind(cfg: Config, source: str) -> None:
         raise UserError(f"{source}: model.kind 'vq' needs 'model.num_vq_embeddings' (the codebook size, e.g. 8192)")
 
 
+def _validate_ldm(cfg: LDMConfig, source: str) -> None:
+    _check_ranges(cfg, source, LDM_CHOICES, LDM_POSITIVE, LDM_NON_NEGATIVE, LDM_UNIT_INTERVAL)
+    m = cfg.model
+    if not m.block_out_channels or any(c <= 0 or c % m.norm_num_groups for c in m.block_out_channels):
+        raise UserError(f"{source}: 'model.block_out_channels' must be positive multiples of 'model.norm_num_groups' "
+                        f"({m.norm_num_groups}), got {m.block_out_channels}")
+    bad = [i for i in m.attention_levels if not 0 <= i < len(m.block_out_channels)]
+    if bad:
+        raise UserError(f"{source}: 'model.attention_levels' {bad} are not levels of 'model.block_out_channels' "
+                        f"(0..{len(m.block_out_channels) - 1})")
+    if cfg.diffusion.beta_start >= cfg.diffusion.beta_end:
+        raise UserError(f"{source}: 'diffusion.beta_start' must be below 'diffusion.beta_end'")
+
+
 def get_key(cfg: Any, dotted: str) -> Any:
     for part in dotted.split("."):
         cfg = getattr(cfg, part)
@@ -337,8 +453,9 @@ def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
     return out
 
 
-def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
-    """Load a YAML config (or the defaults when `path` is None) and apply KEY=VALUE overrides."""
+def load_config(path: str | Path | None, overrides: list[str] = (), schema: type = Config) -> Any:
+    """Load a YAML config (or the defaults when `path` is None) and apply KEY=VALUE overrides;
+    `schema` is Config (autoencoders) or LDMConfig (latent diffusion)."""
     raw: Any = {}
     source = "defaults"
     if path is not None:
@@ -353,20 +470,18 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
             raise UserError(f"{path} is not valid YAML: {e}") from None
     for key, value in parse_overrides(list(overrides)):
         _set_dotted(raw, key, value, f"{source} (override {key}={value!r})")
-    cfg = _build(Config, raw, "", source)
-    _validate(cfg, source)
-    return cfg
+    return from_dict(raw, source, schema)
 
 
-def to_dict(cfg: Config) -> dict:
+def to_dict(cfg: Any) -> dict:
     return dataclasses.asdict(cfg)
 
 
-def to_yaml(cfg: Config) -> str:
+def to_yaml(cfg: Any) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)
 
 
-def from_dict(raw: dict, source: str) -> Config:
-    cfg = _build(Config, raw, "", source)
+def from_dict(raw: dict, source: str, schema: type = Config) -> Any:
+    cfg = _build(schema, raw, "", source)
     _validate(cfg, source)
     return cfg

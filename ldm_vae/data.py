@@ -93,6 +93,7 @@ class Augmented(Dataset):
     """Base of the datasets: per-item generators from (seed, epoch, index)."""
 
     seed, epoch = 0, 0
+    class_names: list[str] | None = None  # label i's name, where the source knows it
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -156,6 +157,10 @@ def _resize_gray(images: np.ndarray, res: int) -> torch.Tensor:
     return out
 
 
+FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+                         "Ankle boot"]
+
+
 def _fashion_mnist(cfg: DataConfig, split: str, train: bool) -> TensorImages:
     if split not in _FMNIST_PREFIX:
         raise UserError(f"fashion-mnist has splits train, test; got '{split}'")
@@ -180,7 +185,9 @@ def _fashion_mnist(cfg: DataConfig, split: str, train: bool) -> TensorImages:
     images, labels = _FMNIST_CACHE[key]
     images, labels = images[: cfg.max_images], labels[: cfg.max_images]
     desc = f"Fashion-MNIST ({split}, {len(images)} images, {where}) at {cfg.resolution}x{cfg.resolution}"
-    return TensorImages(images, labels, train, cfg.random_flip, desc, "fashion_mnist")
+    ds = TensorImages(images, labels, train, cfg.random_flip, desc, "fashion_mnist")
+    ds.class_names = FASHION_MNIST_CLASSES
+    return ds
 
 
 def _fashion_mnist_hub(split: str) -> tuple[np.ndarray, np.ndarray]:
@@ -218,6 +225,8 @@ class HFImages(Augmented):
         # Only integer labels make sense as class ids (for conditioning and model cards).
         self.has_labels = isinstance(label_feature, datasets.ClassLabel) or (
             isinstance(label_feature, datasets.Value) and label_feature.dtype.startswith("int"))
+        if isinstance(label_feature, datasets.ClassLabel):
+            self.class_names = list(label_feature.names)
         ds = ds.select(range(min(len(ds), cfg.max_images))) if cfg.max_images is not None else ds
         # our own decoder (decode_image), so a broken file is a counted skip, not a crash
         self.ds = ds.cast_column(cfg.image_column, datasets.Image(decode=False))

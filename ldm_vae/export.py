@@ -9,6 +9,7 @@ batch and never SD's constant: posterior samples for KL, `encode(x).latents` (wh
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -141,16 +142,24 @@ def export_run(run_dir: str | Path, out_dir: str | Path, replace: bool = False) 
     else:  # VQModel's config has no shift_factor; the mean is in ldm_vae.json and the card
         vae.register_to_config(scaling_factor=stats["scaling_factor"])
 
+    with atomic_folder(out_dir) as tmp:
+        vae.to("cpu").save_pretrained(tmp, safe_serialization=True)
+        (tmp / "training_config.yaml").write_text(config_lib.to_yaml(cfg))
+        info = {"checkpoint": str(checkpoint), "step": state["step"], "perceptual": state["perceptual"],
+                "latent_stats": stats, "final_logs": state.get("logs")}
+        (tmp / "ldm_vae.json").write_text(json.dumps(info, indent=2))
+        (tmp / "README.md").write_text(_model_card(cfg, state, stats, vae, dataset, out_dir))
+    return out_dir
+
+
+@contextlib.contextmanager
+def atomic_folder(out_dir: Path):
+    """Yields a temporary sibling folder that replaces `out_dir` only once it is complete."""
     tmp = out_dir.parent / f".tmp-{out_dir.name}"
     if tmp.exists():
         shutil.rmtree(tmp)
-    vae.to("cpu").save_pretrained(tmp, safe_serialization=True)
-    (tmp / "training_config.yaml").write_text(config_lib.to_yaml(cfg))
-    info = {"checkpoint": str(checkpoint), "step": state["step"], "perceptual": state["perceptual"],
-            "latent_stats": stats, "final_logs": state.get("logs")}
-    (tmp / "ldm_vae.json").write_text(json.dumps(info, indent=2))
-    (tmp / "README.md").write_text(_model_card(cfg, state, stats, vae, dataset, out_dir))
+    tmp.mkdir(parents=True)
+    yield tmp
     if out_dir.exists():
         shutil.rmtree(out_dir)
     os.replace(tmp, out_dir)
-    return out_dir

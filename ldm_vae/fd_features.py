@@ -3,8 +3,9 @@
 FID's Inception network was trained on ImageNet photos; on 32x32 grayscale clothes (or
 offline, without its weights) a small classifier trained on the domain's own labels gives
 features that separate what matters there. `ldm-vae train-fd-features` trains one and
-saves its feature layer as TorchScript with metadata; `ldm-vae eval --fd-features PATH`
-reports the distance under the extractor's own name (`fd_<name>`), never as "FID".
+saves its feature layer (and, as `logits`, its classifier) as TorchScript with metadata;
+`ldm-vae eval --fd-features PATH` reports the distance under the extractor's own name
+(`fd_<name>`), never as "FID".
 """
 
 from __future__ import annotations
@@ -43,6 +44,22 @@ class FeatureNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.body(x).mean(dim=(2, 3))
+
+
+class ScriptedFeatures(nn.Module):
+    """What is saved: `forward` gives the features, `logits` the classifier's class scores
+    (the demo uses them to check that samples of a class look like that class)."""
+
+    def __init__(self, net: FeatureNet, head: nn.Linear):
+        super().__init__()
+        self.net, self.head = net, head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    @torch.jit.export
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.net(x))
 
 
 def train_fd_features(data: DataConfig, out: str | Path, name: str, steps: int = 2000, batch_size: int = 128,
@@ -93,7 +110,7 @@ def train_fd_features(data: DataConfig, out: str | Path, name: str, steps: int =
     meta = {"name": name, "resolution": data.resolution, "num_features": net.num_features,
             "input": "images [N, 3, R, R] in [-1, 1]", "dataset": train_ds.description,
             "steps": steps, "test_accuracy": correct / len(test_ds)}
-    scripted = torch.jit.script(net.cpu())
+    scripted = torch.jit.script(ScriptedFeatures(net, head).cpu().eval())
     tmp = out.with_name(f".tmp-{out.name}")
     out.parent.mkdir(parents=True, exist_ok=True)
     torch.jit.save(scripted, str(tmp), _extra_files={"ldm_vae.json": json.dumps(meta)})

@@ -65,7 +65,7 @@ def encode_dataset(model_dir: str | Path, data: DataConfig, split: str, out: str
         "scaling_factor": vae.config.scaling_factor, "shift_factor": getattr(vae.config, "shift_factor", None),
         "data": _data_key(data), "dataset": dataset.description, "dataset_id": dataset.dataset_id,
         "split": split, "num_images": len(dataset), "flipped": data.random_flip,
-        "has_labels": dataset.has_labels, "shard_size": shard_size,
+        "has_labels": dataset.has_labels, "class_names": dataset.class_names, "shard_size": shard_size,
     }
     key = {k: meta[k] for k in ("fingerprint", "data", "split", "num_images", "flipped", "shard_size")}
     if (out / CACHE_FILE).is_file():
@@ -140,6 +140,18 @@ def read_cache(cache_dir: str | Path, model_dir: str | Path | None = None) -> di
         raise UserError(f"the latents in {cache_dir} were made by {meta['autoencoder']}, not by {model_dir} "
                         f"(different weights or config); re-encode with `ldm-vae encode {model_dir} ...`")
     return meta
+
+
+def load_cache_autoencoder(meta: dict):
+    """The autoencoder a cache was made with (for decoding samples), checked by fingerprint."""
+    model_dir = Path(meta["autoencoder"])
+    if not (model_dir / "config.json").is_file():
+        raise UserError(f"the latent cache was made by the autoencoder in {model_dir}, which no longer exists; it is "
+                        f"needed to decode samples: restore it, or re-encode with `ldm-vae encode MODEL_DIR ...`")
+    if fingerprint(model_dir) != meta["fingerprint"]:
+        raise UserError(f"the autoencoder in {model_dir} changed since the latent cache was made (different weights "
+                        f"or config); re-encode with `ldm-vae encode {model_dir} ...`")
+    return load_autoencoder(model_dir)
 
 
 class LatentDataset(Dataset):

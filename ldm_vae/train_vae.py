@@ -16,24 +16,21 @@ every checkpoint, so `--resume latest` continues the same run.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
-import shutil
 import time
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator, DataLoaderConfiguration
+from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import ProjectConfiguration, set_seed
+from accelerate.utils import set_seed
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
-from . import config as config_lib
-from .checkpoint import complete_checkpoints, find_checkpoint, load_checkpoint, read_state, save_checkpoint
+from .checkpoint import find_checkpoint, load_checkpoint
 from .config import Config
 from .data import build_dataset, save_image
 from .discriminator import PatchDiscriminator
@@ -42,6 +39,17 @@ from .losses import AutoencoderLoss, LeCamEMA
 from .models import build_training_model, ema_parameters, reconstruct
 from .perceptual import LPIPSWeightsMissing, build_lpips
 from .plots import save_usage_histogram
+from .training import (
+    MetricLog,
+    NonFiniteGuard,
+    check_output_dir,
+    check_resume_compatible,
+    ema_weights,
+    make_accelerator,
+    run_summary,
+    save_run_checkpoint,
+    start_run_dir,
+)
 
 logger = get_logger(__name__)
 
@@ -66,69 +74,6 @@ def build_perceptual(cfg: Config):
         return net, ("RANDOM LPIPS backbone (loss.lpips_random_backbone=true): tests the wiring only, "
                      "not a perceptual loss")
     return net, f"LPIPS ({lc.lpips_net}, pretrained backbone)"
-
-
-def _check_output_dir(output_dir: Path, resume: str | None, overwrite: bool) -> None:
-    if resume is not None and overwrite:
-        raise UserError("--resume continues the run in --output-dir and --overwrite deletes it; pass one of them")
-    if resume is not None or overwrite:
-        return
-    if complete_checkpoints(output_dir):
-        raise UserError(f"{output_dir} already holds a run; continue it with --resume latest, choose another "
-                        f"--output-dir, or replace it with --overwrite (nothing was changed)")
-    if (output_dir / "config.yaml").exists():
-        raise UserError(f"{output_dir} holds a run that has no complete checkpoint yet; replace it with "
-                        f"--overwrite or choose another --output-dir (nothing was changed)")
-
-
-def _check_resume_compatible(cfg: Config, checkpoint: Path) -> None:
-    saved = config_lib.from_dict(read_state(checkpoint)["config"], f"{checkpoint}/trainer_state.json")
-    # these change what the checkpoint's tensors mean (the EMA codebook mode adds buffers)
-    fixed = ("model", "data.resolution", "quantizer.l2_normalize", "quantizer.ema_decay")
-    changed = [k for k in fixed if config_lib.get_key(saved, k) != config_lib.get_key(cfg, k)]
-    if changed:
-        raise UserError(f"cannot resume {checkpoint}: {', '.join(changed)} differ from the checkpoint's config; "
-                        f"resume with the run's own config ({checkpoint.parent / 'config.yaml'})")
-
-
-class NonFiniteGuard:
-    """Skips optimizer steps whose gradients are not finite, and stops a run that keeps
-    producing them.
-
-    The decision uses the clipped-gradient norm, which is computed from gradients already
-    averaged over processes, so every process skips the same steps without another
-    collective. A NaN/inf loss on any process makes that norm non-finite. Under fp16 the
-    GradScaler owns this decision (it skips the step and lowers the scale); its skips are
-    counted the same way.
-    """
-
-    def __init__(self, accelerator: Accelerator, limit: int):
-        self.accelerator, self.limit = accelerator, limit
-        self.total, self.consecutive, self.first_bad = 0, 0, None
-
-    def finite(self, grad_norm: torch.Tensor) -> bool:
-        if self.accelerator.scaler is not None:
-            return True  # the scaler skips non-finite steps itself
-        return bool(torch.isfinite(grad_norm))
-
-    def end_step(self, step: int, stepped: bool, output_dir: Path) -> bool:
-        """Record whether the optimizer step at `step` happened; True if it was skipped."""
-        skipped = not stepped or (self.accelerator.scaler is not None and self.accelerator.optimizer_step_was_skipped)
-        if not skipped:
-            self.consecutive = 0
-            return False
-        self.total += 1
-        self.consecutive += 1
-        self.first_bad = step if self.consecutive == 1 else self.first_bad
-        logger.warning(f"step {step}: non-finite loss or gradients, optimizer step skipped "
-                       f"({self.consecutive} in a row, {self.total} in this session)", main_process_only=True)
-        if self.consecutive >= self.limit:
-            found = complete_checkpoints(output_dir)
-            last = f"the last good checkpoint is {found[-1][1]}" if found else "no checkpoint was written yet"
-            raise UserError(f"{self.consecutive} consecutive steps ({self.first_bad}-{step}) had non-finite losses or "
-                            f"gradients, so training stopped; {last}. Lower train.lr, try train.mixed_precision=no or "
-                            f"bf16, or check the data; the limit is train.max_consecutive_skips")
-        return True
 
 
 @torch.no_grad()
@@ -157,20 +102,15 @@ def train(cfg: Config, output_dir: str | Path, resume: str | None = None, overwr
     `overwrite=True` deletes a run already in `output_dir` (after the config, data and
     weights have been checked, so a mistake there deletes nothing)."""
     output_dir = Path(output_dir)
-    _check_output_dir(output_dir, resume, overwrite)
+    check_output_dir(output_dir, resume, overwrite)
     tc = cfg.train
-    accelerator = Accelerator(
-        gradient_accumulation_steps=tc.grad_accum_steps,
-        mixed_precision=tc.mixed_precision,
-        log_with="tensorboard",
-        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
-        # the sampler's order depends only on (seed, epoch): resume can replay it exactly
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
-    )
+    accelerator = make_accelerator(tc, output_dir)
     perceptual, perceptual_status = build_perceptual(cfg)  # fails before any training work
     checkpoint = find_checkpoint(output_dir, resume) if resume else None
     if checkpoint is not None:
-        _check_resume_compatible(cfg, checkpoint)
+        # these change what the checkpoint's tensors mean (the EMA codebook mode adds buffers)
+        check_resume_compatible(cfg, checkpoint, ("model", "data.resolution", "quantizer.l2_normalize",
+                                                  "quantizer.ema_decay"))
 
     train_ds = build_dataset(cfg.data, cfg.data.train_split, train=True, seed=cfg.seed)
     bad_images = getattr(train_ds, "bad", [])  # (file, reason) skipped by imagefolder/hub sources
@@ -226,12 +166,8 @@ def train(cfg: Config, output_dir: str | Path, resume: str | None = None, overwr
     if quantizer is not None and not quantizer.initialized:
         _kmeans_init(cfg, accelerator, vae, quantizer, train_ds)
 
+    start_run_dir(accelerator, output_dir, cfg, overwrite)
     if accelerator.is_main_process:
-        if overwrite and output_dir.exists():
-            shutil.rmtree(output_dir)
-            logger.info(f"--overwrite: deleted the previous run in {output_dir}")
-        (output_dir / "logs").mkdir(parents=True, exist_ok=True)
-        (output_dir / "config.yaml").write_text(config_lib.to_yaml(cfg))
         logger.info(f"data: {train_ds.description}; perceptual: {perceptual_status}")
         if bad_images:
             (output_dir / "bad_images.txt").write_text("".join(f"{path}\t{why}\n" for path, why in bad_images))
@@ -245,35 +181,14 @@ def train(cfg: Config, output_dir: str | Path, resume: str | None = None, overwr
     images_per_step = tc.batch_size * accelerator.num_processes * tc.grad_accum_steps
 
     def save(at_step: int, logs: dict) -> None:
-        state = {"step": at_step, "images_per_step": images_per_step, "logs": logs, "perceptual": perceptual_status,
-                 "config": config_lib.to_dict(cfg)}
-
-        def write_extra(folder: Path) -> None:
-            (folder / "config.yaml").write_text(config_lib.to_yaml(cfg))
-            with ema_weights():
-                vae.save_pretrained(folder / "autoencoder")
-
-        path = save_checkpoint(accelerator, output_dir, at_step, state, write_extra, tc.checkpoints_total_limit,
-                               extra_state)
-        logger.info(f"saved {path}", main_process_only=True)
-
-    @contextlib.contextmanager
-    def ema_weights():
-        """Temporarily swap the EMA weights into the model (what export and previews use)."""
-        if ema is None:
-            yield
-            return
-        ema.store(ema_params)
-        ema.copy_to(ema_params)
-        try:
-            yield
-        finally:
-            ema.restore(ema_params)
+        save_run_checkpoint(accelerator, output_dir, cfg, at_step, {"images_per_step": images_per_step, "logs": logs,
+                                                                    "perceptual": perceptual_status},
+                            vae, "autoencoder", ema, ema_params, extra_state)
 
     @torch.no_grad()
     def write_preview(at_step: int) -> None:
         vae.eval()
-        with ema_weights(), accelerator.autocast():
+        with ema_weights(ema, ema_params), accelerator.autocast():
             x = preview.to(device)
             recon = reconstruct(vae, x).float().clamp(-1, 1)
         vae.train()
@@ -289,9 +204,7 @@ def train(cfg: Config, output_dir: str | Path, resume: str | None = None, overwr
             tb.add_histogram("codebook hits per code", quantizer.hist.float().cpu(), at_step)
 
     guard = NonFiniteGuard(accelerator, tc.max_consecutive_skips)
-    # per-key device-side sums and counts since the last log step (no host sync in between)
-    window: dict[str, tuple] = {}
-    window_steps, last_logs, t_window = 0, {}, time.perf_counter()
+    metrics, last_logs = MetricLog(accelerator, output_dir, images_per_step), {}
     t_start, start_step = time.perf_counter(), step
     progress = tqdm(total=tc.max_steps, initial=step, desc="train-vae", disable=not accelerator.is_local_main_process)
     epoch, skip = divmod(step * tc.grad_accum_steps, len(loader))
@@ -354,29 +267,13 @@ def train(cfg: Config, output_dir: str | Path, resume: str | None = None, overwr
                 ema.step(ema_params)
             step += 1
             progress.update(1)
-            if not skipped:  # a skipped step's values are not finite: keep them out of the averages
-                for k, v in logs.items():
-                    total, count = window.get(k, (0.0, 0))
-                    window[k] = (total + v.detach().float(), count + 1)
-            window_steps += 1
-
+            metrics.add(logs, skipped)
             if step % tc.log_every == 0 or step == tc.max_steps:
-                keys = sorted(window)
-                means = accelerator.reduce(torch.stack([window[k][0] / window[k][1] for k in keys]), "mean")
-                last_logs = {k: float(v) for k, v in zip(keys, means.tolist())}
-                elapsed = time.perf_counter() - t_window
-                last_logs["images_per_s"] = window_steps * images_per_step / elapsed
-                last_logs["lr"] = sched_ae.get_last_lr()[0]
-                last_logs["kl_weight"] = loss_fn.kl_weight(step)
-                last_logs["skipped_steps"] = guard.total
-                accelerator.log(last_logs, step=step)
-                if accelerator.is_main_process:  # plain-text twin of the TensorBoard scalars
-                    with open(output_dir / "logs" / "metrics.jsonl", "a") as f:
-                        f.write(json.dumps({"step": step, **last_logs}) + "\n")
+                last_logs = metrics.flush(step, {"lr": sched_ae.get_last_lr()[0], "kl_weight": loss_fn.kl_weight(step),
+                                                 "skipped_steps": guard.total})
                 progress.set_postfix({k: f"{last_logs[k]:.4g}" for k in
                                       ("loss", "l1", "lpips", "kl", "usage", "perplexity", "g_adv", "d_loss")
                                       if k in last_logs})
-                window, window_steps, t_window = {}, 0, time.perf_counter()
             if step % tc.image_every == 0 or step == tc.max_steps:
                 if accelerator.is_main_process:
                     write_preview(step)
@@ -389,19 +286,10 @@ def train(cfg: Config, output_dir: str | Path, resume: str | None = None, overwr
         epoch, skip = epoch + 1, 0
     progress.close()
 
-    summary = {
-        "steps": step,
-        "steps_this_session": step - start_step,
-        "wall_time_s": round(time.perf_counter() - t_start, 1),
-        "images_per_step": images_per_step,
-        "num_processes": accelerator.num_processes,
-        "mixed_precision": tc.mixed_precision,
-        "data": train_ds.description,
-        "perceptual": perceptual_status,
-        "skipped_steps": guard.total,
-        "bad_images": {"count": len(bad_images), "files": [f"{p}: {why}" for p, why in bad_images[:100]]},
-        "final_logs": last_logs,
-    }
+    summary = run_summary(accelerator, tc, step, start_step, t_start, guard, last_logs, data=train_ds.description,
+                          perceptual=perceptual_status,
+                          bad_images={"count": len(bad_images),
+                                      "files": [f"{p}: {why}" for p, why in bad_images[:100]]})
     if accelerator.is_main_process:
         (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         if bad_images:

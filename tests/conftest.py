@@ -19,6 +19,7 @@ from ldm_vae.config import load_config
 ROOT = Path(__file__).resolve().parents[1]
 TINY_KL = ROOT / "configs" / "tiny_kl.yaml"
 TINY_VQ = ROOT / "configs" / "tiny_vq.yaml"
+TINY_LDM = ROOT / "configs" / "tiny_ldm.yaml"
 
 
 def _shapes(n: int, rng: np.random.Generator) -> np.ndarray:
@@ -69,6 +70,33 @@ def tiny_vq_cfg(fake_fashion):
 
     def make(*overrides: str):
         return load_config(TINY_VQ, [f"data.path={fake_fashion}", *overrides])
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny_cache(tmp_path_factory, fake_fashion) -> Path:
+    """A latent cache (train split, 256 images, with flips) of a tiny KL autoencoder trained for 6 steps."""
+    from accelerate.state import AcceleratorState
+
+    from ldm_vae.latents import encode_dataset
+    from ldm_vae.train_vae import train
+
+    root = tmp_path_factory.mktemp("tiny_cache")
+    cfg = load_config(TINY_KL, [f"data.path={fake_fashion}", "train.max_steps=6", "loss.disc_start=100"])
+    train(cfg, root / "vae")
+    AcceleratorState._reset_state(reset_partial_state=True)
+    encode_dataset(root / "vae" / "export", cfg.data, "train", root / "cache", batch_size=64)
+    return root / "cache"
+
+
+@pytest.fixture
+def tiny_ldm_cfg(tiny_cache):
+    """tiny_ldm.yaml on the tiny cache; call with extra KEY=VALUE overrides."""
+    from ldm_vae.config import LDMConfig
+
+    def make(*overrides: str):
+        return load_config(TINY_LDM, [f"latents={tiny_cache}", *overrides], LDMConfig)
 
     return make
 

@@ -1,6 +1,6 @@
 """Train a config in a child process that SIGKILLs itself in the middle of one checkpoint save.
 
-    python tests/kill_worker.py CONFIG OUTPUT_DIR KILL_AT_STEP [KEY=VALUE ...]
+    python tests/kill_worker.py train-vae|train-ldm CONFIG OUTPUT_DIR KILL_AT_STEP [KEY=VALUE ...]
 
 accelerate's save_state has written the models and optimizers into .tmp-checkpoint-<step>
 when the process dies; the marker file and the rename never happen. Used by
@@ -13,10 +13,11 @@ import sys
 
 from accelerate import Accelerator
 
-from ldm_vae.config import load_config
+from ldm_vae.config import Config, LDMConfig, load_config
+from ldm_vae.train_ldm import train_ldm
 from ldm_vae.train_vae import train
 
-config, output_dir, kill_at, *overrides = sys.argv[1:]
+trainer, config, output_dir, kill_at, *overrides = sys.argv[1:]
 original = Accelerator.save_state
 
 
@@ -28,4 +29,5 @@ def save_state(self, output_dir=None, **kwargs):
 
 
 Accelerator.save_state = save_state
-train(load_config(config, overrides), output_dir)
+run, schema = {"train-vae": (train, Config), "train-ldm": (train_ldm, LDMConfig)}[trainer]
+run(load_config(config, overrides, schema), output_dir)

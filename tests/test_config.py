@@ -7,15 +7,31 @@ import sys
 
 import pytest
 
-from ldm_vae.config import Config, from_dict, load_config, to_dict
+from ldm_vae.config import Config, LDMConfig, from_dict, load_config, to_dict
 from ldm_vae.errors import UserError
 
 from .conftest import ROOT, TINY_KL, TINY_VQ
 
 
 def test_shipped_configs_load():
-    for path in sorted((ROOT / "configs").glob("*.yaml")):
-        assert isinstance(load_config(path), Config), path
+    paths = sorted((ROOT / "configs").glob("*.yaml"))
+    for path in paths:
+        schema = LDMConfig if "ldm" in path.stem else Config
+        assert isinstance(load_config(path, schema=schema), schema), path
+    assert {p.stem for p in paths} >= {"kl_f4_fashion", "vq_f4_fashion", "ldm_fashion", "tiny_ldm"}
+
+
+def test_ldm_config_is_checked_like_the_autoencoder_config(tmp_path):
+    with pytest.raises(UserError, match="'train.disc_lr'"):  # the LDM trainer has no discriminator
+        load_config(None, ["train.disc_lr=1e-4"], LDMConfig)
+    with pytest.raises(UserError, match="'model.attention_levels'"):
+        load_config(None, ["model.attention_levels=[3]"], LDMConfig)
+    with pytest.raises(UserError, match="'diffusion.beta_start' must be below"):
+        load_config(None, ["diffusion.beta_start=0.1"], LDMConfig)
+    with pytest.raises(UserError, match="'diffusion.label_dropout' must be in"):
+        load_config(None, ["diffusion.label_dropout=1.5"], LDMConfig)
+    cfg = load_config(None, [], LDMConfig)
+    assert (cfg.train.adam_beta1, cfg.train.adam_beta2) == (0.9, 0.999)  # not the GAN betas of train-vae
 
 
 def test_unknown_key_names_key_and_file(tmp_path):

@@ -3,17 +3,20 @@ and nothing written."""
 
 from __future__ import annotations
 
+import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from .conftest import TINY_KL, TINY_VQ
+from .conftest import TINY_KL, TINY_LDM, TINY_VQ
 
 
-def _cases(tmp, fashion):
+def _cases(tmp, fashion, cache):
     run = ["train-vae", str(TINY_KL), f"data.path={fashion}", "--output-dir"]
+    ldm = ["train-ldm", str(TINY_LDM), "--output-dir", str(tmp / "r")]
     empty = tmp / "empty"  # created by the test
     return {
         "missing config file": (["train-vae", str(tmp / "nope.yaml"), "--output-dir", str(tmp / "r")],
@@ -39,16 +42,27 @@ def _cases(tmp, fashion):
                                        "fewer than one batch"),
         "export of a non-run": (["export", str(empty), str(tmp / "e")], "no complete checkpoint"),
         "eval of a non-model": (["eval", str(empty), "--out", str(tmp / "ev")], "not a diffusers model folder"),
+        "train-ldm without a cache": (ldm, "no latent cache given"),
+        "train-ldm on a non-cache": ([*ldm, "--latents", str(empty)], "is not a latent cache"),
+        "cache of a changed autoencoder": ([*ldm, "--latents", str(tmp / "stale-cache")],
+                                           "changed since the latent cache was made"),
+        "unknown noise schedule": ([*ldm, "--latents", str(cache), "diffusion.beta_schedule=quadratic"],
+                                   "'diffusion.beta_schedule' must be one of"),
+        "sample of a non-run": (["sample", str(empty), "--out", str(tmp / "e")], "no complete checkpoint"),
     }
 
 
-CASE_NAMES = list(_cases(Path("/unused"), "/unused"))
+CASE_NAMES = list(_cases(Path("/unused"), "/unused", "/unused"))
 
 
 @pytest.mark.parametrize("case", CASE_NAMES)
-def test_user_mistakes_give_one_clear_line(case, tmp_path, fake_fashion):
+def test_user_mistakes_give_one_clear_line(case, tmp_path, fake_fashion, tiny_cache):
     (tmp_path / "empty").mkdir()
-    args, expected = _cases(tmp_path, fake_fashion)[case]
+    # a cache whose autoencoder was re-exported since (its fingerprint no longer matches)
+    shutil.copytree(tiny_cache, tmp_path / "stale-cache")
+    meta = json.loads((tmp_path / "stale-cache" / "cache.json").read_text())
+    (tmp_path / "stale-cache" / "cache.json").write_text(json.dumps({**meta, "fingerprint": "0" * 64}))
+    args, expected = _cases(tmp_path, fake_fashion, tiny_cache)[case]
     proc = subprocess.run([sys.executable, "-m", "ldm_vae", *args], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2, (case, proc.stderr[-2000:])
     assert "Traceback" not in proc.stderr, case

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 
@@ -15,9 +16,10 @@ import torch
 from ldm_vae.checkpoint import EXTRA_FILE, complete_checkpoints
 from ldm_vae.errors import UserError
 from ldm_vae.losses import AutoencoderLoss
+from ldm_vae.train_ldm import train_ldm
 from ldm_vae.train_vae import train
 
-from .conftest import TINY_KL
+from .conftest import TINY_KL, TINY_LDM
 from .test_train import _run_two_processes
 
 
@@ -52,11 +54,46 @@ def test_consecutive_nan_steps_stop_the_run_and_keep_the_last_good_checkpoint(ti
     assert summary["steps"] == 30 and summary["skipped_steps"] == 0
 
 
-def test_two_processes_skip_the_same_nan_steps(tmp_path, fake_fashion):
+def _inject_ldm_nan(monkeypatch, steps: set[int]) -> None:
+    """NaN UNet outputs in the training forwards of these steps (one forward per step)."""
+    from diffusers import UNet2DModel
+
+    original, calls = UNet2DModel.forward, [0]
+
+    def forward(self, *args, **kwargs):
+        out = original(self, *args, **kwargs)
+        if self.training and torch.is_grad_enabled():
+            if calls[0] in steps:
+                out.sample = out.sample * float("nan")
+            calls[0] += 1
+        return out
+
+    monkeypatch.setattr(UNet2DModel, "forward", forward)
+
+
+def test_ldm_nan_steps_are_skipped_then_a_run_of_them_stops_training(tiny_ldm_cfg, tmp_path, monkeypatch):
+    _inject_ldm_nan(monkeypatch, {2, 3, 7})
+    summary = train_ldm(tiny_ldm_cfg("train.max_steps=10", "train.log_every=5"), tmp_path / "run")
+    assert summary["steps"] == 10 and summary["skipped_steps"] == 3
+    assert all(torch.isfinite(p).all() for p in summary["models"]["unet"].parameters())
+    assert all(torch.isfinite(p).all() for p in summary["models"]["ema"].shadow_params)
+    assert all(math.isfinite(v) for v in summary["final_logs"].values())
+    monkeypatch.undo()
+    _inject_ldm_nan(monkeypatch, set(range(10, 100)))
+    cfg = tiny_ldm_cfg("train.max_steps=30", "train.checkpoint_every=5", "train.max_consecutive_skips=4")
+    with pytest.raises(UserError, match=r"4 consecutive steps \(10-13\).*last good checkpoint is .*checkpoint-10"):
+        train_ldm(cfg, tmp_path / "stops")
+    monkeypatch.undo()
+    assert train_ldm(cfg, tmp_path / "stops", resume="latest")["steps"] == 30
+
+
+@pytest.mark.parametrize("trainer", ["train-vae", "train-ldm"])
+def test_two_processes_skip_the_same_nan_steps(tmp_path, fake_fashion, tiny_cache, trainer):
     # NaN on rank 1 only, at steps 4 and 5: both ranks must skip both steps and stay identical
-    r0, r1 = _run_two_processes(tmp_path, TINY_KL, [f"data.path={fake_fashion}", "train.max_steps=10",
-                                                    "loss.disc_start=3", "train.batch_size=4"],
-                                LDM_VAE_TEST_NAN="1:4,5")
+    config, overrides = {"train-vae": (TINY_KL, [f"data.path={fake_fashion}", "loss.disc_start=3"]),
+                         "train-ldm": (TINY_LDM, [f"latents={tiny_cache}"])}[trainer]
+    r0, r1 = _run_two_processes(tmp_path, config, [*overrides, "train.max_steps=10", "train.batch_size=4"],
+                                trainer, LDM_VAE_TEST_NAN="1:4,5")
     for k in r0:
         assert torch.equal(r0[k], r1[k]), k
         assert torch.isfinite(r0[k].float()).all(), k
@@ -74,6 +111,22 @@ def test_overwrite_replaces_a_run_only_when_asked(tiny_cfg, tmp_path):
     (tmp_path / "run" / "old-note.txt").write_text("from the first run")
     summary = train(tiny_cfg("train.max_steps=2"), tmp_path / "run", overwrite=True)
     assert summary["steps"] == 2 and not (tmp_path / "run" / "old-note.txt").exists()
+    assert [s for s, _ in complete_checkpoints(tmp_path / "run")] == [2]
+
+
+def test_ldm_overwrite_and_resume_on_another_cache_are_refused(tiny_ldm_cfg, tiny_cache, tmp_path):
+    cfg = tiny_ldm_cfg("train.max_steps=4", "train.checkpoint_every=2")
+    train_ldm(cfg, tmp_path / "run")
+    with pytest.raises(UserError, match="--overwrite"):
+        train_ldm(cfg, tmp_path / "run")
+    # the same latents re-encoded without flips: another cache, so resuming on it is refused
+    other = tmp_path / "other-cache"
+    shutil.copytree(tiny_cache, other)
+    meta = json.loads((other / "cache.json").read_text())
+    (other / "cache.json").write_text(json.dumps({**meta, "flipped": False}))
+    with pytest.raises(UserError, match="pass the run's own --latents"):
+        train_ldm(tiny_ldm_cfg("train.max_steps=6", f"latents={other}"), tmp_path / "run", resume="latest")
+    assert train_ldm(tiny_ldm_cfg("train.max_steps=2"), tmp_path / "run", overwrite=True)["steps"] == 2
     assert [s for s, _ in complete_checkpoints(tmp_path / "run")] == [2]
 
 
@@ -107,6 +160,16 @@ def test_crafted_pickle_in_a_checkpoint_is_refused(tiny_cfg, tmp_path, target):
     torch.save({"state": _RunsCode(marker)}, tmp_path / "run" / "checkpoint-4" / target)
     with pytest.raises(UserError, match="refusing to load"):
         train(tiny_cfg("train.max_steps=6", "train.checkpoint_every=2"), tmp_path / "run", resume="latest")
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("target", [EXTRA_FILE, "optimizer.bin"])
+def test_crafted_pickle_in_an_ldm_checkpoint_is_refused(tiny_ldm_cfg, tmp_path, target):
+    train_ldm(tiny_ldm_cfg("train.max_steps=4", "train.checkpoint_every=2"), tmp_path / "run")
+    marker = tmp_path / "pwned"
+    torch.save({"state": _RunsCode(marker)}, tmp_path / "run" / "checkpoint-4" / target)
+    with pytest.raises(UserError, match="refusing to load"):
+        train_ldm(tiny_ldm_cfg("train.max_steps=6", "train.checkpoint_every=2"), tmp_path / "run", resume="latest")
     assert not marker.exists()
 
 

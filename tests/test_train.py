@@ -116,13 +116,13 @@ def test_refuses_to_overwrite_a_run(trained):
         train(cfg, started)
 
 
-def _run_two_processes(tmp_path, config, overrides: list[str], **env_extra) -> list[dict]:
+def _run_two_processes(tmp_path, config, overrides: list[str], trainer: str = "train-vae", **env_extra) -> list[dict]:
     """Train `config` under a 2-process CPU `accelerate launch`; each rank's final state."""
     out = tmp_path / "ddp"
     env = dict(os.environ, ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1", **env_extra)
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           str(ROOT / "tests" / "ddp_worker.py"), str(config), str(out), *overrides]
+           str(ROOT / "tests" / "ddp_worker.py"), trainer, str(config), str(out), *overrides]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     # it really ran as two processes, to the end
