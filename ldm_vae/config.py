@@ -227,7 +227,8 @@ class DiffusionConfig:
 
 @dataclass
 class SampleConfig:
-    """How the training-time sample grids are drawn (and `ldm-vae sample`'s defaults)."""
+    """How the training-time sample grids are drawn (`solver` is also `ldm-vae sample`'s default
+    for the run)."""
 
     # dpm++ (DPM-Solver++(2M), Lu et al. 2022, arXiv:2211.01095) | ddim (Song et al. 2020)
     solver: str = "dpm++"
