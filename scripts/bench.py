@@ -1,6 +1,8 @@
 """Side-by-side benchmarks, each comparison measured in one process: warm-up, repeats, median.
 
     python scripts/bench.py ldm-cache [--vae runs/kl/export] [--out reports/bench]
+    python scripts/bench.py sampling [--ldm runs/ldm]
+    python scripts/bench.py tiled-decode [--vae runs/kl/export]
 
 ldm-cache: one latent diffusion training step (default UNet of configs/ldm_fashion.yaml,
 AdamW) on batches from a latent cache vs the same step on batches of Fashion-MNIST images
@@ -8,13 +10,24 @@ encoded on the fly by the autoencoder (posterior sample, scaled). Both include d
 Without --vae, an untrained autoencoder of configs/kl_f4_fashion.yaml stands in: encoding
 costs the same whatever the weights.
 
-Prints a table and writes OUT/bench.json.
+sampling: images/s of the LDM pipeline (UNet steps with guidance, then decoding) with DDIM
+at 50 steps and DPM-Solver++ at 20, batch 100. Without --ldm, untrained networks of the
+default configs stand in (the cost does not depend on the weights).
+
+tiled-decode: decoding the latent of one 1024x1024 image (a mosaic of 32x32 Fashion-MNIST
+test images, encoded by the autoencoder) with and without diffusers' tiled decoding
+(`enable_tiling()`, 256-pixel tiles). Each variant runs in a fresh process, whose peak
+resident memory above its state before decoding is reported, with the time and the
+difference to the untiled image. Both images are saved to OUT for a look at the seams.
+
+Prints a table and writes OUT/<comparison>.json.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import platform
 import statistics
 import sys
@@ -30,7 +43,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from ldm_vae.config import LDMConfig, load_config  # noqa: E402
-from ldm_vae.data import build_dataset  # noqa: E402
+from ldm_vae.data import build_dataset, make_grid, save_image  # noqa: E402
 from ldm_vae.latents import LatentDataset, encode_dataset  # noqa: E402
 from ldm_vae.models import build_autoencoder, build_unet  # noqa: E402
 from ldm_vae.train_ldm import noise_schedule  # noqa: E402
@@ -57,14 +70,7 @@ def bench_ldm_cache(args) -> dict:
     ldm_cfg = load_config(ROOT / "configs" / "ldm_fashion.yaml", [], LDMConfig)
     bs = ldm_cfg.train.batch_size
     tmp = Path(tempfile.mkdtemp(prefix="bench-"))
-    if args.vae:
-        vae_dir = Path(args.vae)
-    else:
-        torch.manual_seed(0)
-        vae_dir = tmp / "vae"
-        vae = build_autoencoder(vae_cfg.model, vae_cfg.data.resolution)
-        vae.register_to_config(scaling_factor=1.0, shift_factor=0.0)
-        vae.save_pretrained(vae_dir)
+    vae_dir = Path(args.vae) if args.vae else _untrained_autoencoder(tmp)
     from ldm_vae.models import load_autoencoder
 
     vae = load_autoencoder(vae_dir).eval()
@@ -113,26 +119,123 @@ def bench_ldm_cache(args) -> dict:
             "target": ">= 5x"}
 
 
-BENCHES = {"ldm-cache": bench_ldm_cache}
+def _untrained_autoencoder(tmp: Path) -> Path:
+    vae_cfg = load_config(ROOT / "configs" / "kl_f4_fashion.yaml")
+    torch.manual_seed(0)
+    vae = build_autoencoder(vae_cfg.model, vae_cfg.data.resolution)
+    vae.register_to_config(scaling_factor=1.0, shift_factor=0.0)
+    vae.save_pretrained(tmp / "vae")
+    return tmp / "vae"
+
+
+def bench_sampling(args) -> dict:
+    from ldm_vae.models import load_autoencoder
+    from ldm_vae.pipeline import LatentDiffusionPipeline, make_scheduler
+    from ldm_vae.sample import generate, load_run_pipeline
+
+    if args.ldm:
+        pipe, _ = load_run_pipeline(args.ldm)
+    else:
+        ldm_cfg = load_config(ROOT / "configs" / "ldm_fashion.yaml", [], LDMConfig)
+        vae = load_autoencoder(_untrained_autoencoder(Path(tempfile.mkdtemp(prefix="bench-"))))
+        torch.manual_seed(0)
+        unet = build_unet(ldm_cfg.model, [4, 8, 8], 10)
+        pipe = LatentDiffusionPipeline(unet.eval(), vae.eval(),
+                                       make_scheduler("dpm++", noise_schedule(ldm_cfg.diffusion).config))
+    batch, results = 100, {}
+    labels = [i % max(pipe.num_classes, 1) for i in range(batch)] if pipe.num_classes else None
+    for solver, steps in (("ddim", 50), ("dpm++", 20)):
+        pipe.use_solver(solver)
+        generate(pipe, batch, labels, 2, 3.0, 0, batch, progress=False)  # warm-up
+        times = []
+        for r in range(args.repeats):
+            t0 = time.perf_counter()
+            generate(pipe, batch, labels, steps, 3.0, r, batch, progress=False)
+            times.append(time.perf_counter() - t0)
+        results[f"{solver}, {steps} steps"] = {"median_s": statistics.median(times), "min_s": min(times),
+                                                "max_s": max(times), "images_per_s": batch / statistics.median(times)}
+    return {"comparison": "sampling", "batch_size": batch, "guidance_scale": 3.0, "ldm": str(args.ldm or "untrained"),
+            "warmup": 1, "repeats": args.repeats, "results": results}
+
+
+def _rss_mb(field: str) -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no {field} in /proc/self/status (Linux only)")
+
+
+def _decode_in_child(vae_dir: str, latents: torch.Tensor, tiled: bool) -> tuple[torch.Tensor, float, float]:
+    """(image, seconds, peak resident MB above the resident memory before decoding), in a
+    fresh process; the peak (VmHWM) is reset just before decoding (Linux clear_refs 5)."""
+    from ldm_vae.models import load_autoencoder
+
+    vae = load_autoencoder(vae_dir).eval()
+    if tiled:
+        vae.enable_tiling()
+        vae.tile_sample_min_size, vae.tile_latent_min_size = 256, 64
+    with torch.no_grad():
+        vae.decode(latents[..., :16, :16])  # warm-up on a small latent (kernels, allocator)
+        Path("/proc/self/clear_refs").write_text("5")
+        base = _rss_mb("VmRSS")
+        t0 = time.perf_counter()
+        image = vae.decode(latents).sample
+        seconds = time.perf_counter() - t0
+    return image, seconds, _rss_mb("VmHWM") - base
+
+
+def bench_tiled_decode(args) -> dict:
+    from ldm_vae.models import load_autoencoder
+
+    vae_dir = Path(args.vae) if args.vae else _untrained_autoencoder(Path(tempfile.mkdtemp(prefix="bench-")))
+    vae = load_autoencoder(vae_dir).eval()
+    data = load_config(ROOT / "configs" / "kl_f4_fashion.yaml").data
+    test = build_dataset(data, "test", train=False)
+    tiles = torch.stack([test[i]["pixel_values"] for i in range(1024)])
+    mosaic = make_grid(tiles, nrow=32, padding=0)[None]  # [1, 3, 1024, 1024]
+    with torch.no_grad():
+        latents = vae.encode(mosaic).latent_dist.mean
+    ctx = multiprocessing.get_context("spawn")
+    out, results = {}, {}
+    for name, tiled in (("untiled", False), ("tiled (256 px tiles)", True)):
+        with ctx.Pool(1) as pool:
+            image, seconds, peak_mb = pool.apply(_decode_in_child, (str(vae_dir), latents, tiled))
+        out[name] = image.clamp(-1, 1)
+        mse = (out[name] - mosaic).pow(2).mean().item() / 4  # on [0, 1] pixels
+        results[name] = {"seconds": seconds, "peak_memory_mb": peak_mb,
+                         "psnr_vs_original_db": 10 * torch.log10(torch.tensor(1 / max(mse, 1e-10))).item()}
+    diff = (out["tiled (256 px tiles)"] - out["untiled"]).abs() / 2  # on [0, 1] pixels
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    for name, image in out.items():
+        save_image(image[0], Path(args.out) / f"decode_{name.split()[0]}.png")
+    return {"comparison": "tiled-decode", "image": "1024x1024 mosaic of 1024 Fashion-MNIST test images",
+            "latent_shape": list(latents.shape[1:]), "autoencoder": str(args.vae or "untrained"),
+            "results": results, "memory_ratio": results["tiled (256 px tiles)"]["peak_memory_mb"]
+            / results["untiled"]["peak_memory_mb"], "max_abs_diff": diff.max().item(),
+            "mean_abs_diff": diff.mean().item(), "target": "tiled peak memory <= 1/4 of untiled"}
+
+
+BENCHES = {"ldm-cache": bench_ldm_cache, "sampling": bench_sampling, "tiled-decode": bench_tiled_decode}
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("which", choices=sorted(BENCHES))
     p.add_argument("--vae", help="an exported KL autoencoder (default: an untrained one of the default config)")
+    p.add_argument("--ldm", help="sampling: a train-ldm run (default: untrained networks of the default configs)")
     p.add_argument("--images", type=int, default=4096, help="train images in the cache and the on-the-fly loader")
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--repeats", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=3, help="ldm-cache: steps before timing")
+    p.add_argument("--repeats", type=int, default=20, help="ldm-cache: steps; sampling: batches")
     p.add_argument("--out", default="reports/bench")
     args = p.parse_args()
     result = BENCHES[args.which](args)
     result["machine"] = {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
                          "torch": torch.__version__, "cuda": torch.cuda.is_available()}
-    print(f"\n{args.which}, batch {result['batch_size']}, median of {args.repeats} steps after {args.warmup} warm-up\n")
-    print("| variant | s/step (median) | min | max | images/s |\n|---|---|---|---|---|")
+    print(f"\n{args.which}: " + ", ".join(f"{k} {v}" for k, v in result.items() if k not in ("results", "machine")))
+    keys = list(next(iter(result["results"].values())))
+    print("\n| variant | " + " | ".join(keys) + " |\n|---|" + "---|" * len(keys))
     for name, r in result["results"].items():
-        print(f"| {name} | {r['median_s']:.4f} | {r['min_s']:.4f} | {r['max_s']:.4f} | {r['images_per_s']:.0f} |")
-    print(f"\nspeed-up of the cached step: {result['speedup']:.2f}x (target {result['target']})")
+        print(f"| {name} | " + " | ".join(f"{r[k]:.4g}" for k in keys) + " |")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{args.which}.json").write_text(json.dumps(result, indent=2))
