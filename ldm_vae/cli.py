@@ -109,7 +109,7 @@ def _sample(args) -> None:
         raise UserError(f"{out} exists and is not empty; choose another --out or pass --overwrite")
     if args.num_images < 1 or args.steps < 1 or args.batch_size < 1:
         raise UserError("--num-images, --steps and --batch-size must be at least 1")
-    pipe, info = load_pipeline(args.model, args.solver)
+    pipe = load_pipeline(args.model, args.solver)
     pipe.to(_device(args))
     labels = sample_labels(pipe.num_classes, args.class_label, args.num_images)
     images = generate(pipe, args.num_images, labels, args.steps, args.guidance_scale, args.seed, args.batch_size)

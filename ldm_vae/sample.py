@@ -56,17 +56,15 @@ def load_run_pipeline(run_dir: str | Path, solver: str | None = None) -> tuple[L
     return LatentDiffusionPipeline(unet.eval(), vae.eval(), scheduler), info
 
 
-def load_pipeline(path: str | Path, solver: str | None = None) -> tuple[LatentDiffusionPipeline, dict]:
-    """A run folder or an exported pipeline folder -> (pipeline, info)."""
+def load_pipeline(path: str | Path, solver: str | None = None) -> LatentDiffusionPipeline:
+    """The pipeline of a train-ldm run folder or of an exported pipeline folder."""
     path = Path(path)
     if not (path / MODEL_INDEX).is_file():
-        return load_run_pipeline(path, solver)
+        return load_run_pipeline(path, solver)[0]
     unet = UNet2DModel.from_pretrained(path / "unet", use_safetensors=True)
     vae = load_autoencoder(path / "vae")
     scheduler_cfg = SchedulerMixin.load_config(path / "scheduler")
-    pipe = LatentDiffusionPipeline(unet.eval(), vae.eval(), make_scheduler(solver or "dpm++", scheduler_cfg))
-    info = json.loads((path / "ldm_vae.json").read_text()) if (path / "ldm_vae.json").is_file() else {}
-    return pipe, info
+    return LatentDiffusionPipeline(unet.eval(), vae.eval(), make_scheduler(solver or "dpm++", scheduler_cfg))
 
 
 def sample_labels(num_classes: int, class_labels: list[int] | None, num_images: int) -> list[int] | None:

@@ -148,8 +148,8 @@ class MetricLog:
     the means over the window and over processes go to TensorBoard and logs/metrics.jsonl."""
 
     def __init__(self, accelerator: Accelerator, output_dir: Path, images_per_step: int):
-        self.accelerator, self.path, self.images_per_step = accelerator, output_dir / "logs" / "metrics.jsonl", \
-            images_per_step
+        self.accelerator, self.images_per_step = accelerator, images_per_step
+        self.path = output_dir / "logs" / "metrics.jsonl"
         self._reset()
 
     def _reset(self) -> None:

@@ -85,14 +85,14 @@ def test_every_schedule_and_prediction_type_trains(tiny_ldm_cfg, tmp_path, predi
                                      f"diffusion.beta_schedule={schedule}", "diffusion.beta_start=0.00085",
                                      "diffusion.beta_end=0.012"), tmp_path / "run")
     assert summary["steps"] == 6 and np.isfinite(summary["final_logs"]["loss"])
-    pipe, _ = load_pipeline(tmp_path / "run", solver="ddim")
+    pipe = load_pipeline(tmp_path / "run", solver="ddim")
     assert pipe.scheduler.config.prediction_type == prediction
 
 
 def test_unconditional_training_and_sampling(tiny_ldm_cfg, tmp_path):
     train_ldm(tiny_ldm_cfg("train.max_steps=4", "train.image_every=4", "train.checkpoint_every=4",
                            "diffusion.class_conditional=false"), tmp_path / "run")
-    pipe, _ = load_pipeline(tmp_path / "run")
+    pipe = load_pipeline(tmp_path / "run")
     assert pipe.num_classes == 0 and pipe.unet.config.num_class_embeds is None
     images = generate(pipe, 3, sample_labels(0, None, 3), 2, 1.0, 0, 2, progress=False)
     assert images.shape == (3, 3, 16, 16) and images.min() >= 0 and images.max() <= 1
@@ -108,7 +108,7 @@ def test_stock_diffusers_generates_the_same_images_as_ldm_vae_sample(ldm_run, tm
     labels = [3, 3, 0, 9]
     theirs = stock(class_labels=labels, num_inference_steps=5, guidance_scale=3.0,
                    generator=torch.Generator().manual_seed(7), output_type="pt").images
-    ours, _ = load_pipeline(out)  # built from the run's checkpoint, not from the export
+    ours = load_pipeline(out)  # built from the run's checkpoint, not from the export
     assert torch.equal(generate(ours, 4, labels, 5, 3.0, 7, 4, progress=False), theirs)
     # the same through the command line, compared as the PNGs it writes
     proc = subprocess.run([sys.executable, "-m", "ldm_vae", "sample", str(out), "--num-images", "4", "--steps", "5",
