@@ -10,7 +10,8 @@ Conventions (stated because the public recipes mix them up):
 - A VQ model's latent term is the quantizer's own (codebook + beta * commitment, means
   over latent elements, see quantize.py), added to the loss unweighted.
 - The GAN term is scaled by the adaptive weight of Esser et al. 2021 (arXiv:2012.09841,
-  eq. 7), measured at the decoder's last layer in fp32.
+  eq. 7), measured at the decoder's last layer in fp32, with one backward through LPIPS
+  and the discriminator per step, not two (`AutoencoderLoss._adaptive_gan_loss`).
 
 The loss object exposes `generator(...)` and `discriminator(...)`, each returning
 `(loss, logs)` with detached scalar logs; it never logs or steps anything itself.
@@ -68,15 +69,15 @@ D_LOSSES = {"hinge": hinge_d_loss, "vanilla": vanilla_d_loss}
 G_LOSSES = {"hinge": hinge_g_loss, "vanilla": vanilla_g_loss}
 
 
-def adaptive_weight(nll: torch.Tensor, g_loss: torch.Tensor, last_layer: torch.Tensor,
-                    max_weight: float, grad_scale: float = 1.0) -> torch.Tensor:
-    """||grad nll|| / (||grad g|| + 1e-4) at `last_layer`, clamped to [0, max_weight], in fp32.
+def adaptive_weight(nll_grad: torch.Tensor, g_grad: torch.Tensor, max_weight: float,
+                    grad_scale: float = 1.0) -> torch.Tensor:
+    """||grad nll|| / (||grad g|| + 1e-4), clamped to [0, max_weight], in fp32, from the two
+    losses' gradients at the last layer.
 
-    Under fp16 the caller passes the loss scaler's scale: both gradients are taken of
-    scaled losses (so fp16 backward does not underflow to zero) and the ratio is the same.
+    Under fp16 both gradients are of losses multiplied by the loss scaler's scale (so the
+    fp16 backward does not underflow to zero); `grad_scale` is that scale and the ratio is
+    the same.
     """
-    nll_grad, = torch.autograd.grad(nll * grad_scale, last_layer, retain_graph=True)
-    g_grad, = torch.autograd.grad(g_loss * grad_scale, last_layer, retain_graph=True)
     weight = nll_grad.float().norm() / (g_grad.float().norm() + 1e-4 * grad_scale)
     return weight.clamp(0.0, max_weight).detach()
 
@@ -163,12 +164,35 @@ class AutoencoderLoss:
             g = self.g_adv(disc(recon).float())
             weight = cfg.disc_weight
             if cfg.adaptive_weight:
-                weight = weight * adaptive_weight(nll, g, last_layer, cfg.adaptive_weight_max, grad_scale)
-            loss = loss + weight * g
+                loss, weight = self._adaptive_gan_loss(recon, nll, reg, g, last_layer, grad_scale)
+            else:
+                loss = loss + weight * g
             logs["g_adv"] = g
             logs["adaptive_weight"] = torch.as_tensor(weight, dtype=torch.float32)
         logs["loss"] = loss
         return loss, {k: v.detach() for k, v in logs.items()}
+
+    def _adaptive_gan_loss(self, recon, nll, reg, g, last_layer, grad_scale):
+        """(loss, weight) for nll + reg + weight * g with the adaptive weight, where the
+        loss's value is that sum and its gradient is the sum's gradient, computed with ONE
+        backward through LPIPS and the discriminator instead of two.
+
+        The public recipes take grad(nll) and grad(g) at the last layer (two backwards through
+        LPIPS and the discriminator), then backward the whole loss (both again). Here the
+        gradients of nll and g with respect to the reconstruction are taken once; the last
+        layer's gradients follow from them through the output convolution alone; and the
+        returned loss's backward starts from their weighted sum at the reconstruction.
+        """
+        # No retain_graph: the LPIPS and discriminator graphs are done with after this.
+        nll_at_recon, = torch.autograd.grad(nll * grad_scale, recon)
+        g_at_recon, = torch.autograd.grad(g * grad_scale, recon)
+        nll_grad, = torch.autograd.grad(recon, last_layer, nll_at_recon, retain_graph=True)
+        g_grad, = torch.autograd.grad(recon, last_layer, g_at_recon, retain_graph=True)
+        weight = self.cfg.disc_weight * adaptive_weight(nll_grad, g_grad, self.cfg.adaptive_weight_max, grad_scale)
+        at_recon = (nll_at_recon.float() + weight * g_at_recon.float()) / grad_scale
+        surrogate = reg + (recon.float() * at_recon).sum()  # its gradient is the full loss's
+        value = (nll + reg + weight * g).detach()
+        return surrogate + (value - surrogate.detach()), weight
 
     def discriminator(self, logits_real: torch.Tensor, logits_fake: torch.Tensor, lecam: LeCamEMA | None = None):
         """The discriminator's loss on logits of real images and DETACHED reconstructions."""

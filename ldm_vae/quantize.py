@@ -225,11 +225,12 @@ class VectorQuantizer(nn.Module):
         return n
 
     @torch.no_grad()
-    def renormalize_(self, codebook: torch.Tensor) -> None:
-        """After an optimizer step: put a cosine codebook back on the unit sphere, so the
-        stored codebook is what stock VQModel's Euclidean lookup needs."""
+    def renormalize_(self, codebook: torch.Tensor, stepped: torch.Tensor) -> None:
+        """After an optimizer step (where `stepped`, a device flag: no host sync): put a
+        cosine codebook back on the unit sphere, so the stored codebook is what stock
+        VQModel's Euclidean lookup needs."""
         if self.cfg.l2_normalize:
-            codebook.copy_(F.normalize(codebook, dim=1))
+            codebook.copy_(torch.where(stepped, F.normalize(codebook, dim=1), codebook))
 
     def usage(self, step: int) -> torch.Tensor:
         """Share of codes picked at least once in the last `usage_window` steps."""

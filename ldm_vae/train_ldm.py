@@ -40,8 +40,10 @@ from .training import (
     NonFiniteGuard,
     check_output_dir,
     check_resume_compatible,
+    ema_step,
     ema_weights,
     make_accelerator,
+    make_adamw,
     run_summary,
     save_run_checkpoint,
     start_run_dir,
@@ -101,11 +103,12 @@ def train_ldm(cfg: LDMConfig, output_dir: str | Path, resume: str | None = None,
     noise_scheduler = noise_schedule(cfg.diffusion)
     set_seed(cfg.seed)  # the same initial weights and sampler seed on every process
     unet = build_unet(cfg.model, meta["latent_shape"], num_classes)
-    opt = torch.optim.AdamW(unet.parameters(), lr=tc.lr, betas=(tc.adam_beta1, tc.adam_beta2),
-                            weight_decay=tc.weight_decay)
+    opt = make_adamw(unet.parameters(), tc.lr, tc, accelerator.device)
     lr_sched = get_scheduler(tc.lr_scheduler, opt, num_warmup_steps=tc.lr_warmup_steps,
                              num_training_steps=tc.max_steps)  # stepped once per optimizer step (see train_vae)
     loader = DataLoader(dataset, batch_size=tc.batch_size, shuffle=True, drop_last=True, generator=torch.Generator())
+    if tc.compile:
+        unet.compile()  # in place: the state dict keeps its keys
     unet, opt, loader = accelerator.prepare(unet, opt, loader)
     if len(loader) == 0:
         raise UserError(f"the latent cache has {len(dataset)} latents, fewer than one batch per process "
@@ -167,6 +170,8 @@ def train_ldm(cfg: LDMConfig, output_dir: str | Path, resume: str | None = None,
         dataset.set_epoch(epoch)
         for batch in accelerator.skip_first_batches(loader, skip) if skip else loader:
             z, labels = batch["latents"], batch["label"]
+            if tc.channels_last:
+                z = z.contiguous(memory_format=torch.channels_last)
             noise = torch.randn_like(z)
             t = torch.randint(0, timesteps, (len(z),), device=z.device)
             noisy = noise_scheduler.add_noise(z, noise, t)
@@ -179,29 +184,30 @@ def train_ldm(cfg: LDMConfig, output_dir: str | Path, resume: str | None = None,
                     pred = unet(noisy, t, class_labels=labels if num_classes else None).sample
                 loss = F.mse_loss(pred.float(), target.float())  # fp32 loss under autocast
                 accelerator.backward(loss)
-                ok = True
+                ok = None  # an accumulation micro-step: no optimizer step
                 logs = {"loss": loss.detach()}
                 if accelerator.sync_gradients:
                     logs["grad_norm"] = accelerator.clip_grad_norm_(unet.parameters(), tc.max_grad_norm or math.inf)
-                    ok = guard.finite(logs["grad_norm"])
-                if ok:
-                    opt.step()
+                    ok = guard.finite(logs["grad_norm"])  # a device flag: no host sync
+                guard.optimizer_step(opt, ok)
                 opt.zero_grad(set_to_none=True)
             if not accelerator.sync_gradients:
                 continue
             lr_sched.step()  # the LR schedule follows the step count, skipped steps included
-            skipped = guard.end_step(step, ok, output_dir)
-            if ema is not None and not skipped:
-                ema.step(ema_params)
+            ok = guard.end_step(step, ok)
+            if ema is not None:
+                ema_step(ema, ema_params, ok)
             step += 1
             progress.update(1)
-            metrics.add(logs, skipped)
+            metrics.add(logs, ok)
             if step % tc.log_every == 0 or step == tc.max_steps:
-                last_logs = metrics.flush(step, {"lr": lr_sched.get_last_lr()[0], "skipped_steps": guard.total})
+                last_logs = metrics.flush(step, {"lr": lr_sched.get_last_lr()[0],
+                                                 "skipped_steps": guard.check(step, output_dir)})
                 progress.set_postfix({k: f"{last_logs[k]:.4g}" for k in ("loss", "grad_norm") if k in last_logs})
             if (step % tc.image_every == 0 or step == tc.max_steps) and accelerator.is_main_process:
                 write_samples(step)
             if step % tc.checkpoint_every == 0 or step == tc.max_steps:
+                guard.check(step, output_dir)  # never checkpoint past a run of non-finite steps
                 save(step, last_logs)
             if step >= tc.max_steps:
                 break

@@ -44,8 +44,10 @@ from .training import (
     NonFiniteGuard,
     check_output_dir,
     check_resume_compatible,
+    ema_step,
     ema_weights,
     make_accelerator,
+    make_adamw,
     run_summary,
     save_run_checkpoint,
     start_run_dir,
@@ -91,6 +93,16 @@ def _kmeans_init(cfg: Config, accelerator: Accelerator, vae, quantizer, train_ds
                 f"encoder outputs", main_process_only=True)
 
 
+def _compile(ae: torch.nn.Module, disc: torch.nn.Module, perceptual: torch.nn.Module | None) -> None:
+    """torch.compile in place (train.compile). The decoder's output convolution stays eager:
+    the adaptive GAN weight takes gradients at it alone, and in a compiled graph that would
+    run the whole compiled backward."""
+    vae = ae.vae
+    for module in (vae.encoder, vae.decoder.mid_block, *vae.decoder.up_blocks, disc, perceptual):
+        if module is not None:
+            module.compile()
+
+
 def _set_requires_grad(module: torch.nn.Module, flag: bool) -> None:
     for p in module.parameters():
         p.requires_grad_(flag)
@@ -125,9 +137,8 @@ def train(cfg: Config, output_dir: str | Path, resume: str | None = None, overwr
     ae = build_training_model(cfg)
     disc = PatchDiscriminator(cfg.model.out_channels, cfg.loss.disc_channels, cfg.loss.disc_layers)
     lecam = LeCamEMA(cfg.loss.lecam_decay)
-    betas = (tc.adam_beta1, tc.adam_beta2)
-    opt_ae = torch.optim.AdamW(ae.parameters(), lr=tc.lr, betas=betas, weight_decay=tc.weight_decay)
-    opt_d = torch.optim.AdamW(disc.parameters(), lr=tc.disc_lr, betas=betas, weight_decay=tc.weight_decay)
+    opt_ae = make_adamw(ae.parameters(), tc.lr, tc, accelerator.device)
+    opt_d = make_adamw(disc.parameters(), tc.disc_lr, tc, accelerator.device)
     # Not passed to prepare(): accelerate would step them once per process; we step them
     # once per optimizer step, so `lr_warmup_steps` means optimizer steps.
     sched_ae = get_scheduler(tc.lr_scheduler, opt_ae, num_warmup_steps=tc.lr_warmup_steps,
@@ -138,6 +149,8 @@ def train(cfg: Config, output_dir: str | Path, resume: str | None = None, overwr
     loader = DataLoader(train_ds, batch_size=tc.batch_size, shuffle=True, drop_last=True,
                         num_workers=cfg.data.num_workers, pin_memory=torch.cuda.is_available(),
                         generator=torch.Generator())
+    if tc.compile:
+        _compile(ae, disc, perceptual)
     ae, disc, opt_ae, opt_d, loader = accelerator.prepare(ae, disc, opt_ae, opt_d, loader)
     if len(loader) == 0:
         raise UserError(f"the training split has {len(train_ds)} images, fewer than one batch per process "
@@ -215,6 +228,8 @@ def train(cfg: Config, output_dir: str | Path, resume: str | None = None, overwr
         train_ds.set_epoch(epoch)
         for batch in accelerator.skip_first_batches(loader, skip) if skip else loader:
             x = batch["pixel_values"]
+            if tc.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
             gan, train_d = loss_fn.gan_active(step), loss_fn.disc_active(step)
             with accelerator.accumulate(ae, disc):
                 # 1. autoencoder
@@ -225,16 +240,15 @@ def train(cfg: Config, output_dir: str | Path, resume: str | None = None, overwr
                     g_loss, logs = loss_fn.generator(x, recon, latent, step, raw_disc if gan else None,
                                                      last_layer, grad_scale)
                 accelerator.backward(g_loss)
-                ae_ok = True
+                ae_ok = None  # an accumulation micro-step: no optimizer step
                 if accelerator.sync_gradients:
                     logs["grad_norm_ae"] = accelerator.clip_grad_norm_(ae.parameters(), tc.max_grad_norm or math.inf)
-                    ae_ok = guard.finite(logs["grad_norm_ae"])
-                if ae_ok:
-                    opt_ae.step()
+                    ae_ok = guard.finite(logs["grad_norm_ae"])  # a device flag: no host sync
+                guard.optimizer_step(opt_ae, ae_ok)
                 opt_ae.zero_grad(set_to_none=True)
                 if quantizer is not None:
-                    if accelerator.sync_gradients and ae_ok:  # only an optimizer step moves the codebook
-                        quantizer.renormalize_(vae.quantize.embedding.weight)
+                    if ae_ok is not None:  # only an optimizer step moves the codebook
+                        quantizer.renormalize_(vae.quantize.embedding.weight, ae_ok)
                     logs.update(quantizer.update(latent, vae.quantize.embedding.weight, step))
                 # 2. discriminator, on detached reconstructions
                 if train_d:
@@ -247,13 +261,12 @@ def train(cfg: Config, output_dir: str | Path, resume: str | None = None, overwr
                         # averaged over processes so every rank keeps the same LeCam state
                         lecam.update(accelerator.reduce(d_logs["logits_real"], "mean"),
                                      accelerator.reduce(d_logs["logits_fake"], "mean"))
-                    d_ok = True
+                    d_ok = None
                     if accelerator.sync_gradients:
                         d_logs["grad_norm_d"] = accelerator.clip_grad_norm_(disc.parameters(),
                                                                             tc.max_grad_norm or math.inf)
                         d_ok = guard.finite(d_logs["grad_norm_d"])
-                    if d_ok:
-                        opt_d.step()
+                    guard.optimizer_step(opt_d, d_ok)
                     opt_d.zero_grad(set_to_none=True)
                     logs.update(d_logs)
             if not accelerator.sync_gradients:
@@ -262,15 +275,15 @@ def train(cfg: Config, output_dir: str | Path, resume: str | None = None, overwr
             sched_ae.step()
             if train_d:
                 sched_d.step()
-            skipped = guard.end_step(step, ae_ok and (not train_d or d_ok), output_dir)
-            if ema is not None and not skipped:
-                ema.step(ema_params)
+            ok = guard.end_step(step, ae_ok & d_ok if train_d else ae_ok)
+            if ema is not None:
+                ema_step(ema, ema_params, ok)
             step += 1
             progress.update(1)
-            metrics.add(logs, skipped)
+            metrics.add(logs, ok)
             if step % tc.log_every == 0 or step == tc.max_steps:
                 last_logs = metrics.flush(step, {"lr": sched_ae.get_last_lr()[0], "kl_weight": loss_fn.kl_weight(step),
-                                                 "skipped_steps": guard.total})
+                                                 "skipped_steps": guard.check(step, output_dir)})
                 progress.set_postfix({k: f"{last_logs[k]:.4g}" for k in
                                       ("loss", "l1", "lpips", "kl", "usage", "perplexity", "g_adv", "d_loss")
                                       if k in last_logs})
@@ -280,6 +293,7 @@ def train(cfg: Config, output_dir: str | Path, resume: str | None = None, overwr
                 if quantizer is not None:
                     quantizer.hist.zero_()  # on every rank: the histogram covers one image interval
             if step % tc.checkpoint_every == 0 or step == tc.max_steps:
+                guard.check(step, output_dir)  # never checkpoint past a run of non-finite steps
                 save(step, last_logs)
             if step >= tc.max_steps:
                 break

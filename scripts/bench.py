@@ -1,8 +1,22 @@
 """Side-by-side benchmarks, each comparison measured in one process: warm-up, repeats, median.
 
+    python scripts/bench.py ae-step [--compile]
+    python scripts/bench.py ae-mfu  # on a GPU
     python scripts/bench.py ldm-cache [--vae runs/kl/export] [--out reports/bench]
     python scripts/bench.py sampling [--ldm runs/ldm]
     python scripts/bench.py tiled-decode [--vae runs/kl/export]
+
+ae-step: one autoencoder training step in the GAN phase (generator with LPIPS and the
+adaptive-weighted GAN term, then the discriminator), configs/kl_f4_fashion.yaml, fp32, data
+loading included: the real trainer (`ldm-vae train-vae`, timed by its own per-step log)
+vs a plain reference loop written here (stock AutoencoderKL, LPIPS, the same discriminator,
+AdamW, no extras). LPIPS has a random backbone: offline, and it costs the same.
+
+ae-mfu: the same trainer at 256x256, batch 32, bf16 autocast, with SD-VAE's KL-f8 layout
+(128-256-512-512 channels, 2 layers per block): images/s and model FLOP utilisation
+(FlopCounterMode's count of one step's forward and backward passes, times steps/s, over
+the device's dense bf16 peak), eager / channels_last / torch.compile / both. Meant for a
+GPU; on a CPU it runs (use a small --resolution) but has no peak to divide by.
 
 ldm-cache: one latent diffusion training step (default UNet of configs/ldm_fashion.yaml,
 AdamW) on batches from a latent cache vs the same step on batches of Fashion-MNIST images
@@ -44,8 +58,10 @@ sys.path.insert(0, str(ROOT))
 
 from ldm_vae.config import LDMConfig, load_config  # noqa: E402
 from ldm_vae.data import build_dataset, make_grid, save_image  # noqa: E402
+from ldm_vae.discriminator import PatchDiscriminator  # noqa: E402
 from ldm_vae.latents import LatentDataset, encode_dataset  # noqa: E402
 from ldm_vae.models import build_autoencoder, build_unet  # noqa: E402
+from ldm_vae.perceptual import build_lpips  # noqa: E402
 from ldm_vae.train_ldm import noise_schedule  # noqa: E402
 
 
@@ -63,6 +79,137 @@ def _median_step_time(step, batches, warmup: int, repeats: int) -> list[float]:
 def _forever(loader):
     while True:
         yield from loader
+
+
+def _reference_ae_step(cfg):
+    """The plain loop of the public recipes (diffusers' train_autoencoderkl.py, taming): stock
+    AutoencoderKL, LPIPS, the same PatchGAN, fp32, AdamW, and the adaptive weight from
+    grad(nll) and grad(g) at the last layer before the whole loss's backward. No EMA, no
+    clipping, no guard, no logging."""
+    torch.manual_seed(cfg.seed)
+    vae = build_autoencoder(cfg.model, cfg.data.resolution).train()
+    disc = PatchDiscriminator(cfg.model.out_channels, cfg.loss.disc_channels, cfg.loss.disc_layers).train()
+    lpips = build_lpips(cfg.loss.lpips_net, random_backbone=True)  # ours equals lpips.LPIPS (tests/test_perceptual.py)
+    betas = (cfg.train.adam_beta1, cfg.train.adam_beta2)
+    opt_g = torch.optim.AdamW(vae.parameters(), lr=cfg.train.lr, betas=betas)
+    opt_d = torch.optim.AdamW(disc.parameters(), lr=cfg.train.disc_lr, betas=betas)
+    last = vae.decoder.conv_out.weight
+
+    def step(batch):
+        x = batch["pixel_values"]
+        posterior = vae.encode(x).latent_dist
+        recon = vae.decode(posterior.sample()).sample
+        nll = (x - recon).abs().mean() + cfg.loss.perceptual_weight * lpips(x, recon).mean()
+        g = -disc(recon).mean()
+        nll_grad, = torch.autograd.grad(nll, last, retain_graph=True)
+        g_grad, = torch.autograd.grad(g, last, retain_graph=True)
+        weight = cfg.loss.disc_weight * (nll_grad.norm() / (g_grad.norm() + 1e-4)).clamp(0, 1e4).detach()
+        loss = nll + cfg.loss.kl_weight * posterior.kl().mean() + weight * g
+        opt_g.zero_grad()
+        loss.backward()
+        opt_g.step()
+        d_loss = 0.5 * (F.relu(1 - disc(x)).mean() + F.relu(1 + disc(recon.detach())).mean())
+        opt_d.zero_grad()
+        d_loss.backward()
+        opt_d.step()
+
+    return step
+
+
+def _ours_step_seconds(cfg, out: Path) -> list[float]:
+    """Seconds per step of the real trainer (`ldm_vae.train_vae.train`), from its own
+    per-step throughput log (train.log_every=1)."""
+    from ldm_vae.train_vae import train
+
+    train(cfg, out)
+    rows = [json.loads(line) for line in (out / "logs" / "metrics.jsonl").read_text().splitlines()]
+    return [cfg.train.batch_size / r["images_per_s"] for r in rows]
+
+
+def bench_ae_step(args) -> dict:
+    n = args.warmup + args.repeats
+    overrides = ["loss.lpips_random_backbone=true", "loss.disc_start=0", "loss.disc_pretrain_steps=0",
+                 f"train.max_steps={n}", "train.log_every=1", f"train.image_every={n}", f"train.checkpoint_every={n}",
+                 f"data.max_images={args.images}", "export.scale_num_images=64", "export.scale_batch_size=64"]
+    cfg = load_config(ROOT / "configs" / "kl_f4_fashion.yaml", overrides)
+    bs = cfg.train.batch_size
+    images = build_dataset(cfg.data, cfg.data.train_split, train=True, seed=cfg.seed)
+    loader = DataLoader(images, batch_size=bs, shuffle=True, drop_last=True)
+    tmp = Path(tempfile.mkdtemp(prefix="bench-"))
+    times = {"reference loop": _median_step_time(_reference_ae_step(cfg), _forever(loader), args.warmup, args.repeats)}
+    variants = {"ldm-vae train-vae": [], "ldm-vae train-vae, train.channels_last": ["train.channels_last=true"]}
+    if args.compile:
+        variants["ldm-vae train-vae, train.compile"] = ["train.compile=true"]
+    for i, (name, extra) in enumerate(variants.items()):
+        times[name] = _ours_step_seconds(load_config(ROOT / "configs" / "kl_f4_fashion.yaml", overrides + extra),
+                                         tmp / f"run{i}")[args.warmup:]
+    results = {name: {"median_s": statistics.median(t), "min_s": min(t), "max_s": max(t),
+                      "images_per_s": bs / statistics.median(t)} for name, t in times.items()}
+    ref = results["reference loop"]["images_per_s"]
+    for r in results.values():
+        r["vs_reference"] = r["images_per_s"] / ref
+    return {"comparison": "ae-step", "config": "configs/kl_f4_fashion.yaml, GAN phase (disc_start=0)",
+            "batch_size": bs, "resolution": cfg.data.resolution, "precision": "fp32",
+            "lpips": f"{cfg.loss.lpips_net}, random backbone (offline; same cost as the pretrained one)",
+            "warmup": args.warmup, "repeats": args.repeats, "results": results,
+            "speedup": results["ldm-vae train-vae"]["vs_reference"], "target": ">= 1.0x, goal 1.3x"}
+
+
+# dense bf16 tensor-core peaks (NVIDIA data sheets, SXM parts; without sparsity)
+BF16_PEAK_TFLOPS = {"H100": 989.4, "H200": 989.4, "A100": 312.0}
+MFU_MODEL = ["model.block_out_channels=[128,256,512,512]", "model.layers_per_block=2"]  # SD-VAE's KL-f8 shape
+
+
+def _step_flops(cfg, device: str) -> float:
+    """FLOPs of one training step's forward and backward passes (autoencoder, LPIPS, both
+    discriminator passes, the adaptive weight's gradients), counted by torch's FlopCounterMode
+    on the same loss code the trainer runs. Optimizer and EMA updates are not counted."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from ldm_vae.losses import AutoencoderLoss
+    from ldm_vae.models import build_training_model
+
+    ae = build_training_model(cfg).to(device).train()
+    disc = PatchDiscriminator(cfg.model.out_channels, cfg.loss.disc_channels, cfg.loss.disc_layers).to(device)
+    loss_fn = AutoencoderLoss(cfg.loss, build_lpips(cfg.loss.lpips_net, random_backbone=True).to(device))
+    x = torch.rand(cfg.train.batch_size, 3, cfg.data.resolution, cfg.data.resolution, device=device) * 2 - 1
+    with FlopCounterMode(display=False) as counter, torch.autocast(device, dtype=torch.bfloat16):
+        recon, latent = ae(x)
+        disc.requires_grad_(False)
+        loss, _ = loss_fn.generator(x, recon, latent, cfg.loss.disc_start, disc, ae.last_layer())
+        loss.backward()
+        disc.requires_grad_(True)
+        real, fake = disc(torch.cat([x, recon.detach()])).chunk(2)
+        loss_fn.discriminator(real, fake)[0].backward()
+    return float(counter.get_total_flops())
+
+
+def bench_ae_mfu(args) -> dict:
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    n = args.warmup + args.repeats
+    overrides = [*MFU_MODEL, f"data.resolution={args.resolution}", f"train.batch_size={args.batch_size}",
+                 "train.mixed_precision=bf16", "loss.lpips_random_backbone=true", "loss.disc_start=0",
+                 "loss.disc_pretrain_steps=0", f"train.max_steps={n}", "train.log_every=1", f"train.image_every={n}",
+                 f"train.checkpoint_every={n}", f"data.max_images={max(args.images, args.batch_size * n)}",
+                 f"data.num_workers={args.workers}", "export.scale_num_images=64", "export.scale_batch_size=16"]
+    cfg = load_config(ROOT / "configs" / "kl_f4_fashion.yaml", overrides)
+    flops = _step_flops(cfg, device)
+    name = torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu"
+    peak = args.peak_tflops or next((v for k, v in BF16_PEAK_TFLOPS.items() if k in name), None)
+    variants = {"eager": [], "channels_last": ["train.channels_last=true"], "torch.compile": ["train.compile=true"],
+                "channels_last + torch.compile": ["train.channels_last=true", "train.compile=true"]}
+    tmp, results = Path(tempfile.mkdtemp(prefix="bench-")), {}
+    for i, (variant, extra) in enumerate(variants.items()):
+        times = _ours_step_seconds(load_config(ROOT / "configs" / "kl_f4_fashion.yaml", overrides + extra),
+                                   tmp / f"run{i}")[args.warmup:]
+        median = statistics.median(times)
+        results[variant] = {"median_s": median, "images_per_s": cfg.train.batch_size / median,
+                            "tflops_per_s": flops / median / 1e12,
+                            "mfu": flops / median / (peak * 1e12) if peak else float("nan")}
+    return {"comparison": "ae-mfu", "device": name, "bf16_peak_tflops": peak or "unknown: pass --peak-tflops",
+            "model": "configs/kl_f4_fashion.yaml with " + ", ".join(MFU_MODEL), "resolution": args.resolution,
+            "batch_size": args.batch_size, "precision": "bf16 autocast", "step_tflop": flops / 1e12,
+            "warmup": args.warmup, "repeats": args.repeats, "results": results, "target": ">= 35% MFU on H100/H200"}
 
 
 def bench_ldm_cache(args) -> dict:
@@ -215,7 +362,8 @@ def bench_tiled_decode(args) -> dict:
             "mean_abs_diff": diff.mean().item(), "target": "tiled peak memory <= 1/4 of untiled"}
 
 
-BENCHES = {"ldm-cache": bench_ldm_cache, "sampling": bench_sampling, "tiled-decode": bench_tiled_decode}
+BENCHES = {"ae-step": bench_ae_step, "ae-mfu": bench_ae_mfu, "ldm-cache": bench_ldm_cache, "sampling": bench_sampling,
+           "tiled-decode": bench_tiled_decode}
 
 
 def main() -> None:
@@ -224,8 +372,13 @@ def main() -> None:
     p.add_argument("--vae", help="an exported KL autoencoder (default: an untrained one of the default config)")
     p.add_argument("--ldm", help="sampling: a train-ldm run (default: untrained networks of the default configs)")
     p.add_argument("--images", type=int, default=4096, help="train images in the cache and the on-the-fly loader")
-    p.add_argument("--warmup", type=int, default=3, help="ldm-cache: steps before timing")
-    p.add_argument("--repeats", type=int, default=20, help="ldm-cache: steps; sampling: batches")
+    p.add_argument("--warmup", type=int, default=3, help="ae-step, ldm-cache: steps before timing")
+    p.add_argument("--repeats", type=int, default=20, help="ae-step, ldm-cache: steps; sampling: batches")
+    p.add_argument("--resolution", type=int, default=256, help="ae-mfu: image size")
+    p.add_argument("--batch-size", type=int, default=32, help="ae-mfu: images per step")
+    p.add_argument("--workers", type=int, default=8, help="ae-mfu: data loader workers")
+    p.add_argument("--peak-tflops", type=float, help="ae-mfu: the device's dense bf16 peak (known: H100, H200, A100)")
+    p.add_argument("--compile", action="store_true", help="ae-step: also time train.compile (slow to compile)")
     p.add_argument("--out", default="reports/bench")
     args = p.parse_args()
     result = BENCHES[args.which](args)

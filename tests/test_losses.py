@@ -117,14 +117,52 @@ def test_discriminator_step_leaves_autoencoder_grads_untouched(tiny_cfg):
 
 
 def test_adaptive_weight_is_finite_scale_invariant_and_clamped():
-    w = torch.randn(8, 4, requires_grad=True)
-    h = torch.randn(16, 4) @ w.T
-    nll, g = h.pow(2).mean(), -h.mean()
-    a = adaptive_weight(nll, g, w, 1e4)
-    assert torch.isfinite(a) and a > 0
+    g = torch.Generator().manual_seed(0)
+    nll_grad, g_grad = torch.randn(8, 4, generator=g), torch.randn(8, 4, generator=g)
+    a = adaptive_weight(nll_grad, g_grad, 1e4)
+    torch.testing.assert_close(a, nll_grad.norm() / (g_grad.norm() + 1e-4))
     # the fp16 path takes gradients of scaled losses; the ratio must not change
-    torch.testing.assert_close(adaptive_weight(nll, g, w, 1e4, grad_scale=1024.0), a, rtol=1e-4, atol=0)
-    assert adaptive_weight(nll, g * 1e-12, w, 1e4) == 1e4
+    torch.testing.assert_close(adaptive_weight(nll_grad * 1024, g_grad * 1024, 1e4, grad_scale=1024.0), a,
+                               rtol=1e-5, atol=0)
+    assert adaptive_weight(nll_grad, g_grad * 1e-12, 1e4) == 1e4
+
+
+@pytest.mark.parametrize("grad_scale", [1.0, 1024.0])
+def test_one_pass_gan_loss_equals_the_textbook_two_pass_loss(tiny_cfg, grad_scale):
+    """The generator's GAN-phase loss (one backward through LPIPS and D) has the value and
+    the gradients of nll + reg + w * g with w from grad(nll) and grad(g) at the last layer,
+    as taming/LDM compute it (two backwards through LPIPS and D, then the whole loss)."""
+    cfg, ae, disc, loss_fn, x = _setup(tiny_cfg, disc_start=0, disc_weight=0.5, kl_weight=1e-2, rec_l1=1.0,
+                                       perceptual_weight=0.5)
+    disc.requires_grad_(False)
+    last = ae.last_layer()
+
+    def grads(loss):
+        ae.zero_grad(set_to_none=True)
+        loss.backward()
+        return {n: p.grad.clone() for n, p in ae.named_parameters() if p.grad is not None}
+
+    torch.manual_seed(1)
+    recon, latent = ae(x)
+    ours, logs = loss_fn.generator(x, recon, latent, step=0, disc=disc, last_layer=last, grad_scale=grad_scale)
+    ours_grads = grads(ours)
+
+    torch.manual_seed(1)  # the same posterior sample
+    recon, latent = ae(x)
+    nll = (x - recon).abs().mean() + 0.5 * loss_fn.perceptual(x, recon).mean()
+    reg, _ = loss_fn.latent_term(latent, 0, x[0].numel())
+    g = hinge_g_loss(disc(recon))
+    nll_grad, = torch.autograd.grad(nll, last, retain_graph=True)
+    g_grad, = torch.autograd.grad(g, last, retain_graph=True)
+    w = 0.5 * (nll_grad.norm() / (g_grad.norm() + 1e-4)).clamp(0, 1e4).detach()
+    textbook = nll + reg + w * g
+    textbook_grads = grads(textbook)
+
+    torch.testing.assert_close(logs["adaptive_weight"], w, rtol=1e-5, atol=0)
+    torch.testing.assert_close(ours.detach(), textbook.detach(), rtol=1e-6, atol=0)
+    assert ours_grads.keys() == textbook_grads.keys() and len(ours_grads) == len(list(ae.parameters()))
+    for n in ours_grads:
+        torch.testing.assert_close(ours_grads[n], textbook_grads[n], rtol=1e-4, atol=1e-7, msg=n)
 
 
 def test_discriminator_pretrains_before_the_gan_term(tiny_cfg):

@@ -203,3 +203,21 @@ def test_export_without_ema_uses_raw_weights(tiny_cfg, tmp_path):
     exported = AutoencoderKL.from_pretrained(tmp_path / "run" / "export").state_dict()
     assert all(torch.equal(raw[k], exported[k]) for k in raw)
     assert "raw (EMA off)" in (tmp_path / "run" / "export" / "README.md").read_text()
+
+
+def test_channels_last_and_compile_train_the_same_model(tiny_cfg, tmp_path):
+    """train.channels_last and train.compile change how the step runs, not what it computes:
+    the weights after GAN-phase steps match the plain run's, and the export's keys and
+    layout are the stock ones."""
+    overrides = ("train.max_steps=3", "loss.disc_start=1", "train.log_every=1")
+    plain = train(tiny_cfg(*overrides), tmp_path / "plain")
+    fast = train(tiny_cfg(*overrides, "train.channels_last=true", "train.compile=true"), tmp_path / "fast")
+    assert fast["skipped_steps"] == 0 and fast["final_logs"]["adaptive_weight"] > 0
+    a = AutoencoderKL.from_pretrained(tmp_path / "plain" / "export").state_dict()
+    b = AutoencoderKL.from_pretrained(tmp_path / "fast" / "export").state_dict()
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-3, atol=1e-4, msg=k)
+    for name in ("ae", "disc"):
+        for (k, p), q in zip(plain["models"][name].named_parameters(), fast["models"][name].parameters()):
+            torch.testing.assert_close(q, p, rtol=1e-3, atol=1e-4, msg=f"{name}.{k}")
