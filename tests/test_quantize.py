@@ -170,5 +170,7 @@ def test_renormalize_keeps_cosine_codebook_on_the_unit_sphere():
     q, codebook = _quantizer()
     with torch.no_grad():
         codebook.mul_(3.0)
-    q.renormalize_(codebook.data)
+    q.renormalize_(codebook.data, torch.tensor(False))  # a skipped optimizer step leaves it alone
+    torch.testing.assert_close(codebook.norm(dim=1), torch.full((32,), 3.0))
+    q.renormalize_(codebook.data, torch.tensor(True))
     torch.testing.assert_close(codebook.norm(dim=1), torch.ones(32))

@@ -3,12 +3,14 @@ checkpoints loaded without unpickling code."""
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -182,3 +184,42 @@ def test_crafted_pickle_as_lpips_weights_is_refused(tiny_cfg, tmp_path):
     with pytest.raises(UserError, match="cannot read weights file"):
         train(tiny_cfg("loss.lpips_random_backbone=false", f"loss.lpips_weights={weights}"), tmp_path / "run")
     assert not marker.exists() and not (tmp_path / "run").exists()
+
+
+def test_a_skip_decided_on_the_device_changes_nothing():
+    """The guard's device flag (no host sync): a non-finite step leaves weights, AdamW
+    moments and step count, and the EMA exactly as they were; a finite one updates them."""
+    from types import SimpleNamespace
+
+    from accelerate import PartialState
+    from diffusers.training_utils import EMAModel
+
+    from ldm_vae.config import OptimConfig
+    from ldm_vae.training import NonFiniteGuard, ema_step, make_adamw
+
+    PartialState()  # the guard logs through accelerate
+    torch.manual_seed(0)
+    net = torch.nn.Linear(4, 3)
+    opt = make_adamw(net.parameters(), 1e-2, OptimConfig(), torch.device("cpu"))
+    wrapped = SimpleNamespace(optimizer=opt, step=opt.step)  # what accelerate's wrapper exposes
+    guard = NonFiniteGuard(SimpleNamespace(scaler=None, device=torch.device("cpu")), limit=3)
+    ema = EMAModel(net.parameters(), decay=0.9)
+
+    def step(scale: float) -> torch.Tensor:
+        net.zero_grad()
+        (net(torch.ones(2, 4)).sum() * scale).backward()
+        ok = guard.finite(torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0))
+        guard.optimizer_step(wrapped, ok)
+        ema_step(ema, list(net.parameters()), guard.end_step(0, ok))
+        return ok
+
+    assert step(1.0)  # a real step first, so there are moments to keep
+    before = copy.deepcopy((net.state_dict(), opt.state_dict(), [p.clone() for p in ema.shadow_params]))
+    assert not step(float("nan"))
+    after = (net.state_dict(), opt.state_dict(), ema.shadow_params)
+    assert all(torch.equal(after[0][k], before[0][k]) for k in before[0])
+    for state_before, state_after in zip(before[1]["state"].values(), after[1]["state"].values()):
+        assert all(torch.equal(state_after[k], state_before[k]) for k in ("step", "exp_avg", "exp_avg_sq"))
+    assert all(torch.equal(a, b) for a, b in zip(after[2], before[2]))
+    assert guard.check(2, Path("unused")) == 1
+    assert step(1.0) and not torch.equal(net.weight, before[0]["weight"])
