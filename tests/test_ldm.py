@@ -135,3 +135,4 @@ def test_export_pipeline_refuses_to_overwrite(ldm_run, tmp_path):
     with pytest.raises(UserError, match="--overwrite"):
         export_pipeline(out, tmp_path / "pipe")
     assert (tmp_path / "pipe" / "keep.txt").read_text() == "mine"
+
