@@ -43,6 +43,10 @@ class DataConfig:
     # photos: how many random crops make one epoch
     photos_per_epoch: int = 2048
     num_workers: int = 0
+    # imagefolder/hub: keep each file's decoded, resized image in memory, filled when the
+    # dataset is built (every file is decoded then anyway, to find bad ones), up to this many
+    # MB per process; later accesses only crop and flip. 0: decode on every access
+    decoded_cache_mb: int = 2048
 
 
 @dataclass
@@ -293,8 +297,8 @@ POSITIVE = ("data.resolution", "data.photos_per_epoch", "model.latent_channels",
             "loss.disc_channels", "train.disc_lr", "quantizer.kmeans_batches",
             "quantizer.kmeans_iters", "quantizer.entropy_temperature", "quantizer.usage_window",
             "export.scale_num_images", "export.scale_batch_size", *_OPTIM_POSITIVE)
-NON_NEGATIVE = ("data.num_workers", "loss.rec_l1", "loss.rec_l2", "loss.perceptual_weight", "loss.kl_weight",
-                "loss.kl_warmup_steps", "loss.free_bits", "loss.disc_weight", "loss.disc_start",
+NON_NEGATIVE = ("data.num_workers", "data.decoded_cache_mb", "loss.rec_l1", "loss.rec_l2", "loss.perceptual_weight",
+                "loss.kl_weight", "loss.kl_warmup_steps", "loss.free_bits", "loss.disc_weight", "loss.disc_start",
                 "loss.disc_pretrain_steps", "loss.lecam_weight", "quantizer.beta", "quantizer.codebook_weight",
                 "quantizer.restart_after_steps", "quantizer.entropy_weight", *_OPTIM_NON_NEGATIVE)
 UNIT_INTERVAL = ("data.max_bad_fraction", "loss.lecam_decay", "quantizer.ema_decay", *_OPTIM_UNIT_INTERVAL)

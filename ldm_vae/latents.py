@@ -117,7 +117,8 @@ def encode_dataset(model_dir: str | Path, data: DataConfig, split: str, out: str
 
 def _data_key(data: DataConfig) -> dict:
     raw = dataclasses.asdict(data)
-    raw.pop("num_workers")  # how images are loaded does not change what is encoded
+    for key in ("num_workers", "decoded_cache_mb"):  # how images are loaded does not change what is encoded
+        raw.pop(key)
     return raw
 
 
@@ -157,7 +158,7 @@ def load_cache_autoencoder(meta: dict):
 class LatentDataset(Dataset):
     """Items {"latents": scaled latent [C, h, w], "label": int64} from a latent cache.
 
-    KL caches give a fresh posterior sample per (seed, epoch, index), VQ caches the stored
+    KL caches give a fresh posterior sample per (seed, epoch, batch), VQ caches the stored
     latents; with flips, the flipped twin is taken half the time. The scaling (and shift)
     of the autoencoder is applied here, once.
     """
@@ -178,12 +179,28 @@ class LatentDataset(Dataset):
         return self.meta["num_images"]
 
     def __getitem__(self, i: int) -> dict:
-        g = torch.Generator().manual_seed(hash((self.seed, self.epoch, i)) & (2**63 - 1))
-        suffix = "_flipped" if self.meta["flipped"] and torch.rand((), generator=g) < 0.5 else ""
+        return self.__getitems__([i])[0]
+
+    def __getitems__(self, indices: list[int]) -> list[dict]:
+        """A whole batch at once (torch's DataLoader calls this when it exists): one draw of
+        flips and posterior noise from a generator seeded by (seed, epoch, the batch's
+        indices), instead of a generator per item. The sampler's order depends only on
+        (seed, epoch), so a resumed run draws the same noise for the same batches."""
+        g = torch.Generator().manual_seed(hash((self.seed, self.epoch, *indices)) & (2**63 - 1))
+        idx = torch.as_tensor(indices, dtype=torch.long)
+        flip = torch.rand(len(idx), generator=g) < 0.5 if self.meta["flipped"] else torch.zeros(len(idx), dtype=bool)
+
+        def pick(name: str) -> torch.Tensor:
+            plain = self.tensors[name][idx]
+            if not flip.any():
+                return plain
+            return torch.where(flip.view(-1, 1, 1, 1), self.tensors[name + "_flipped"][idx], plain)
+
         if self.kl:
-            mean, std = self.tensors["mean" + suffix][i], self.tensors["std" + suffix][i]
+            mean, std = pick("mean"), pick("std")
             z = mean + std * torch.randn(mean.shape, generator=g)
         else:
-            z = self.tensors["latents" + suffix][i]
-        label = self.tensors["labels"][i] if "labels" in self.tensors else torch.tensor(-1)
-        return {"latents": (z - self.shift) * self.scale, "label": label}
+            z = pick("latents")
+        labels = self.tensors["labels"][idx] if "labels" in self.tensors else torch.full((len(idx),), -1)
+        z = (z - self.shift) * self.scale
+        return [{"latents": z[k], "label": labels[k]} for k in range(len(idx))]

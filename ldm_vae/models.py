@@ -154,7 +154,8 @@ class KLAutoencoder(nn.Module):
         logvar = posterior.logvar.clamp(self.logvar_min, self.logvar_max)
         z = mean
         if sample_posterior:
-            z = mean + torch.exp(0.5 * logvar) * torch.randn_like(mean)
+            # randn of the shape, not randn_like: a channels_last `mean` would reorder the draw
+            z = mean + torch.exp(0.5 * logvar) * torch.randn(mean.shape, device=mean.device, dtype=mean.dtype)
         recon = self.vae.decode(z).sample
         return recon, GaussianLatent(mean, logvar)
 

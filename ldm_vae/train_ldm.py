@@ -144,6 +144,7 @@ def train_ldm(cfg: LDMConfig, output_dir: str | Path, resume: str | None = None,
                             raw_unet, "unet", ema, ema_params, extra_state)
 
     @torch.no_grad()
+    @torch.compiler.set_stance("force_eager")  # a few eval calls: compiling them costs more than it saves
     def write_samples(at_step: int) -> None:
         raw_unet.eval()
         pipe = LatentDiffusionPipeline(raw_unet, vae, make_scheduler(cfg.sample.solver, noise_scheduler.config))
@@ -170,11 +171,11 @@ def train_ldm(cfg: LDMConfig, output_dir: str | Path, resume: str | None = None,
         dataset.set_epoch(epoch)
         for batch in accelerator.skip_first_batches(loader, skip) if skip else loader:
             z, labels = batch["latents"], batch["label"]
-            if tc.channels_last:
-                z = z.contiguous(memory_format=torch.channels_last)
             noise = torch.randn_like(z)
             t = torch.randint(0, timesteps, (len(z),), device=z.device)
             noisy = noise_scheduler.add_noise(z, noise, t)
+            if tc.channels_last:  # the UNet's input only: the noise draw keeps its order
+                noisy = noisy.contiguous(memory_format=torch.channels_last)
             target = noise if cfg.diffusion.prediction_type == "epsilon" else noise_scheduler.get_velocity(z, noise, t)
             if num_classes:
                 drop = torch.rand(len(z), device=z.device) < cfg.diffusion.label_dropout

@@ -199,6 +199,7 @@ def train(cfg: Config, output_dir: str | Path, resume: str | None = None, overwr
                             vae, "autoencoder", ema, ema_params, extra_state)
 
     @torch.no_grad()
+    @torch.compiler.set_stance("force_eager")  # a few eval calls: compiling them costs more than it saves
     def write_preview(at_step: int) -> None:
         vae.eval()
         with ema_weights(ema, ema_params), accelerator.autocast():

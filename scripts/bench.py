@@ -2,6 +2,7 @@
 
     python scripts/bench.py ae-step [--compile]
     python scripts/bench.py ae-mfu  # on a GPU
+    python scripts/bench.py data-loading --images 1000 --resolution 128 --repeats 3
     python scripts/bench.py ldm-cache [--vae runs/kl/export] [--out reports/bench]
     python scripts/bench.py sampling [--ldm runs/ldm]
     python scripts/bench.py tiled-decode [--vae runs/kl/export]
@@ -17,6 +18,10 @@ ae-mfu: the same trainer at 256x256, batch 32, bf16 autocast, with SD-VAE's KL-f
 (FlopCounterMode's count of one step's forward and backward passes, times steps/s, over
 the device's dense bf16 peak), eager / channels_last / torch.compile / both. Meant for a
 GPU; on a CPU it runs (use a small --resolution) but has no peak to divide by.
+
+data-loading: one epoch of an imagefolder of JPEGs (random crops of scikit-image's photos,
+written to a temporary folder) through the training dataset (random crop and flip), with
+and without the decoded-image cache (data.decoded_cache_mb); batch 64, no workers.
 
 ldm-cache: one latent diffusion training step (default UNet of configs/ldm_fashion.yaml,
 AdamW) on batches from a latent cache vs the same step on batches of Fashion-MNIST images
@@ -212,6 +217,49 @@ def bench_ae_mfu(args) -> dict:
             "warmup": args.warmup, "repeats": args.repeats, "results": results, "target": ">= 35% MFU on H100/H200"}
 
 
+def _jpeg_folder(root: Path, count: int, size: int = 512) -> Path:
+    """`count` JPEGs (random size x size crops of scikit-image's photos) in root/train."""
+    import numpy as np
+
+    from ldm_vae.data import _load_photos
+
+    photos, rng = _load_photos(), np.random.default_rng(0)
+    (root / "train").mkdir(parents=True, exist_ok=True)
+    for i in range(count):
+        photo = photos[i % len(photos)]
+        w, h = photo.size
+        s = min(size, w, h)
+        left, top = int(rng.integers(0, w - s + 1)), int(rng.integers(0, h - s + 1))
+        photo.crop((left, top, left + s, top + s)).save(root / "train" / f"{i:05d}.jpg", quality=90)
+    return root
+
+
+def bench_data_loading(args) -> dict:
+    root = _jpeg_folder(Path(tempfile.mkdtemp(prefix="bench-")), args.images)
+    results = {}
+    for name, cache_mb in (("decoded on every access", 0), ("decoded-image cache (default)", 2048)):
+        cfg = load_config(ROOT / "configs" / "kl_f4_fashion.yaml",
+                          ["data.source=imagefolder", f"data.path={root}", f"data.resolution={args.resolution}",
+                           "data.center_crop=false", f"data.decoded_cache_mb={cache_mb}"]).data
+        t0 = time.perf_counter()
+        ds = build_dataset(cfg, "train", train=True)
+        built = time.perf_counter() - t0
+        epochs = []
+        for epoch in range(1 + args.repeats):  # the first epoch is a warm-up
+            ds.set_epoch(epoch)
+            t0 = time.perf_counter()
+            for _ in DataLoader(ds, batch_size=64, shuffle=True):
+                pass
+            epochs.append(time.perf_counter() - t0)
+        median = statistics.median(epochs[1:])
+        results[name] = {"build_s": built, "epoch_median_s": median, "images_per_s": len(ds) / median}
+    cached, uncached = results["decoded-image cache (default)"], results["decoded on every access"]
+    ratio = cached["images_per_s"] / uncached["images_per_s"]
+    return {"comparison": "data-loading", "data": f"imagefolder of {args.images} JPEGs (512x512, quality 90)",
+            "resolution": args.resolution, "batch_size": 64, "num_workers": 0, "repeats": args.repeats,
+            "results": results, "speedup": ratio}
+
+
 def bench_ldm_cache(args) -> dict:
     vae_cfg = load_config(ROOT / "configs" / "kl_f4_fashion.yaml")
     ldm_cfg = load_config(ROOT / "configs" / "ldm_fashion.yaml", [], LDMConfig)
@@ -362,7 +410,8 @@ def bench_tiled_decode(args) -> dict:
             "mean_abs_diff": diff.mean().item(), "target": "tiled peak memory <= 1/4 of untiled"}
 
 
-BENCHES = {"ae-step": bench_ae_step, "ae-mfu": bench_ae_mfu, "ldm-cache": bench_ldm_cache, "sampling": bench_sampling,
+BENCHES = {"ae-step": bench_ae_step, "ae-mfu": bench_ae_mfu, "data-loading": bench_data_loading,
+           "ldm-cache": bench_ldm_cache, "sampling": bench_sampling,
            "tiled-decode": bench_tiled_decode}
 
 
@@ -371,10 +420,13 @@ def main() -> None:
     p.add_argument("which", choices=sorted(BENCHES))
     p.add_argument("--vae", help="an exported KL autoencoder (default: an untrained one of the default config)")
     p.add_argument("--ldm", help="sampling: a train-ldm run (default: untrained networks of the default configs)")
-    p.add_argument("--images", type=int, default=4096, help="train images in the cache and the on-the-fly loader")
+    p.add_argument("--images", type=int, default=4096,
+                   help="ldm-cache: train images in the cache and the on-the-fly loader; ae-step: train images; "
+                        "data-loading: JPEG files")
     p.add_argument("--warmup", type=int, default=3, help="ae-step, ldm-cache: steps before timing")
-    p.add_argument("--repeats", type=int, default=20, help="ae-step, ldm-cache: steps; sampling: batches")
-    p.add_argument("--resolution", type=int, default=256, help="ae-mfu: image size")
+    p.add_argument("--repeats", type=int, default=20, help="ae-step, ldm-cache: steps; sampling: batches; "
+                                                                     "data-loading: timed epochs")
+    p.add_argument("--resolution", type=int, default=256, help="ae-mfu, data-loading: image size")
     p.add_argument("--batch-size", type=int, default=32, help="ae-mfu: images per step")
     p.add_argument("--workers", type=int, default=8, help="ae-mfu: data loader workers")
     p.add_argument("--peak-tflops", type=float, help="ae-mfu: the device's dense bf16 peak (known: H100, H200, A100)")

@@ -162,6 +162,26 @@ def test_imagefolder(image_folder):
     assert not unlabeled.has_labels and unlabeled[0]["label"].item() == -1
 
 
+def test_decoded_image_cache_gives_the_same_items(image_folder):
+    """data.decoded_cache_mb keeps resized images from the build-time scan; items (random
+    crops and flips included) are the ones decoding on every access gives, also when the
+    budget holds only some of the images."""
+    def items(cache_mb: float, train: bool):
+        cfg = DataConfig(source="imagefolder", path=str(image_folder), resolution=16, center_crop=False,
+                         decoded_cache_mb=cache_mb)
+        ds = build_dataset(cfg, "train", train=train, seed=3)
+        ds.set_epoch(2)
+        return ds, [ds[i]["pixel_values"] for i in range(len(ds))]
+
+    for train in (True, False):
+        none, plain = items(0, train)
+        full, cached = items(2048, train)
+        some, partly = items(3 * 16 * 40 / 2**20, train)  # a budget (in MB) that holds only the first images
+        assert len(none.decoded) == 0 and len(full.decoded) == 4 and 0 < len(some.decoded) < 4
+        for a, b, c in zip(plain, cached, partly):
+            assert torch.equal(a, b) and torch.equal(a, c)
+
+
 def test_imagefolder_errors(image_folder, tmp_path):
     with pytest.raises(UserError, match="available: train"):
         build_dataset(DataConfig(source="imagefolder", path=str(image_folder)), "test", train=False)

@@ -47,6 +47,17 @@ def test_cache_round_trip_and_scaling_applied_once(exports, tmp_path, fake_fashi
             item = ds[0]["latents"]
             unscaled = item / vae.config.scaling_factor + vae.config.shift_factor
             assert (unscaled - cached[0]).abs().max() <= 6 * ds.tensors["std"][0].max() + 1e-6
+            # a batch is drawn at once: deterministic per (seed, epoch, indices), each item a
+            # posterior sample around its own mean or its flipped twin's
+            batch = ds.__getitems__([3, 1, 2])
+            assert all(torch.equal(a["latents"], b["latents"]) for a, b in zip(batch, ds.__getitems__([3, 1, 2])))
+            for item, i in zip(batch, [3, 1, 2]):
+                unscaled = item["latents"] / vae.config.scaling_factor + vae.config.shift_factor
+                near = [(unscaled - ds.tensors[k][i]).abs().max() <= 6 * ds.tensors["std"][i].max() + 1e-6
+                        for k in ("mean", "mean_flipped")]
+                assert any(near) and item["label"] == ds.tensors["labels"][i]
+            ds.set_epoch(1)
+            assert not torch.equal(ds.__getitems__([3, 1, 2])[0]["latents"], batch[0]["latents"])
         else:
             z = vae.encode(x).latents
             cached = ds.tensors["latents"][:4]

@@ -136,3 +136,15 @@ def test_export_pipeline_refuses_to_overwrite(ldm_run, tmp_path):
         export_pipeline(out, tmp_path / "pipe")
     assert (tmp_path / "pipe" / "keep.txt").read_text() == "mine"
 
+
+
+def test_ldm_channels_last_and_compile_train_the_same_unet(tiny_ldm_cfg, tmp_path):
+    """The speed options change how the LDM step runs, not what it computes."""
+    overrides = ("train.max_steps=3", "train.log_every=1", "train.image_every=100")
+    plain = train_ldm(tiny_ldm_cfg(*overrides), tmp_path / "plain")
+    fast = train_ldm(tiny_ldm_cfg(*overrides, "train.channels_last=true", "train.compile=true"), tmp_path / "fast")
+    assert fast["skipped_steps"] == 0
+    unets = [dict(s["models"]["unet"].named_parameters()) for s in (plain, fast)]
+    assert unets[0].keys() == unets[1].keys()
+    for k in unets[0]:
+        torch.testing.assert_close(unets[1][k], unets[0][k], rtol=1e-3, atol=1e-4, msg=k)
