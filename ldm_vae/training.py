@@ -157,8 +157,7 @@ def ema_step(ema, params: list[torch.nn.Parameter], ok: torch.Tensor) -> None:
     (The decay warm-up counts skipped steps too.)"""
     ema.optimization_step += 1
     ema.cur_decay_value = ema.get_decay(ema.optimization_step)
-    weight = (1 - ema.cur_decay_value) * ok.float()
-    torch._foreach_sub_(ema.shadow_params, torch._foreach_mul(torch._foreach_sub(ema.shadow_params, params), weight))
+    torch._foreach_lerp_(ema.shadow_params, params, (1 - ema.cur_decay_value) * ok.float())
 
 
 @contextlib.contextmanager
