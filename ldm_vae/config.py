@@ -166,9 +166,10 @@ class OptimConfig:
     ema_decay: float = 0.999
     # a step with non-finite gradients is skipped; this many in a row stop the run
     max_consecutive_skips: int = 25
-    # pixel (or latent) batches in channels_last memory format, which the activations then
-    # keep: what GPU tensor-core convolutions prefer. Weights stay contiguous (safetensors
-    # saves only contiguous tensors). No gain on CPU (BENCHMARKS.md).
+    # the networks' inputs (pixel batches; the LDM's noisy latents) in channels_last memory
+    # format, which the activations then keep: what GPU tensor-core convolutions prefer.
+    # Weights stay contiguous (safetensors saves only contiguous tensors), and random draws
+    # keep their order. No measurable gain on CPU (BENCHMARKS.md).
     channels_last: bool = False
     # torch.compile the networks in place (Module.compile: checkpoints and exports are
     # unchanged); the first steps are slow while it compiles. No gain on CPU (BENCHMARKS.md).
