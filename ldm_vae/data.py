@@ -35,8 +35,8 @@ _FMNIST_CACHE: dict[tuple[str, str, int], tuple[torch.Tensor, torch.Tensor]] = {
 PHOTO_NAMES = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "retina",
                "immunohistochemistry", "motorcycle")
 _PHOTOS: list[Image.Image] = []
-# HFImages: (usable rows, bad files, decoded images of the first usable rows)
-_SCANS: dict[tuple, tuple[list[int], list[tuple[str, str]], list[torch.Tensor]]] = {}
+# HFImages: (usable rows, their labels, bad files, decoded images of the first usable rows)
+_SCANS: dict[tuple, tuple[list[int], list[int], list[tuple[str, str]], list[torch.Tensor]]] = {}
 
 
 def pil_to_tensor(img: Image.Image) -> torch.Tensor:
@@ -234,29 +234,32 @@ class HFImages(Augmented):
         self.cfg, self.train = cfg, train
         # the train and eval views of a split, and the export after training, share one scan
         key = (what, split, cfg.image_column, len(self.ds), getattr(self.ds, "_fingerprint", None),
-               cfg.max_bad_fraction, Image.MAX_IMAGE_PIXELS, cfg.resolution, cfg.decoded_cache_mb)
+               cfg.max_bad_fraction, Image.MAX_IMAGE_PIXELS, cfg.resolution, cfg.decoded_cache_mb,
+               cfg.label_column if self.has_labels else None)
         if key not in _SCANS:
             _SCANS[key] = self._scan(what, split)
-        self.good, self.bad, self.decoded = _SCANS[key]
+        self.good, self.labels, self.bad, self.decoded = _SCANS[key]
         skipped = f", {len(self.bad)} unusable files skipped" if self.bad else ""
         self.description = (f"{what} ({split}, {len(self.good)} images{skipped}) "
                             f"at {cfg.resolution}x{cfg.resolution}")
         self.dataset_id = dataset_id
 
-    def _scan(self, what: str, split: str) -> tuple[list[int], list[tuple[str, str]]]:
+    def _scan(self, what: str, split: str) -> tuple:
         from tqdm.auto import tqdm
 
-        good, bad, col = [], [], self.cfg.image_column
+        good, labels, bad, col = [], [], [], self.cfg.image_column
         decoded, budget = [], self.cfg.decoded_cache_mb * 2**20
         for i in tqdm(range(len(self.ds)), desc=f"checking images of {split}", leave=False,
                       disable=len(self.ds) < 1000):
-            value = self.ds[i][col]
+            row = self.ds[i]
+            value = row[col]
             try:
                 img = decode_image(value)
             except BadImage as e:
                 bad.append((value.get("path") or f"row {i}", str(e)))
                 continue
             good.append(i)
+            labels.append(int(row[self.cfg.label_column]) if self.has_labels else -1)
             if len(decoded) == len(good) - 1 and budget > 0:  # a prefix of the usable rows
                 x = self._resized(img)
                 budget -= x.numel()
@@ -268,7 +271,7 @@ class HFImages(Augmented):
             raise UserError(f"{what} ({split}): {len(bad)} of {len(self.ds)} files cannot be used as images, more than "
                             f"data.max_bad_fraction={limit} ({listed}{' ...' if len(bad) > 5 else ''}); remove or "
                             f"fix them, or raise data.max_bad_fraction")
-        return good, bad, decoded
+        return good, labels, bad, decoded
 
     def _resized(self, img: Image.Image) -> torch.Tensor:
         """uint8 [3, H, W] with the short side at the resolution: the part of loading an
@@ -283,16 +286,18 @@ class HFImages(Augmented):
         return len(self.good)
 
     def __getitem__(self, i):
-        row, res, g = self.ds[self.good[i]], self.cfg.resolution, self.item_generator(i)
-        full = self.decoded[i] if i < len(self.decoded) else self._resized(decode_image(row[self.cfg.image_column]))
+        res, g = self.cfg.resolution, self.item_generator(i)
+        if i < len(self.decoded):  # no row read at all: the label was kept by the scan too
+            full = self.decoded[i]
+        else:
+            full = self._resized(decode_image(self.ds[self.good[i]][self.cfg.image_column]))
         h, w = full.shape[1:]
         if self.train and not self.cfg.center_crop:
             left, top = (int(torch.randint(0, n - res + 1, (), generator=g)) for n in (w, h))
         else:
             left, top = (w - res) // 2, (h - res) // 2
         x = full[:, top:top + res, left:left + res].float() / 127.5 - 1.0
-        label = int(row[self.cfg.label_column]) if self.has_labels else -1
-        return _item(_maybe_flip(x, self.train and self.cfg.random_flip, g), label)
+        return _item(_maybe_flip(x, self.train and self.cfg.random_flip, g), self.labels[i])
 
 
 def _load_hf(what: str, hint: str = "", **kwargs):
