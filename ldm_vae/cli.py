@@ -29,28 +29,30 @@ EPILOG = """examples:
   ldm-vae sample runs/ldm --num-images 64 --class-label 3 --guidance-scale 3 --steps 50 --out samples/
   ldm-vae export-pipeline runs/ldm pipelines/fashion
   ldm-vae demo                       # all of the above on Fashion-MNIST, report in demo/REPORT.md
+  ldm-vae train-vae kl_f4_fashion --output-dir runs/kl   # a bundled config by name (no checkout needed)
 """
 
 
 def _train_vae(args) -> None:
+    from .autoencoder.config import Config
+    from .autoencoder.train import train
     from .config import load_config
-    from .train_vae import train
 
-    cfg = load_config(args.config, args.overrides)
-    summary = train(cfg, args.output_dir, resume=args.resume, overwrite=args.overwrite)
+    cfg = load_config(args.config, args.overrides, Config)
+    summary = train(cfg, args.output_dir, resume=args.resume, overwrite=args.overwrite).summary
     logging.getLogger("ldm_vae").info(
         f"trained {summary['steps']} steps in {summary['wall_time_s']} s; export: {args.output_dir}/export")
 
 
 def _export(args) -> None:
-    from .export import export_run
+    from .autoencoder.export import export_run
 
     out = export_run(args.run_dir, args.out_dir, replace=args.overwrite)
     logging.getLogger("ldm_vae").info(f"exported {args.run_dir} to {out}")
 
 
 def _eval(args) -> None:
-    from .evaluate import EvalOptions, run_eval
+    from .evaluation.report import EvalOptions, run_eval
 
     device = _device(args)
     opts = EvalOptions(num_images=args.num_images or None, batch_size=args.batch_size, device=device,
@@ -65,10 +67,12 @@ def _eval(args) -> None:
 
 
 def _train_fd_features(args) -> None:
-    from .config import DataConfig
-    from .fd_features import train_fd_features
+    from .config import from_dict
+    from .data.config import DataConfig
+    from .evaluation.features import train_fd_features
 
-    data = DataConfig(source=args.data, path=args.data_path, name=args.data_name, resolution=args.resolution)
+    given = {"source": args.data, "path": args.data_path, "name": args.data_name, "resolution": args.resolution}
+    data = from_dict({k: v for k, v in given.items() if v is not None}, "the data options", DataConfig)
     device = _device(args)
     meta = train_fd_features(data, args.out, args.name or args.data.replace("-", "_"), steps=args.steps,
                              batch_size=args.batch_size, device=device, seed=args.seed, overwrite=args.overwrite)
@@ -77,10 +81,10 @@ def _train_fd_features(args) -> None:
 
 
 def _encode(args) -> None:
-    from .evaluate import resolve_data
-    from .latents import encode_dataset
+    from .autoencoder.export import training_data
+    from .diffusion.latents import encode_dataset
 
-    data = resolve_data(Path(args.model), args.data, args.data_path, args.data_name, args.resolution)
+    data = training_data(args.model, args.data, args.data_path, args.data_name, args.resolution)
     if args.no_flip:
         data.random_flip = False
     device = _device(args)
@@ -91,22 +95,24 @@ def _encode(args) -> None:
 
 
 def _train_ldm(args) -> None:
-    from .config import LDMConfig, load_config
-    from .train_ldm import train_ldm
+    from .config import load_config
+    from .diffusion.config import LDMConfig
+    from .diffusion.train import train_ldm
 
     overrides = list(args.overrides) + ([f"latents={args.latents}"] if args.latents else [])
     cfg = load_config(args.config, overrides, LDMConfig)
-    summary = train_ldm(cfg, args.output_dir, resume=args.resume, overwrite=args.overwrite)
+    summary = train_ldm(cfg, args.output_dir, resume=args.resume, overwrite=args.overwrite).summary
     logging.getLogger("ldm_vae").info(f"trained {summary['steps']} steps in {summary['wall_time_s']} s; samples in "
                                       f"{args.output_dir}/samples")
 
 
 def _sample(args) -> None:
-    from .sample import generate, load_pipeline, sample_labels, write_samples
+    from .diffusion.sample import generate, load_pipeline, sample_labels, write_samples
+    from .files import refuse_nonempty
 
     out = Path(args.out)
-    if out.exists() and any(out.iterdir()) and not args.overwrite:
-        raise UserError(f"{out} exists and is not empty; choose another --out or pass --overwrite")
+    if not args.overwrite:
+        refuse_nonempty(out)
     if args.num_images < 1 or args.steps < 1 or args.batch_size < 1:
         raise UserError("--num-images, --steps and --batch-size must be at least 1")
     pipe = load_pipeline(args.model, args.solver)
@@ -118,7 +124,7 @@ def _sample(args) -> None:
 
 
 def _export_pipeline(args) -> None:
-    from .sample import export_pipeline
+    from .diffusion.export import export_pipeline
 
     out = export_pipeline(args.run_dir, args.out_dir, overwrite=args.overwrite)
     logging.getLogger("ldm_vae").info(f"exported {args.run_dir} to {out}; load it with "
@@ -149,7 +155,8 @@ def _add_data_args(p, source_default=None) -> None:
 
 def _add_run_args(p, config_example: str, overrides_example: str) -> None:
     """What both trainers take: config, overrides and the run folder's flags."""
-    p.add_argument("config", help=f"YAML config, e.g. {config_example}")
+    p.add_argument("config", help=f"YAML config file, e.g. {config_example}, or the name of a config bundled with "
+                                  f"ldm-vae (kl_f4_fashion, vq_f4_fashion, ldm_fashion, tiny_kl, tiny_vq, tiny_ldm)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                    help=f"dotted overrides of config values, e.g. {overrides_example}")
     p.add_argument("--output-dir", required=True, help="run folder; refused if it already holds a run, unless --resume")

@@ -26,18 +26,21 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, Subset
 
-from .config import LDMConfig, load_config
-from .data import build_dataset, save_image
-from .errors import UserError
-from .evaluate import EvalOptions, frechet_metric, load_fd_features, run_eval
-from .fd_features import train_fd_features
-from .latents import encode_dataset
-from .sample import export_pipeline, generate, load_run_pipeline
-from .train_ldm import train_ldm
-from .train_vae import train
+from .autoencoder.config import Config
+from .autoencoder.train import train
+from .config import load_config
+from .data.sources import build_dataset
+from .diffusion.config import LDMConfig
+from .diffusion.export import export_pipeline
+from .diffusion.latents import encode_dataset
+from .diffusion.sample import generate, load_run_pipeline
+from .diffusion.train import train_ldm
+from .evaluation.features import train_fd_features
+from .evaluation.frechet import frechet_metric, load_fd_features
+from .evaluation.report import EvalOptions, run_eval
+from .files import refuse_nonempty, save_image
 
 logger = logging.getLogger(__name__)
-CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
 
 @dataclass
@@ -100,12 +103,11 @@ def _frechet(extractor, real01: torch.Tensor, fake01: torch.Tensor) -> float:
 
 def run_demo(out: Path, quick: bool = False, overwrite: bool = False, data_path: str | None = None) -> Path:
     """Run every stage into `out`; returns the path of REPORT.md."""
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise UserError(f"{out} holds a previous demo; pass --overwrite to replace it or --out to choose another "
-                        f"folder (nothing was changed)")
+    if not overwrite:
+        refuse_nonempty(out, what=" (a previous demo?)")
     plan = QUICK if quick else FULL
     data_override = [f"data.path={data_path}"] if data_path else []
-    vae_cfg = load_config(CONFIGS / "kl_f4_fashion.yaml", data_override + plan.vae_overrides)
+    vae_cfg = load_config("kl_f4_fashion", data_override + plan.vae_overrides, Config)  # the bundled configs
     test_ds = build_dataset(vae_cfg.data, "test", train=False)  # fails here, before anything is deleted
     if out.exists():
         shutil.rmtree(out)
@@ -114,7 +116,7 @@ def run_demo(out: Path, quick: bool = False, overwrite: bool = False, data_path:
     t_start = time.perf_counter()
 
     with stages("train the KL-VAE and export it"):
-        vae_summary = train(vae_cfg, out / "vae")
+        vae_summary = train(vae_cfg, out / "vae").summary
     export = out / "vae" / "export"
     data = dataclasses.replace(vae_cfg.data, random_flip=False, max_images=plan.encode_images)
 
@@ -133,9 +135,8 @@ def run_demo(out: Path, quick: bool = False, overwrite: bool = False, data_path:
         cache = encode_dataset(export, data, "train", out / "latents")
 
     with stages("train the class-conditional LDM"):
-        ldm_cfg = load_config(CONFIGS / "ldm_fashion.yaml", [f"latents={out / 'latents'}", *plan.ldm_overrides],
-                              LDMConfig)
-        ldm_summary = train_ldm(ldm_cfg, out / "ldm")
+        ldm_cfg = load_config("ldm_fashion", [f"latents={out / 'latents'}", *plan.ldm_overrides], LDMConfig)
+        ldm_summary = train_ldm(ldm_cfg, out / "ldm").summary
 
     pipe, _ = load_run_pipeline(out / "ldm", solver="dpm++")
     num_classes = pipe.num_classes

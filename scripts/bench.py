@@ -64,13 +64,19 @@ from torch.utils.data import DataLoader, Subset
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from ldm_vae.config import LDMConfig, load_config  # noqa: E402
-from ldm_vae.data import build_dataset, make_grid, save_image  # noqa: E402
-from ldm_vae.discriminator import PatchDiscriminator  # noqa: E402
-from ldm_vae.latents import LatentDataset, encode_dataset  # noqa: E402
-from ldm_vae.models import build_autoencoder, build_unet  # noqa: E402
-from ldm_vae.perceptual import build_lpips  # noqa: E402
-from ldm_vae.train_ldm import noise_schedule  # noqa: E402
+from ldm_vae.autoencoder.config import Config  # noqa: E402
+from ldm_vae.autoencoder.discriminator import PatchDiscriminator  # noqa: E402
+from ldm_vae.autoencoder.models import build_autoencoder  # noqa: E402
+from ldm_vae.autoencoder.perceptual import build_lpips  # noqa: E402
+from ldm_vae.config import load_config  # noqa: E402
+from ldm_vae.data.sources import build_dataset  # noqa: E402
+from ldm_vae.diffusion.config import LDMConfig  # noqa: E402
+from ldm_vae.diffusion.latents import LatentDataset, encode_dataset  # noqa: E402
+from ldm_vae.diffusion.networks import (
+    build_unet,  # noqa: E402
+    noise_schedule,  # noqa: E402
+)
+from ldm_vae.files import make_grid, save_image  # noqa: E402
 
 
 def _median_step_time(step, batches, warmup: int, repeats: int) -> list[float]:
@@ -97,7 +103,7 @@ def _reference_ae_step(cfg, gan: bool):
     discriminator step)."""
     torch.manual_seed(cfg.seed)
     vae = build_autoencoder(cfg.model, cfg.data.resolution).train()
-    disc = PatchDiscriminator(cfg.model.out_channels, cfg.loss.disc_channels, cfg.loss.disc_layers).train()
+    disc = PatchDiscriminator(3, cfg.loss.disc_channels, cfg.loss.disc_layers).train()
     lpips = build_lpips(cfg.loss.lpips_net, random_backbone=True)  # ours equals lpips.LPIPS (tests/test_perceptual.py)
     betas = (cfg.train.adam_beta1, cfg.train.adam_beta2)
     opt_g = torch.optim.AdamW(vae.parameters(), lr=cfg.train.lr, betas=betas)
@@ -133,7 +139,7 @@ def _reference_ae_step(cfg, gan: bool):
 def _ours_step_seconds(cfg, out: Path) -> list[float]:
     """Seconds per step of the real trainer (`ldm_vae.train_vae.train`), one value per log
     window of train.log_every steps, from the trainer's own throughput log."""
-    from ldm_vae.train_vae import train
+    from ldm_vae.autoencoder.train import train
 
     train(cfg, out)
     rows = [json.loads(line) for line in (out / "logs" / "metrics.jsonl").read_text().splitlines()]
@@ -155,7 +161,7 @@ def bench_ae_step(args) -> dict:
                  "loss.disc_pretrain_steps=0", f"train.max_steps={n}", f"train.log_every={k}", f"train.image_every={n}",
                  f"train.checkpoint_every={n}", f"data.max_images={args.images}", "export.scale_num_images=64",
                  "export.scale_batch_size=64"]
-    cfg = load_config(ROOT / "configs" / "kl_f4_fashion.yaml", overrides)
+    cfg = load_config("kl_f4_fashion", overrides, Config)
     bs = cfg.train.batch_size
     images = build_dataset(cfg.data, cfg.data.train_split, train=True, seed=cfg.seed)
     loader = DataLoader(images, batch_size=bs, shuffle=True, drop_last=True)
@@ -166,7 +172,7 @@ def bench_ae_step(args) -> dict:
     if args.compile:
         variants["ldm-vae train-vae, train.compile"] = ["train.compile=true"]
     for i, (name, extra) in enumerate(variants.items()):
-        times[name] = _ours_step_seconds(load_config(ROOT / "configs" / "kl_f4_fashion.yaml", overrides + extra),
+        times[name] = _ours_step_seconds(load_config("kl_f4_fashion", overrides + extra, Config),
                                          tmp / f"run{i}")[warmup // k:]
     results = {name: {"median_s": statistics.median(t), "min_s": min(t), "max_s": max(t),
                       "images_per_s": bs / statistics.median(t)} for name, t in times.items()}
@@ -193,11 +199,11 @@ def _step_flops(cfg, device: str) -> float:
     on the same loss code the trainer runs. Optimizer and EMA updates are not counted."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from ldm_vae.losses import AutoencoderLoss
-    from ldm_vae.models import build_training_model
+    from ldm_vae.autoencoder.losses import AutoencoderLoss
+    from ldm_vae.autoencoder.models import build_training_model
 
     ae = build_training_model(cfg).to(device).train()
-    disc = PatchDiscriminator(cfg.model.out_channels, cfg.loss.disc_channels, cfg.loss.disc_layers).to(device)
+    disc = PatchDiscriminator(3, cfg.loss.disc_channels, cfg.loss.disc_layers).to(device)
     loss_fn = AutoencoderLoss(cfg.loss, build_lpips(cfg.loss.lpips_net, random_backbone=True).to(device))
     x = torch.rand(cfg.train.batch_size, 3, cfg.data.resolution, cfg.data.resolution, device=device) * 2 - 1
     with FlopCounterMode(display=False) as counter, torch.autocast(device, dtype=torch.bfloat16):
@@ -219,7 +225,7 @@ def bench_ae_mfu(args) -> dict:
                  "loss.disc_pretrain_steps=0", f"train.max_steps={n}", "train.log_every=1", f"train.image_every={n}",
                  f"train.checkpoint_every={n}", f"data.max_images={max(args.images, args.batch_size * n)}",
                  f"data.num_workers={args.workers}", "export.scale_num_images=64", "export.scale_batch_size=16"]
-    cfg = load_config(ROOT / "configs" / "kl_f4_fashion.yaml", overrides)
+    cfg = load_config("kl_f4_fashion", overrides, Config)
     flops = _step_flops(cfg, device)
     name = torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu"
     peak = args.peak_tflops or next((v for k, v in BF16_PEAK_TFLOPS.items() if k in name), None)
@@ -227,7 +233,7 @@ def bench_ae_mfu(args) -> dict:
                 "channels_last + torch.compile": ["train.channels_last=true", "train.compile=true"]}
     tmp, results = Path(tempfile.mkdtemp(prefix="bench-")), {}
     for i, (variant, extra) in enumerate(variants.items()):
-        times = _ours_step_seconds(load_config(ROOT / "configs" / "kl_f4_fashion.yaml", overrides + extra),
+        times = _ours_step_seconds(load_config("kl_f4_fashion", overrides + extra, Config),
                                    tmp / f"run{i}")[args.warmup:]
         median = statistics.median(times)
         results[variant] = {"median_s": median, "images_per_s": cfg.train.batch_size / median,
@@ -243,7 +249,7 @@ def _jpeg_folder(root: Path, count: int, size: int = 512) -> Path:
     """`count` JPEGs (random size x size crops of scikit-image's photos) in root/train."""
     import numpy as np
 
-    from ldm_vae.data import _load_photos
+    from ldm_vae.data.sources import _load_photos
 
     photos, rng = _load_photos(), np.random.default_rng(0)
     (root / "train").mkdir(parents=True, exist_ok=True)
@@ -260,9 +266,9 @@ def bench_data_loading(args) -> dict:
     root = _jpeg_folder(Path(tempfile.mkdtemp(prefix="bench-")), args.images)
     results = {}
     for name, cache_mb in (("decoded on every access", 0), ("decoded-image cache (default)", 2048)):
-        cfg = load_config(ROOT / "configs" / "kl_f4_fashion.yaml",
+        cfg = load_config("kl_f4_fashion",
                           ["data.source=imagefolder", f"data.path={root}", f"data.resolution={args.resolution}",
-                           "data.center_crop=false", f"data.decoded_cache_mb={cache_mb}"]).data
+                           "data.center_crop=false", f"data.decoded_cache_mb={cache_mb}"], Config).data
         t0 = time.perf_counter()
         ds = build_dataset(cfg, "train", train=True)
         built = time.perf_counter() - t0
@@ -283,12 +289,12 @@ def bench_data_loading(args) -> dict:
 
 
 def bench_ldm_cache(args) -> dict:
-    vae_cfg = load_config(ROOT / "configs" / "kl_f4_fashion.yaml")
-    ldm_cfg = load_config(ROOT / "configs" / "ldm_fashion.yaml", [], LDMConfig)
+    vae_cfg = load_config("kl_f4_fashion", [], Config)
+    ldm_cfg = load_config("ldm_fashion", [], LDMConfig)
     bs = ldm_cfg.train.batch_size
     tmp = Path(tempfile.mkdtemp(prefix="bench-"))
     vae_dir = Path(args.vae) if args.vae else _untrained_autoencoder(tmp)
-    from ldm_vae.models import load_autoencoder
+    from ldm_vae.autoencoder.models import load_autoencoder
 
     vae = load_autoencoder(vae_dir).eval()
     data = vae_cfg.data
@@ -337,7 +343,7 @@ def bench_ldm_cache(args) -> dict:
 
 
 def _untrained_autoencoder(tmp: Path) -> Path:
-    vae_cfg = load_config(ROOT / "configs" / "kl_f4_fashion.yaml")
+    vae_cfg = load_config("kl_f4_fashion", [], Config)
     torch.manual_seed(0)
     vae = build_autoencoder(vae_cfg.model, vae_cfg.data.resolution)
     vae.register_to_config(scaling_factor=1.0, shift_factor=0.0)
@@ -346,14 +352,14 @@ def _untrained_autoencoder(tmp: Path) -> Path:
 
 
 def bench_sampling(args) -> dict:
-    from ldm_vae.models import load_autoencoder
-    from ldm_vae.pipeline import LatentDiffusionPipeline, make_scheduler
-    from ldm_vae.sample import generate, load_run_pipeline
+    from ldm_vae.autoencoder.models import load_autoencoder
+    from ldm_vae.diffusion.pipeline import LatentDiffusionPipeline, make_scheduler
+    from ldm_vae.diffusion.sample import generate, load_run_pipeline
 
     if args.ldm:
         pipe, _ = load_run_pipeline(args.ldm)
     else:
-        ldm_cfg = load_config(ROOT / "configs" / "ldm_fashion.yaml", [], LDMConfig)
+        ldm_cfg = load_config("ldm_fashion", [], LDMConfig)
         vae = load_autoencoder(_untrained_autoencoder(Path(tempfile.mkdtemp(prefix="bench-"))))
         torch.manual_seed(0)
         unet = build_unet(ldm_cfg.model, [4, 8, 8], 10)
@@ -385,7 +391,7 @@ def _rss_mb(field: str) -> float:
 def _decode_in_child(vae_dir: str, latents: torch.Tensor, tiled: bool) -> tuple[torch.Tensor, float, float]:
     """(image, seconds, peak resident MB above the resident memory before decoding), in a
     fresh process; the peak (VmHWM) is reset just before decoding (Linux clear_refs 5)."""
-    from ldm_vae.models import load_autoencoder
+    from ldm_vae.autoencoder.models import load_autoencoder
 
     vae = load_autoencoder(vae_dir).eval()
     if tiled:
@@ -402,11 +408,11 @@ def _decode_in_child(vae_dir: str, latents: torch.Tensor, tiled: bool) -> tuple[
 
 
 def bench_tiled_decode(args) -> dict:
-    from ldm_vae.models import load_autoencoder
+    from ldm_vae.autoencoder.models import load_autoencoder
 
     vae_dir = Path(args.vae) if args.vae else _untrained_autoencoder(Path(tempfile.mkdtemp(prefix="bench-")))
     vae = load_autoencoder(vae_dir).eval()
-    data = load_config(ROOT / "configs" / "kl_f4_fashion.yaml").data
+    data = load_config("kl_f4_fashion", [], Config).data
     test = build_dataset(data, "test", train=False)
     tiles = torch.stack([test[i]["pixel_values"] for i in range(1024)])
     mosaic = make_grid(tiles, nrow=32, padding=0)[None]  # [1, 3, 1024, 1024]

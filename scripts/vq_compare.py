@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from ldm_vae.evaluate import EvalOptions, run_eval
+from ldm_vae.evaluation.report import EvalOptions, run_eval
 
 PLAIN = ["quantizer.l2_normalize=false", "quantizer.kmeans_init=false", "quantizer.restart_after_steps=0"]
 

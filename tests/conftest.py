@@ -14,12 +14,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from ldm_vae.autoencoder.config import Config
 from ldm_vae.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY_KL = ROOT / "configs" / "tiny_kl.yaml"
-TINY_VQ = ROOT / "configs" / "tiny_vq.yaml"
-TINY_LDM = ROOT / "configs" / "tiny_ldm.yaml"
+CONFIGS = ROOT / "ldm_vae" / "configs"  # the bundled configs (configs/ links here)
+TINY_KL = CONFIGS / "tiny_kl.yaml"
+TINY_VQ = CONFIGS / "tiny_vq.yaml"
+TINY_LDM = CONFIGS / "tiny_ldm.yaml"
 
 
 def _shapes(n: int, rng: np.random.Generator) -> np.ndarray:
@@ -59,7 +61,7 @@ def tiny_cfg(fake_fashion):
     """tiny_kl.yaml on the synthetic data; call with extra KEY=VALUE overrides."""
 
     def make(*overrides: str):
-        return load_config(TINY_KL, [f"data.path={fake_fashion}", *overrides])
+        return load_config(TINY_KL, [f"data.path={fake_fashion}", *overrides], Config)
 
     return make
 
@@ -69,7 +71,7 @@ def tiny_vq_cfg(fake_fashion):
     """tiny_vq.yaml on the synthetic data; call with extra KEY=VALUE overrides."""
 
     def make(*overrides: str):
-        return load_config(TINY_VQ, [f"data.path={fake_fashion}", *overrides])
+        return load_config(TINY_VQ, [f"data.path={fake_fashion}", *overrides], Config)
 
     return make
 
@@ -79,11 +81,11 @@ def tiny_cache(tmp_path_factory, fake_fashion) -> Path:
     """A latent cache (train split, 256 images, with flips) of a tiny KL autoencoder trained for 6 steps."""
     from accelerate.state import AcceleratorState
 
-    from ldm_vae.latents import encode_dataset
-    from ldm_vae.train_vae import train
+    from ldm_vae.autoencoder.train import train
+    from ldm_vae.diffusion.latents import encode_dataset
 
     root = tmp_path_factory.mktemp("tiny_cache")
-    cfg = load_config(TINY_KL, [f"data.path={fake_fashion}", "train.max_steps=6", "loss.disc_start=100"])
+    cfg = load_config(TINY_KL, [f"data.path={fake_fashion}", "train.max_steps=6", "loss.disc_start=100"], Config)
     train(cfg, root / "vae")
     AcceleratorState._reset_state(reset_partial_state=True)
     encode_dataset(root / "vae" / "export", cfg.data, "train", root / "cache", batch_size=64)
@@ -93,7 +95,7 @@ def tiny_cache(tmp_path_factory, fake_fashion) -> Path:
 @pytest.fixture
 def tiny_ldm_cfg(tiny_cache):
     """tiny_ldm.yaml on the tiny cache; call with extra KEY=VALUE overrides."""
-    from ldm_vae.config import LDMConfig
+    from ldm_vae.diffusion.config import LDMConfig
 
     def make(*overrides: str):
         return load_config(TINY_LDM, [f"latents={tiny_cache}", *overrides], LDMConfig)

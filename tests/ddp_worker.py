@@ -15,10 +15,12 @@ import torch
 from diffusers import UNet2DModel
 from safetensors.torch import save_file
 
-from ldm_vae.config import Config, LDMConfig, load_config
-from ldm_vae.losses import AutoencoderLoss
-from ldm_vae.train_ldm import train_ldm
-from ldm_vae.train_vae import train
+from ldm_vae.autoencoder.config import Config
+from ldm_vae.autoencoder.losses import AutoencoderLoss
+from ldm_vae.autoencoder.train import train
+from ldm_vae.config import load_config
+from ldm_vae.diffusion.config import LDMConfig
+from ldm_vae.diffusion.train import train_ldm
 
 trainer, config, output_dir, *overrides = sys.argv[1:]
 if os.environ.get("LDM_VAE_TEST_NAN"):
@@ -47,15 +49,11 @@ if os.environ.get("LDM_VAE_TEST_NAN"):
         UNet2DModel.forward = forward
 
 run, schema = {"train-vae": (train, Config), "train-ldm": (train_ldm, LDMConfig)}[trainer]
-summary = run(load_config(config, overrides, schema), output_dir)
-rank = summary["process_index"]
-state = {}
-for name, module in summary["models"].items():
-    if name == "ema":
-        if module is not None:
-            state.update({f"ema.{i}": p.contiguous() for i, p in enumerate(module.shadow_params)})
-    elif name == "lecam":
-        state.update({f"lecam.{k}": v.reshape(1) for k, v in module.state_dict().items()})
-    else:
-        state.update({f"{name}.{k}": v.contiguous() for k, v in module.state_dict().items()})
-save_file(state, str(Path(output_dir) / f"rank{rank}.safetensors"))
+result = run(load_config(config, overrides, schema), output_dir)
+modules = {"ae": result.autoencoder, "disc": result.discriminator, "lecam": result.lecam} \
+    if trainer == "train-vae" else {"unet": result.unet}
+state = {f"{name}.{k}": v.reshape(-1).contiguous() for name, module in modules.items()
+         for k, v in module.state_dict().items()}
+if result.ema is not None:
+    state.update({f"ema.{i}": p.contiguous() for i, p in enumerate(result.ema.shadow_params)})
+save_file(state, str(Path(output_dir) / f"rank{result.process_index}.safetensors"))

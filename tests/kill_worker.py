@@ -13,9 +13,11 @@ import sys
 
 from accelerate import Accelerator
 
-from ldm_vae.config import Config, LDMConfig, load_config
-from ldm_vae.train_ldm import train_ldm
-from ldm_vae.train_vae import train
+from ldm_vae.autoencoder.config import Config
+from ldm_vae.autoencoder.train import train
+from ldm_vae.config import load_config
+from ldm_vae.diffusion.config import LDMConfig
+from ldm_vae.diffusion.train import train_ldm
 
 trainer, config, output_dir, kill_at, *overrides = sys.argv[1:]
 original = Accelerator.save_state

@@ -11,10 +11,11 @@ import pytest
 import torch
 from PIL import Image
 
+from ldm_vae.autoencoder.config import Config
+from ldm_vae.autoencoder.train import train
 from ldm_vae.config import load_config
-from ldm_vae.data import BadImage, build_dataset, decode_image
+from ldm_vae.data.sources import BadImage, build_dataset, decode_image
 from ldm_vae.errors import UserError
-from ldm_vae.train_vae import train
 
 from .conftest import TINY_KL
 
@@ -71,12 +72,12 @@ def test_unusual_files_decode_to_correct_rgb(tmp_path, low_bomb_limit):
 def test_training_on_a_folder_with_bad_files_skips_and_lists_them(tmp_path, low_bomb_limit):
     bad = _zoo(tmp_path / "zoo")
     cfg = load_config(TINY_KL, ["data.source=imagefolder", f"data.path={tmp_path / 'zoo'}", "train.max_steps=4",
-                                "data.max_bad_fraction=0.2", "train.batch_size=8"])
+                                "data.max_bad_fraction=0.2", "train.batch_size=8"], Config)
     ds = build_dataset(cfg.data, "train", train=True)
     assert {p.split("/")[-1] for p, _ in ds.bad} == bad and len(ds) == 40 + 7
     x = torch.stack([ds[i]["pixel_values"] for i in range(len(ds))])
     assert x.shape[1:] == (3, 16, 16) and torch.isfinite(x).all() and x.min() >= -1 and x.max() <= 1
-    summary = train(cfg, tmp_path / "run")
+    summary = train(cfg, tmp_path / "run").summary
     assert summary["steps"] == 4 and summary["bad_images"]["count"] == 4
     listed = (tmp_path / "run" / "bad_images.txt").read_text()
     assert all(name in listed for name in bad)
@@ -85,7 +86,7 @@ def test_training_on_a_folder_with_bad_files_skips_and_lists_them(tmp_path, low_
 
 def test_too_many_bad_files_stop_before_training(tmp_path, low_bomb_limit):
     _zoo(tmp_path / "zoo", n_good=4)
-    cfg = load_config(TINY_KL, ["data.source=imagefolder", f"data.path={tmp_path / 'zoo'}"])
+    cfg = load_config(TINY_KL, ["data.source=imagefolder", f"data.path={tmp_path / 'zoo'}"], Config)
     with pytest.raises(UserError, match=r"4 of 15 files cannot be used as images.*max_bad_fraction"):
         train(cfg, tmp_path / "run")
     assert not (tmp_path / "run").exists()

@@ -9,10 +9,11 @@ import pytest
 import torch
 from PIL import Image
 
-from ldm_vae import data
-from ldm_vae.config import DataConfig
-from ldm_vae.data import build_dataset, make_grid, save_image
+from ldm_vae.data import sources as data
+from ldm_vae.data.config import DataConfig
+from ldm_vae.data.sources import build_dataset
 from ldm_vae.errors import UserError
+from ldm_vae.files import make_grid, save_image
 
 
 def write_idx(folder: Path, prefix: str, images: np.ndarray, labels: np.ndarray, image_magic: int = 2051):

@@ -14,21 +14,11 @@ import torch
 import yaml
 from torch import nn
 
-from ldm_vae.evaluate import (
-    EvalOptions,
-    _add_kl_diagnostics,
-    _Features,
-    _kl_summary,
-    _Sums,
-    bits_per_dim,
-    frechet_metric,
-    likelihood_bounds,
-    load_fd_features,
-    psnr,
-    run_eval,
-    ssim,
-)
-from ldm_vae.train_vae import train
+from ldm_vae.autoencoder.train import train
+from ldm_vae.evaluation.diagnostics import KLDiagnostics
+from ldm_vae.evaluation.frechet import _Features, frechet_metric, load_fd_features
+from ldm_vae.evaluation.metrics import bits_per_dim, likelihood_bounds, psnr, ssim
+from ldm_vae.evaluation.report import EvalOptions, run_eval
 
 from .test_train import _offline_hub
 
@@ -63,13 +53,13 @@ def test_bits_per_dim_of_a_uniform_density_is_8():
 
 
 def test_active_units_count_channels_whose_mean_varies():
-    sums = _Sums()
+    kl = KLDiagnostics(vae=None)
     for _ in range(4):
         mean = torch.zeros(16, 2, 2, 2)
         mean[:, 0] = torch.randn(16, 1, 1)  # channel 0 carries information, channel 1 is collapsed
-        sums.n += 16
-        _add_kl_diagnostics(sums, SimpleNamespace(mean=mean, logvar=torch.zeros_like(mean)))
-    s = _kl_summary(sums, sums.n)
+        kl.posterior = SimpleNamespace(mean=mean, logvar=torch.zeros_like(mean))
+        kl.observe(mean)
+    s = kl.summary(64)
     assert s["active_units"] == 4 and s["latent_units"] == 8
     assert s["active_units_per_channel"] == [1.0, 0.0]
     assert s["kl_per_channel_nats"][1] == 0.0 and s["kl_per_channel_nats"][0] > 0
@@ -77,13 +67,14 @@ def test_active_units_count_channels_whose_mean_varies():
 
 @pytest.fixture(scope="module")
 def exports(tmp_path_factory, fake_fashion):
+    from ldm_vae.autoencoder.config import Config
     from ldm_vae.config import load_config
 
     from .conftest import TINY_KL, TINY_VQ
 
     root = tmp_path_factory.mktemp("eval")
     for name, path in (("kl", TINY_KL), ("vq", TINY_VQ)):
-        train(load_config(path, [f"data.path={fake_fashion}", "train.max_steps=10", "loss.disc_start=100"]),
+        train(load_config(path, [f"data.path={fake_fashion}", "train.max_steps=10", "loss.disc_start=100"], Config),
               root / name)
     return root
 

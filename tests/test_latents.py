@@ -7,11 +7,17 @@ import json
 import pytest
 import torch
 
+from ldm_vae.autoencoder.config import Config
+from ldm_vae.autoencoder.models import load_autoencoder
+from ldm_vae.autoencoder.train import train
 from ldm_vae.config import load_config
+from ldm_vae.diffusion.latents import (
+    CACHE_FILE,
+    LatentDataset,
+    encode_dataset,
+    read_cache,
+)
 from ldm_vae.errors import UserError
-from ldm_vae.latents import CACHE_FILE, LatentDataset, encode_dataset, read_cache
-from ldm_vae.models import load_autoencoder
-from ldm_vae.train_vae import train
 
 from .conftest import TINY_KL, TINY_VQ
 
@@ -20,12 +26,12 @@ from .conftest import TINY_KL, TINY_VQ
 def exports(tmp_path_factory, fake_fashion):
     root = tmp_path_factory.mktemp("latents")
     for name, path in (("kl", TINY_KL), ("vq", TINY_VQ)):
-        train(load_config(path, [f"data.path={fake_fashion}", "train.max_steps=6", "loss.disc_start=100"]), root / name)
+        train(load_config(path, [f"data.path={fake_fashion}", "train.max_steps=6", "loss.disc_start=100"], Config), root / name)
     return root
 
 
 def _data(fake_fashion, flip=True):
-    return load_config(TINY_KL, [f"data.path={fake_fashion}", f"data.random_flip={str(flip).lower()}"]).data
+    return load_config(TINY_KL, [f"data.path={fake_fashion}", f"data.random_flip={str(flip).lower()}"], Config).data
 
 
 @pytest.mark.parametrize("kind", ["kl", "vq"])
@@ -35,7 +41,7 @@ def test_cache_round_trip_and_scaling_applied_once(exports, tmp_path, fake_fashi
     meta = encode_dataset(model_dir, data, "test", tmp_path / "cache", batch_size=16, shard_size=24)
     assert meta["num_images"] == 64 and len(meta["shards"]) == 3 and meta["has_labels"]
     vae = load_autoencoder(model_dir).eval()
-    from ldm_vae.data import build_dataset
+    from ldm_vae.data.sources import build_dataset
 
     x = torch.stack([build_dataset(data, "test", train=False)[i]["pixel_values"] for i in range(4)])
     ds = LatentDataset(tmp_path / "cache")
@@ -75,7 +81,7 @@ def test_cache_round_trip_and_scaling_applied_once(exports, tmp_path, fake_fashi
 
 
 def test_cache_is_resumable_idempotent_and_refuses_a_mismatch(exports, tmp_path, fake_fashion, monkeypatch):
-    from ldm_vae import latents
+    from ldm_vae.diffusion import latents
 
     kl, vq = exports / "kl" / "export", exports / "vq" / "export"
     out, data = tmp_path / "cache", _data(fake_fashion, flip=False)

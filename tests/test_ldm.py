@@ -13,23 +13,26 @@ import torch
 from diffusers import DiffusionPipeline
 from PIL import Image
 
-from ldm_vae.config import UNetConfig
+from ldm_vae.autoencoder.models import load_autoencoder
+from ldm_vae.diffusion.config import UNetConfig
+from ldm_vae.diffusion.export import export_pipeline
+from ldm_vae.diffusion.networks import build_unet, noise_schedule
+from ldm_vae.diffusion.pipeline import LatentDiffusionPipeline, make_scheduler
+from ldm_vae.diffusion.sample import generate, load_pipeline, sample_labels
+from ldm_vae.diffusion.train import train_ldm
 from ldm_vae.errors import UserError
-from ldm_vae.models import build_unet, load_autoencoder
-from ldm_vae.pipeline import LatentDiffusionPipeline, make_scheduler
-from ldm_vae.sample import export_pipeline, generate, load_pipeline, sample_labels
-from ldm_vae.train_ldm import noise_schedule, train_ldm
 
 from .conftest import TINY_LDM
 
 
 @pytest.fixture(scope="module")
 def ldm_run(tmp_path_factory, tiny_cache):
-    from ldm_vae.config import LDMConfig, load_config
+    from ldm_vae.config import load_config
+    from ldm_vae.diffusion.config import LDMConfig
 
     out = tmp_path_factory.mktemp("ldm") / "run"
     summary = train_ldm(load_config(TINY_LDM, [f"latents={tiny_cache}", "train.max_steps=60", "train.log_every=10",
-                                               "train.image_every=60", "train.checkpoint_every=60"], LDMConfig), out)
+                                               "train.image_every=60", "train.checkpoint_every=60"], LDMConfig), out).summary
     return out, summary
 
 
@@ -39,7 +42,7 @@ def _tiny_pipeline(tiny_cache, num_classes=10):
     unet = build_unet(UNetConfig(block_out_channels=[16, 32], layers_per_block=1, attention_levels=[1],
                                  attention_head_dim=8, norm_num_groups=8), meta["latent_shape"], num_classes).eval()
     vae = load_autoencoder(meta["autoencoder"]).eval()
-    from ldm_vae.config import DiffusionConfig
+    from ldm_vae.diffusion.config import DiffusionConfig
 
     return LatentDiffusionPipeline(unet, vae, make_scheduler("ddim", noise_schedule(DiffusionConfig()).config))
 
@@ -83,7 +86,7 @@ def test_every_schedule_and_prediction_type_trains(tiny_ldm_cfg, tmp_path, predi
     summary = train_ldm(tiny_ldm_cfg("train.max_steps=6", "train.log_every=3", "train.image_every=6",
                                      "train.checkpoint_every=6", f"diffusion.prediction_type={prediction}",
                                      f"diffusion.beta_schedule={schedule}", "diffusion.beta_start=0.00085",
-                                     "diffusion.beta_end=0.012"), tmp_path / "run")
+                                     "diffusion.beta_end=0.012"), tmp_path / "run").summary
     assert summary["steps"] == 6 and np.isfinite(summary["final_logs"]["loss"])
     pipe = load_pipeline(tmp_path / "run", solver="ddim")
     assert pipe.scheduler.config.prediction_type == prediction
@@ -143,8 +146,8 @@ def test_ldm_channels_last_and_compile_train_the_same_unet(tiny_ldm_cfg, tmp_pat
     overrides = ("train.max_steps=3", "train.log_every=1", "train.image_every=100")
     plain = train_ldm(tiny_ldm_cfg(*overrides), tmp_path / "plain")
     fast = train_ldm(tiny_ldm_cfg(*overrides, "train.channels_last=true", "train.compile=true"), tmp_path / "fast")
-    assert fast["skipped_steps"] == 0
-    unets = [dict(s["models"]["unet"].named_parameters()) for s in (plain, fast)]
+    assert fast.summary["skipped_steps"] == 0
+    unets = [dict(s.unet.named_parameters()) for s in (plain, fast)]
     assert unets[0].keys() == unets[1].keys()
     for k in unets[0]:
         torch.testing.assert_close(unets[1][k], unets[0][k], rtol=1e-3, atol=1e-4, msg=k)

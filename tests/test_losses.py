@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from ldm_vae.discriminator import PatchDiscriminator
-from ldm_vae.losses import (
+from ldm_vae.autoencoder.discriminator import PatchDiscriminator
+from ldm_vae.autoencoder.losses import (
     AutoencoderLoss,
     LeCamEMA,
     adaptive_weight,
@@ -19,8 +19,8 @@ from ldm_vae.losses import (
     vanilla_d_loss,
     vanilla_g_loss,
 )
-from ldm_vae.models import KLAutoencoder, build_autoencoder
-from ldm_vae.perceptual import build_lpips
+from ldm_vae.autoencoder.models import KLAutoencoder, build_autoencoder
+from ldm_vae.autoencoder.perceptual import build_lpips
 
 
 def test_kl_closed_form_matches_monte_carlo():
@@ -154,7 +154,7 @@ def test_one_pass_gan_loss_equals_the_textbook_two_pass_loss(tiny_cfg, grad_scal
     g = hinge_g_loss(disc(recon))
     nll_grad, = torch.autograd.grad(nll, last, retain_graph=True)
     g_grad, = torch.autograd.grad(g, last, retain_graph=True)
-    w = 0.5 * (nll_grad.norm() / (g_grad.norm() + 1e-4)).clamp(0, 1e4).detach()
+    w = 0.5 * (nll_grad.norm() / (g_grad.norm() + 1e-4)).clamp(0, 1e4 / x[0].numel()).detach()
     textbook = nll + reg + w * g
     textbook_grads = grads(textbook)
 
@@ -163,6 +163,37 @@ def test_one_pass_gan_loss_equals_the_textbook_two_pass_loss(tiny_cfg, grad_scal
     assert ours_grads.keys() == textbook_grads.keys() and len(ours_grads) == len(list(ae.parameters()))
     for n in ours_grads:
         torch.testing.assert_close(ours_grads[n], textbook_grads[n], rtol=1e-4, atol=1e-7, msg=n)
+
+
+def test_adaptive_weight_clamp_has_ldms_meaning_at_any_resolution(tiny_cfg):
+    """LDM sums its NLL over the 3*H*W pixel values and clamps the adaptive weight at 1e4; our
+    NLL is their mean, so the same clamp on the same model gives our weight = LDM's / (3*H*W)."""
+    def weight(max_weight):
+        cfg, ae, disc, loss_fn, x = _setup(tiny_cfg, disc_start=0, disc_weight=0.5,
+                                           adaptive_weight_max=max_weight)
+        disc.requires_grad_(False)
+        torch.manual_seed(1)
+        recon, latent = ae(x)
+        _, logs = loss_fn.generator(x, recon, latent, step=0, disc=disc, last_layer=ae.last_layer())
+        return logs["adaptive_weight"].item(), x[0].numel()
+
+    free, pixels = weight(1e30)  # no clamp: 0.5 * LDM's weight / pixels
+    ldm_unclamped = free / 0.5 * pixels
+    clamp = ldm_unclamped / 2  # a clamp that binds in LDM's units, though not in ours
+    assert clamp / pixels < free / 0.5 < clamp
+    clamped, _ = weight(clamp)
+    assert clamped == pytest.approx(0.5 * clamp / pixels, rel=1e-5)
+
+
+def test_patch_discriminator_takes_any_width():
+    """GroupNorm's group count divides every layer's width (36 -> 72, 144, 288 channels)."""
+    for channels in (8, 36, 64, 100):
+        disc = PatchDiscriminator(3, channels, 3)
+        assert disc(torch.randn(2, 3, 32, 32)).shape[:2] == (2, 1)
+        for norm in (m for m in disc.modules() if isinstance(m, torch.nn.GroupNorm)):
+            assert norm.num_channels % norm.num_groups == 0 and norm.num_channels // norm.num_groups >= 4
+    groups = [m.num_groups for m in PatchDiscriminator(3, 64, 3).modules() if isinstance(m, torch.nn.GroupNorm)]
+    assert groups == [32, 32, 32]  # the default width keeps the groups it always had
 
 
 def test_discriminator_pretrains_before_the_gan_term(tiny_cfg):

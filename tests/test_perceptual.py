@@ -14,8 +14,13 @@ import urllib.error
 import pytest
 import torch
 
+from ldm_vae.autoencoder.perceptual import (
+    BACKBONE_FILES,
+    LPIPS,
+    LPIPSWeightsMissing,
+    build_lpips,
+)
 from ldm_vae.errors import UserError
-from ldm_vae.perceptual import BACKBONE_FILES, LPIPS, LPIPSWeightsMissing, build_lpips
 
 SIZE = {"vgg": 32, "alex": 64}  # vgg: 4 poolings before relu5_3; alex: stride-4 stem
 

@@ -6,10 +6,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ldm_vae import quantize
-from ldm_vae.config import QuantizerConfig
-from ldm_vae.models import build_training_model
-from ldm_vae.quantize import VectorQuantizer, entropy_penalty, kmeans, nearest_code
+from ldm_vae.autoencoder import quantize
+from ldm_vae.autoencoder.config import QuantizerConfig
+from ldm_vae.autoencoder.models import build_training_model
+from ldm_vae.autoencoder.quantize import (
+    VectorQuantizer,
+    entropy_penalty,
+    kmeans,
+    nearest_code,
+)
 
 
 def _quantizer(k=32, d=4, **overrides):
@@ -126,14 +131,55 @@ def test_dead_codes_are_restarted_from_encoder_outputs_after_the_patience():
         codebook[1:] = 100.0
     h = torch.randn(1, 4, 4, 4) * 0.01
     out = q(h, codebook)
-    assert q.update(out, codebook.data, step=10)["restarted"] == 0  # not idle for > 10 steps yet
+    q.observe(out)
+    logs, restarted = q.update(codebook.data, step=10)
+    assert logs["restarted"] == 0 and restarted.numel() == 0  # not idle for > 10 steps yet
     assert q.usage(10) == pytest.approx(1 / 8)
-    logs = q.update(out, codebook.data, step=11)
-    assert logs["restarted"] == 7
+    q.observe(out)
+    logs, restarted = q.update(codebook.data, step=11)
+    assert logs["restarted"] == 7 and sorted(restarted.tolist()) == list(range(1, 8))
     rows = {tuple(r) for r in out.z.tolist()}
     assert all(tuple(codebook[k].tolist()) in rows for k in range(1, 8))  # re-seeded from actual outputs
     assert q.last_restart[1:].eq(11).all() and q.last_restart[0] == 0
-    assert q.update(q(h, codebook), codebook.data, step=12)["restarted"] == 0  # grace period after a restart
+    q.observe(q(h, codebook))
+    assert q.update(codebook.data, step=12)[0]["restarted"] == 0  # grace period after a restart
+
+
+def test_restarted_codes_lose_their_adamw_moments():
+    """A re-seeded code must not keep the moments of the code it replaced: they would push it
+    away from the encoder output it was just set to."""
+    from ldm_vae.autoencoder.train import reset_adam_rows
+
+    codebook = torch.nn.Parameter(torch.randn(6, 3))
+    opt = torch.optim.AdamW([codebook], lr=0.1)
+    codebook.grad = torch.randn(6, 3)
+    opt.step()
+    rows = torch.tensor([1, 4])
+    reset_adam_rows(opt, codebook, rows)
+    for key in ("exp_avg", "exp_avg_sq"):
+        moments = opt.state[codebook][key]
+        assert moments[rows].eq(0).all() and moments[[0, 2, 3, 5]].ne(0).all(), key
+    reset_adam_rows(torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))]), codebook, rows)  # no state: no-op
+
+
+def test_statistics_of_accumulated_micro_batches_update_once_per_optimizer_step():
+    """With gradient accumulation the EMA codebook takes one step from the summed statistics
+    of every micro-batch, as one large batch would, not one step per micro-batch."""
+    def run(batches):
+        q, codebook = _quantizer(k=4, d=2, l2_normalize=False, ema_decay=0.5, restart_after_steps=0)
+        with torch.no_grad():
+            codebook.copy_(torch.tensor([[1.0, 0], [-1.0, 0], [0, 1.0], [0, -1.0]]))
+            q.ema_sum.copy_(codebook)
+        for h in batches:
+            q.observe(q(h, codebook))
+        q.update(codebook.data, step=0)
+        return codebook.detach().clone(), q.ema_count.clone(), q.hist.clone()
+
+    h = torch.tensor([[1.5, 0.1], [1.3, -0.1], [0.1, 0.9], [-1.2, 0.0]]).T.reshape(1, 2, 2, 2)
+    whole = run([h])
+    halves = run([h[:, :, :1], h[:, :, 1:]])
+    for a, b in zip(whole, halves):
+        torch.testing.assert_close(a, b)
 
 
 def test_ema_codebook_moves_to_the_mean_of_its_assignments_without_gradients():
@@ -146,7 +192,8 @@ def test_ema_codebook_moves_to_the_mean_of_its_assignments_without_gradients():
     out = q(h, codebook)
     assert "vq_codebook" not in out.logs  # no codebook loss: the EMA moves the codes
     before = codebook.detach().clone()
-    q.update(out, codebook.data, step=0)
+    q.observe(out)
+    q.update(codebook.data, step=0)
     # code 0 = EMA of the sums of its tokens / EMA of their count (Laplace smoothing ~1e-5)
     expected = (0.5 * 1.0 + 0.5 * (1.5 + 1.3)) / (0.5 * 1 + 0.5 * 2)
     assert codebook[0, 0].item() == pytest.approx(expected, rel=1e-4) and codebook[0, 0] > before[0, 0]

@@ -15,11 +15,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from ldm_vae.checkpoint import EXTRA_FILE, complete_checkpoints
+from ldm_vae.autoencoder.losses import AutoencoderLoss
+from ldm_vae.autoencoder.train import train
+from ldm_vae.diffusion.train import train_ldm
 from ldm_vae.errors import UserError
-from ldm_vae.losses import AutoencoderLoss
-from ldm_vae.train_ldm import train_ldm
-from ldm_vae.train_vae import train
+from ldm_vae.run.checkpoint import EXTRA_FILE, complete_checkpoints
 
 from .conftest import TINY_KL, TINY_LDM
 from .test_train import _run_two_processes
@@ -37,11 +37,11 @@ def _inject_nan(monkeypatch, steps: set[int]) -> None:
 
 def test_nan_steps_are_skipped_counted_and_leave_weights_finite(tiny_cfg, tmp_path, monkeypatch):
     _inject_nan(monkeypatch, {3, 4, 9})
-    summary = train(tiny_cfg("train.max_steps=12", "loss.disc_start=2", "train.log_every=4"), tmp_path / "run")
-    assert summary["steps"] == 12 and summary["skipped_steps"] == 3
-    assert all(torch.isfinite(p).all() for p in summary["models"]["ae"].parameters())
-    assert all(torch.isfinite(p).all() for p in summary["models"]["ema"].shadow_params)
-    assert all(math.isfinite(v) for v in summary["final_logs"].values())
+    run = train(tiny_cfg("train.max_steps=12", "loss.disc_start=2", "train.log_every=4"), tmp_path / "run")
+    assert run.summary["steps"] == 12 and run.summary["skipped_steps"] == 3
+    assert all(torch.isfinite(p).all() for p in run.autoencoder.parameters())
+    assert all(torch.isfinite(p).all() for p in run.ema.shadow_params)
+    assert all(math.isfinite(v) for v in run.summary["final_logs"].values())
 
 
 def test_consecutive_nan_steps_stop_the_run_and_keep_the_last_good_checkpoint(tiny_cfg, tmp_path, monkeypatch):
@@ -54,7 +54,7 @@ def test_consecutive_nan_steps_stop_the_run_and_keep_the_last_good_checkpoint(ti
     # the checkpoint at step 10 holds the last finite weights and still resumes
     assert [s for s, _ in complete_checkpoints(tmp_path / "run")] == [5, 10]
     monkeypatch.undo()
-    summary = train(cfg, tmp_path / "run", resume="latest")
+    summary = train(cfg, tmp_path / "run", resume="latest").summary
     assert summary["steps"] == 30 and summary["skipped_steps"] == 0
 
 
@@ -77,18 +77,18 @@ def _inject_ldm_nan(monkeypatch, steps: set[int]) -> None:
 
 def test_ldm_nan_steps_are_skipped_then_a_run_of_them_stops_training(tiny_ldm_cfg, tmp_path, monkeypatch):
     _inject_ldm_nan(monkeypatch, {2, 3, 7})
-    summary = train_ldm(tiny_ldm_cfg("train.max_steps=10", "train.log_every=5"), tmp_path / "run")
-    assert summary["steps"] == 10 and summary["skipped_steps"] == 3
-    assert all(torch.isfinite(p).all() for p in summary["models"]["unet"].parameters())
-    assert all(torch.isfinite(p).all() for p in summary["models"]["ema"].shadow_params)
-    assert all(math.isfinite(v) for v in summary["final_logs"].values())
+    run = train_ldm(tiny_ldm_cfg("train.max_steps=10", "train.log_every=5"), tmp_path / "run")
+    assert run.summary["steps"] == 10 and run.summary["skipped_steps"] == 3
+    assert all(torch.isfinite(p).all() for p in run.unet.parameters())
+    assert all(torch.isfinite(p).all() for p in run.ema.shadow_params)
+    assert all(math.isfinite(v) for v in run.summary["final_logs"].values())
     monkeypatch.undo()
     _inject_ldm_nan(monkeypatch, set(range(10, 100)))
     cfg = tiny_ldm_cfg("train.max_steps=30", "train.checkpoint_every=5", "train.max_consecutive_skips=4")
     with pytest.raises(UserError, match=r"5 consecutive steps \(10-14\).*last good checkpoint is .*checkpoint-10"):
         train_ldm(cfg, tmp_path / "stops")
     monkeypatch.undo()
-    assert train_ldm(cfg, tmp_path / "stops", resume="latest")["steps"] == 30
+    assert train_ldm(cfg, tmp_path / "stops", resume="latest").summary["steps"] == 30
 
 
 @pytest.mark.parametrize("trainer", ["train-vae", "train-ldm"])
@@ -113,7 +113,7 @@ def test_overwrite_replaces_a_run_only_when_asked(tiny_cfg, tmp_path):
     with pytest.raises(UserError, match="pass one of them"):
         train(cfg, tmp_path / "run", resume="latest", overwrite=True)
     (tmp_path / "run" / "old-note.txt").write_text("from the first run")
-    summary = train(tiny_cfg("train.max_steps=2"), tmp_path / "run", overwrite=True)
+    summary = train(tiny_cfg("train.max_steps=2"), tmp_path / "run", overwrite=True).summary
     assert summary["steps"] == 2 and not (tmp_path / "run" / "old-note.txt").exists()
     assert [s for s, _ in complete_checkpoints(tmp_path / "run")] == [2]
 
@@ -130,7 +130,7 @@ def test_ldm_overwrite_and_resume_on_another_cache_are_refused(tiny_ldm_cfg, tin
     (other / "cache.json").write_text(json.dumps({**meta, "flipped": False}))
     with pytest.raises(UserError, match="pass the run's own --latents"):
         train_ldm(tiny_ldm_cfg("train.max_steps=6", f"latents={other}"), tmp_path / "run", resume="latest")
-    assert train_ldm(tiny_ldm_cfg("train.max_steps=2"), tmp_path / "run", overwrite=True)["steps"] == 2
+    assert train_ldm(tiny_ldm_cfg("train.max_steps=2"), tmp_path / "run", overwrite=True).summary["steps"] == 2
     assert [s for s, _ in complete_checkpoints(tmp_path / "run")] == [2]
 
 
@@ -194,8 +194,8 @@ def test_a_skip_decided_on_the_device_changes_nothing():
     from accelerate import PartialState
     from diffusers.training_utils import EMAModel
 
-    from ldm_vae.config import OptimConfig
-    from ldm_vae.training import NonFiniteGuard, ema_step, make_adamw
+    from ldm_vae.run.config import OptimConfig
+    from ldm_vae.run.trainer import NonFiniteGuard, ema_step, make_adamw
 
     PartialState()  # the guard logs through accelerate
     torch.manual_seed(0)

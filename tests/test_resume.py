@@ -22,7 +22,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from ldm_vae.checkpoint import EXTRA_FILE, STATE_FILE, complete_checkpoints, find_checkpoint
+from ldm_vae.run.checkpoint import (
+    EXTRA_FILE,
+    STATE_FILE,
+    complete_checkpoints,
+    find_checkpoint,
+)
 
 from .conftest import ROOT, TINY_KL, TINY_LDM
 

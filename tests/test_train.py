@@ -20,10 +20,10 @@ import torch
 from diffusers import AutoencoderKL
 from safetensors.torch import load_file
 
-from ldm_vae.data import build_dataset
+from ldm_vae.autoencoder.models import build_autoencoder
+from ldm_vae.autoencoder.train import train
+from ldm_vae.data.sources import build_dataset
 from ldm_vae.errors import UserError
-from ldm_vae.models import build_autoencoder
-from ldm_vae.train_vae import train
 
 from .conftest import ROOT, TINY_KL
 
@@ -36,17 +36,19 @@ def _recon_l1(vae, x):
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, fake_fashion):
     """One 60-step run shared by the tests below (GAN on from step 40)."""
+    from ldm_vae.autoencoder.config import Config
     from ldm_vae.config import load_config
 
     cfg = load_config(TINY_KL, [f"data.path={fake_fashion}", "train.max_steps=60", "loss.disc_start=40",
-                                "loss.disc_pretrain_steps=10", "train.checkpoint_every=30"])
+                                "loss.disc_pretrain_steps=10", "train.checkpoint_every=30"], Config)
     out = tmp_path_factory.mktemp("run") / "kl"
-    summary = train(cfg, out)
-    return cfg, out, summary
+    run = train(cfg, out)
+    return cfg, out, run
 
 
 def test_short_run_lowers_reconstruction_loss(trained):
-    cfg, out, summary = trained
+    cfg, out, run = trained
+    summary = run.summary
     x = torch.stack([build_dataset(cfg.data, "test", train=False)[i]["pixel_values"] for i in range(32)])
     torch.manual_seed(cfg.seed)  # the trainer builds its initial weights under this seed
     initial = build_autoencoder(cfg.model, cfg.data.resolution)
@@ -57,8 +59,8 @@ def test_short_run_lowers_reconstruction_loss(trained):
 
 
 def test_export_round_trip_matches_ema_weights(trained):
-    cfg, out, summary = trained
-    ae, ema = copy.deepcopy(summary["models"]["ae"]), summary["models"]["ema"]
+    cfg, out, run = trained
+    ae, ema = copy.deepcopy(run.autoencoder), run.ema
     ema.copy_to(ae.vae.parameters())  # the trainer's EMA weights in (a copy of) the trainer's model
     ae.eval()  # as from_pretrained leaves the stock model (train mode differs by ~1e-6 in attention)
     stock = AutoencoderKL.from_pretrained(out / "export")  # stock diffusers, our export
@@ -80,7 +82,7 @@ def test_export_round_trip_matches_ema_weights(trained):
 
 
 def test_checkpoints_are_complete_and_pruned(trained):
-    cfg, out, summary = trained
+    cfg, out, _ = trained
     names = sorted(p.name for p in out.iterdir() if "checkpoint" in p.name)
     assert names == ["checkpoint-30", "checkpoint-60"]
     assert (out / "checkpoint-60" / "autoencoder" / "diffusion_pytorch_model.safetensors").is_file()
@@ -88,23 +90,23 @@ def test_checkpoints_are_complete_and_pruned(trained):
 
 
 def test_resume_continues_to_identical_weights(trained, tmp_path):
-    cfg, out, summary = trained
+    cfg, out, run = trained
     # copy the run as it was at step 30, then resume it to step 60
     part = tmp_path / "part"
     part.mkdir()
     shutil.copytree(out / "checkpoint-30", part / "checkpoint-30")
     shutil.copy(out / "config.yaml", part / "config.yaml")
     resumed = train(cfg, part, resume="latest")
-    assert resumed["steps"] == 60 and resumed["steps_this_session"] == 30
-    for name in ("ae", "disc"):
-        a, b = summary["models"][name].state_dict(), resumed["models"][name].state_dict()
+    assert resumed.summary["steps"] == 60 and resumed.summary["steps_this_session"] == 30
+    for name in ("autoencoder", "discriminator"):
+        a, b = getattr(run, name).state_dict(), getattr(resumed, name).state_dict()
         for k in a:
             assert torch.equal(a[k], b[k]), (name, k)
-    assert resumed["final_logs"]["loss"] == summary["final_logs"]["loss"]
+    assert resumed.summary["final_logs"]["loss"] == run.summary["final_logs"]["loss"]
 
 
 def test_refuses_to_overwrite_a_run(trained):
-    cfg, out, summary = trained
+    cfg, out, _ = trained
     before = sorted(p.name for p in out.rglob("*"))
     with pytest.raises(UserError, match="already holds a run"):
         train(cfg, out)
@@ -145,7 +147,7 @@ def test_two_process_training_keeps_ranks_identical(tmp_path, fake_fashion):
 
 
 def test_cli_export_refuses_to_overwrite(trained, tmp_path):
-    cfg, out, summary = trained
+    cfg, out, _ = trained
     dest = tmp_path / "exp"
 
     def run(*extra):
@@ -171,7 +173,7 @@ def _offline_hub(monkeypatch, tmp_path):
 
 
 def test_missing_lpips_weights_stop_before_training(tiny_cfg, tmp_path, monkeypatch):
-    from ldm_vae.perceptual import LPIPSWeightsMissing
+    from ldm_vae.autoencoder.perceptual import LPIPSWeightsMissing
 
     _offline_hub(monkeypatch, tmp_path)
     with pytest.raises(LPIPSWeightsMissing, match="vgg16-397923af.pth"):
@@ -182,24 +184,24 @@ def test_missing_lpips_weights_stop_before_training(tiny_cfg, tmp_path, monkeypa
 def test_skipped_lpips_is_recorded_in_summary_and_card(tiny_cfg, tmp_path, monkeypatch):
     _offline_hub(monkeypatch, tmp_path)
     cfg = tiny_cfg("loss.lpips_random_backbone=false", "loss.lpips_if_missing=skip", "train.max_steps=4")
-    summary = train(cfg, tmp_path / "run")
+    summary = train(cfg, tmp_path / "run").summary
     assert summary["perceptual"].startswith("SKIPPED") and "lpips" not in summary["final_logs"]
     assert "WITHOUT the perceptual term" in (tmp_path / "run" / "export" / "README.md").read_text()
 
 
 def test_bf16_autocast_run_stays_finite(tiny_cfg, tmp_path):
     cfg = tiny_cfg("train.mixed_precision=bf16", "train.max_steps=6", "loss.disc_start=3", "train.log_every=1")
-    summary = train(cfg, tmp_path / "run")
-    logs = summary["final_logs"]
+    run = train(cfg, tmp_path / "run")
+    logs = run.summary["final_logs"]
     assert all(math.isfinite(v) for v in logs.values()) and logs["adaptive_weight"] > 0
     # master weights stay fp32 under autocast
-    assert all(p.dtype == torch.float32 for p in summary["models"]["ae"].parameters())
+    assert all(p.dtype == torch.float32 for p in run.autoencoder.parameters())
 
 
 def test_export_without_ema_uses_raw_weights(tiny_cfg, tmp_path):
-    summary = train(tiny_cfg("train.ema_decay=0", "train.max_steps=4"), tmp_path / "run")
-    assert summary["models"]["ema"] is None
-    raw = summary["models"]["ae"].vae.state_dict()
+    run = train(tiny_cfg("train.ema_decay=0", "train.max_steps=4"), tmp_path / "run")
+    assert run.ema is None
+    raw = run.autoencoder.vae.state_dict()
     exported = AutoencoderKL.from_pretrained(tmp_path / "run" / "export").state_dict()
     assert all(torch.equal(raw[k], exported[k]) for k in raw)
     assert "raw (EMA off)" in (tmp_path / "run" / "export" / "README.md").read_text()
@@ -212,12 +214,12 @@ def test_channels_last_and_compile_train_the_same_model(tiny_cfg, tmp_path):
     overrides = ("train.max_steps=3", "loss.disc_start=1", "train.log_every=1")
     plain = train(tiny_cfg(*overrides), tmp_path / "plain")
     fast = train(tiny_cfg(*overrides, "train.channels_last=true", "train.compile=true"), tmp_path / "fast")
-    assert fast["skipped_steps"] == 0 and fast["final_logs"]["adaptive_weight"] > 0
+    assert fast.summary["skipped_steps"] == 0 and fast.summary["final_logs"]["adaptive_weight"] > 0
     a = AutoencoderKL.from_pretrained(tmp_path / "plain" / "export").state_dict()
     b = AutoencoderKL.from_pretrained(tmp_path / "fast" / "export").state_dict()
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=1e-3, atol=1e-4, msg=k)
-    for name in ("ae", "disc"):
-        for (k, p), q in zip(plain["models"][name].named_parameters(), fast["models"][name].parameters()):
+    for name in ("autoencoder", "discriminator"):
+        for (k, p), q in zip(getattr(plain, name).named_parameters(), getattr(fast, name).parameters()):
             torch.testing.assert_close(q, p, rtol=1e-3, atol=1e-4, msg=f"{name}.{k}")

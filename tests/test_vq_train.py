@@ -16,10 +16,10 @@ import torch
 from diffusers import VQModel
 
 from ldm_vae import Tokenizer
-from ldm_vae.data import build_dataset
+from ldm_vae.autoencoder.models import build_autoencoder, reconstruct
+from ldm_vae.autoencoder.train import train
+from ldm_vae.data.sources import build_dataset
 from ldm_vae.errors import UserError
-from ldm_vae.models import build_autoencoder, reconstruct
-from ldm_vae.train_vae import train
 
 from .test_train import _run_two_processes
 
@@ -27,15 +27,15 @@ from .test_train import _run_two_processes
 @pytest.fixture(scope="module")
 def vq_run(tmp_path_factory, fake_fashion):
     """One 60-step run shared by the tests below (GAN from step 40, restarts on)."""
+    from ldm_vae.autoencoder.config import Config
     from ldm_vae.config import load_config
 
     from .conftest import TINY_VQ
 
     cfg = load_config(TINY_VQ, [f"data.path={fake_fashion}", "train.max_steps=60", "loss.disc_start=40",
-                                "train.checkpoint_every=30"])
+                                "train.checkpoint_every=30"], Config)
     out = tmp_path_factory.mktemp("run") / "vq"
-    summary = train(cfg, out)
-    return cfg, out, summary
+    return cfg, out, train(cfg, out)
 
 
 def _test_images(cfg, n=32):
@@ -43,7 +43,8 @@ def _test_images(cfg, n=32):
 
 
 def test_vq_run_learns_and_uses_its_codebook(vq_run):
-    cfg, out, summary = vq_run
+    cfg, out, run = vq_run
+    summary = run.summary
     x = _test_images(cfg)
     torch.manual_seed(cfg.seed)
     initial = build_autoencoder(cfg.model, cfg.data.resolution)
@@ -62,9 +63,9 @@ def test_vq_run_learns_and_uses_its_codebook(vq_run):
 
 
 def test_export_loads_in_stock_vqmodel_and_reproduces_the_trained_model(vq_run):
-    cfg, out, summary = vq_run
-    ae, ema = copy.deepcopy(summary["models"]["ae"]), summary["models"]["ema"]
-    from ldm_vae.models import ema_parameters
+    cfg, out, run = vq_run
+    ae, ema = copy.deepcopy(run.autoencoder), run.ema
+    from ldm_vae.autoencoder.models import ema_parameters
 
     ema.copy_to(ema_parameters(ae.vae))  # the trainer's EMA weights and its live codebook
     ae.eval()
@@ -112,9 +113,9 @@ def test_vq_resume_gives_identical_codebook_and_quantizer_state(tmp_path, tiny_v
     """Restarts, usage counts and the codebook all come back from the checkpoint."""
     overrides = ("train.max_steps=30", "train.checkpoint_every=15", "loss.disc_start=100",
                  "quantizer.restart_after_steps=3", "train.ema_decay=0")
-    full = train(tiny_vq_cfg(*overrides), tmp_path / "full")["models"]["ae"].state_dict()
+    full = train(tiny_vq_cfg(*overrides), tmp_path / "full").autoencoder.state_dict()
     train(tiny_vq_cfg(*overrides, "train.max_steps=15"), tmp_path / "part")
-    resumed = train(tiny_vq_cfg(*overrides), tmp_path / "part", resume="latest")["models"]["ae"].state_dict()
+    resumed = train(tiny_vq_cfg(*overrides), tmp_path / "part", resume="latest").autoencoder.state_dict()
     assert full["quantizer.last_restart"].max() > 15  # restarts happened after the resume point
     for k in full:
         assert torch.equal(full[k], resumed[k]), k
@@ -138,3 +139,26 @@ def test_two_process_vq_training_keeps_the_codebook_identical(tmp_path, fake_fas
     assert ranks[0]["ae.quantizer.initialized"].item()
     for k in ranks[0]:
         assert torch.equal(ranks[0][k], ranks[1][k]), k
+
+
+def test_codebook_and_lecam_state_move_once_per_optimizer_step(tiny_vq_cfg, tmp_path, monkeypatch):
+    """With gradient accumulation, the EMA codebook, dead-code restarts and the LeCam averages
+    take one step per optimizer step (from every micro-batch's statistics), not one per
+    micro-batch."""
+    from ldm_vae.autoencoder.losses import LeCamEMA
+    from ldm_vae.autoencoder.quantize import VectorQuantizer
+
+    calls = {"observe": 0, "update": 0, "lecam": 0}
+    for cls, name, key in ((VectorQuantizer, "observe", "observe"), (VectorQuantizer, "update", "update"),
+                           (LeCamEMA, "update", "lecam")):
+        original = getattr(cls, name)
+
+        def counted(self, *args, _original=original, _key=key, **kwargs):
+            calls[_key] += 1
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(cls, name, counted)
+    run = train(tiny_vq_cfg("train.max_steps=3", "train.grad_accum_steps=2", "loss.disc_start=0",
+                            "loss.lecam_weight=0.1", "quantizer.ema_decay=0.9", "train.log_every=1"), tmp_path / "run")
+    assert run.summary["steps"] == 3
+    assert calls == {"observe": 6, "update": 3, "lecam": 3}

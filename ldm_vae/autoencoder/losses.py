@@ -11,7 +11,9 @@ Conventions (stated because the public recipes mix them up):
   over latent elements, see quantize.py), added to the loss unweighted.
 - The GAN term is scaled by the adaptive weight of Esser et al. 2021 (arXiv:2012.09841,
   eq. 7), measured at the decoder's last layer in fp32, with one backward through LPIPS
-  and the discriminator per step, not two (`AutoencoderLoss._adaptive_gan_loss`).
+  and the discriminator per step, not two (`AutoencoderLoss._adaptive_gan_loss`). With
+  our mean NLL the weight is LDM's (summed NLL) divided by 3*H*W, and so is its clamp:
+  `loss.adaptive_weight_max` keeps LDM's meaning (1e4) at any resolution.
 
 The loss object exposes `generator(...)` and `discriminator(...)`, each returning
 `(loss, logs)` with detached scalar logs; it never logs or steps anything itself.
@@ -114,7 +116,7 @@ class AutoencoderLoss:
 
     def __init__(self, cfg: LossConfig, perceptual: nn.Module | None):
         self.cfg = cfg
-        # None when the perceptual term is off or skipped (see train_vae.build_perceptual)
+        # None when the perceptual term is off or skipped (see autoencoder/train.py, build_perceptual)
         self.perceptual = perceptual
         self.g_adv = G_LOSSES[cfg.disc_loss]
         self.d_adv = D_LOSSES[cfg.disc_loss]
@@ -155,7 +157,8 @@ class AutoencoderLoss:
             p = self.perceptual(x, recon_f).mean()
             nll = nll + cfg.perceptual_weight * p
             logs["lpips"] = p
-        reg, reg_logs = self.latent_term(latent, step, x[0].numel())
+        pixels = x[0].numel()  # 3*H*W: what turns LDM's per-image sums into our means
+        reg, reg_logs = self.latent_term(latent, step, pixels)
         loss = nll + reg
         logs.update(reg_logs)
         logs["nll"] = nll
@@ -164,7 +167,7 @@ class AutoencoderLoss:
             g = self.g_adv(disc(recon).float())
             weight = cfg.disc_weight
             if cfg.adaptive_weight:
-                loss, weight = self._adaptive_gan_loss(recon, nll, reg, g, last_layer, grad_scale)
+                loss, weight = self._adaptive_gan_loss(recon, nll, reg, g, last_layer, grad_scale, pixels)
             else:
                 loss = loss + weight * g
             logs["g_adv"] = g
@@ -172,7 +175,7 @@ class AutoencoderLoss:
         logs["loss"] = loss
         return loss, {k: v.detach() for k, v in logs.items()}
 
-    def _adaptive_gan_loss(self, recon, nll, reg, g, last_layer, grad_scale):
+    def _adaptive_gan_loss(self, recon, nll, reg, g, last_layer, grad_scale, pixels):
         """(loss, weight) for nll + reg + weight * g with the adaptive weight, where the
         loss's value is that sum and its gradient is the sum's gradient, computed with ONE
         backward through LPIPS and the discriminator instead of two.
@@ -188,7 +191,9 @@ class AutoencoderLoss:
         g_at_recon, = torch.autograd.grad(g * grad_scale, recon)
         nll_grad, = torch.autograd.grad(recon, last_layer, nll_at_recon, retain_graph=True)
         g_grad, = torch.autograd.grad(recon, last_layer, g_at_recon, retain_graph=True)
-        weight = self.cfg.disc_weight * adaptive_weight(nll_grad, g_grad, self.cfg.adaptive_weight_max, grad_scale)
+        # the clamp in our units: LDM's weight (of a NLL summed over `pixels` values) / pixels
+        max_weight = self.cfg.adaptive_weight_max / pixels
+        weight = self.cfg.disc_weight * adaptive_weight(nll_grad, g_grad, max_weight, grad_scale)
         at_recon = (nll_at_recon.float() + weight * g_at_recon.float()) / grad_scale
         surrogate = reg + (recon.float() * at_recon).sum()  # its gradient is the full loss's
         value = (nll + reg + weight * g).detach()

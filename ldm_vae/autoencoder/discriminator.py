@@ -13,7 +13,11 @@ from torch import nn
 
 
 def _norm(channels: int) -> nn.GroupNorm:
-    return nn.GroupNorm(min(32, channels // 4) or 1, channels)
+    """GroupNorm with up to 32 groups of at least 4 channels: the largest group count under
+    that limit that divides `channels` (any width works, e.g. 36 * 4 = 144 -> 24 groups)."""
+    limit = max(1, min(32, channels // 4))
+    groups = max(g for g in range(1, limit + 1) if channels % g == 0)
+    return nn.GroupNorm(groups, channels)
 
 
 class PatchDiscriminator(nn.Module):

@@ -24,8 +24,8 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 
+from ..errors import UserError
 from .config import DataConfig
-from .errors import UserError
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"  # Debian package dataset-fashion-mnist
 FASHION_MNIST_HUB = "zalando-datasets/fashion_mnist"
@@ -388,27 +388,3 @@ def _build(cfg: DataConfig, split: str, train: bool) -> Augmented:
         ds = _load_hf(f"hub dataset '{cfg.name}' split '{split}'", hint, path=cfg.name, split=split)
         return HFImages(ds, cfg, split, train, f"hub dataset {cfg.name}", cfg.name)
     raise UserError(f"unknown data.source '{cfg.source}' (fashion-mnist, imagefolder, hub, photos)")
-
-
-def make_grid(images: torch.Tensor, nrow: int, padding: int = 2) -> torch.Tensor:
-    """[N, C, H, W] -> [C, H', W'], `nrow` images per row, white (1.0) padding around each."""
-    n, c, h, w = images.shape
-    cols = min(nrow, n)
-    rows = math.ceil(n / cols)
-    grid = images.new_full((c, rows * (h + padding) + padding, cols * (w + padding) + padding), 1.0)
-    for k in range(n):
-        y, x = divmod(k, cols)
-        top, left = padding + y * (h + padding), padding + x * (w + padding)
-        grid[:, top:top + h, left:left + w] = images[k]
-    return grid
-
-
-def save_image(grid_or_batch: torch.Tensor, path, nrow: int = 8) -> None:
-    """Save [3, H, W] or [N, 3, H, W] in [-1, 1] as a PNG (a grid for a batch)."""
-    x = grid_or_batch.detach().float().cpu()
-    if x.dim() == 4:
-        x = make_grid(x, nrow)
-    arr = x.clamp(-1, 1).add(1).mul(127.5).round().to(torch.uint8).permute(1, 2, 0).numpy()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(arr).save(path, format="PNG")

@@ -122,6 +122,9 @@ class VectorQuantizer(nn.Module):
         if cfg.ema_decay > 0:
             self.register_buffer("ema_count", torch.ones(num_codes))
             self.register_buffer("ema_sum", torch.zeros(num_codes, dim))
+        # statistics of the current optimizer step's forwards (never in a checkpoint: they are
+        # consumed by `update` at the end of every step)
+        self._pending_counts = self._pending_sums = self._candidates = None
 
     def prepare_codebook(self, codebook: torch.Tensor) -> None:
         """Before training: normalise a cosine codebook; EMA mode: start the statistics from it."""
@@ -180,21 +183,34 @@ class VectorQuantizer(nn.Module):
         self.initialized.fill_(True)
 
     @torch.no_grad()
-    def update(self, out: QuantizerOutput, codebook: torch.Tensor, step: int) -> dict:
-        """After a backward: usage bookkeeping, EMA codebook step, dead-code restarts.
-
-        Call on every process with the same `step`; returns detached logs (usage, perplexity).
-        """
-        cfg = self.cfg
+    def observe(self, out: QuantizerOutput) -> None:
+        """After each forward (every gradient-accumulation micro-step): add its code hits (and,
+        for an EMA codebook, its assigned sums) to the optimizer step's pending statistics."""
         # rows from a non-finite forward (a step the trainer skips) must not reach the state
         finite = torch.isfinite(out.z).all(1)
         idx, z = out.indices.reshape(-1)[finite], out.z[finite]
-        counts = reduce(torch.bincount(idx, minlength=self.num_codes), "sum")  # same on every rank
+        counts = torch.bincount(idx, minlength=self.num_codes)
+        self._pending_counts = counts if self._pending_counts is None else self._pending_counts + counts
+        if self.cfg.ema_decay > 0:
+            sums = torch.zeros_like(self.ema_sum).index_add_(0, idx, z)
+            self._pending_sums = sums if self._pending_sums is None else self._pending_sums + sums
+        self._candidates = out.z  # restarts draw from the step's last forward
+
+    @torch.no_grad()
+    def update(self, codebook: torch.Tensor, step: int) -> tuple[dict, torch.Tensor]:
+        """Once per optimizer step, after `observe` saw its forwards: usage bookkeeping, EMA
+        codebook step, dead-code restarts.
+
+        Call on every process with the same `step`; returns (detached logs: usage,
+        perplexity, restarted; the indices of the restarted codes, the same on every process).
+        """
+        cfg = self.cfg
+        counts = reduce(self._pending_counts, "sum")  # same on every rank
         self.hist += counts
         self.last_hit[counts > 0] = step
         perplexity = code_perplexity(counts).float()
         if cfg.ema_decay > 0:
-            sums = reduce(torch.zeros_like(self.ema_sum).index_add_(0, idx, z), "sum")
+            sums = reduce(self._pending_sums, "sum")
             self.ema_count.lerp_(counts.float(), 1 - cfg.ema_decay)
             self.ema_sum.lerp_(sums, 1 - cfg.ema_decay)
             # Laplace smoothing keeps rarely used codes from dividing by ~0 (Sonnet's VQ-VAE-EMA)
@@ -202,15 +218,20 @@ class VectorQuantizer(nn.Module):
             smoothed = (self.ema_count + 1e-5) / (n + self.num_codes * 1e-5) * n
             new = self.ema_sum / smoothed.unsqueeze(1)
             codebook.copy_(F.normalize(new, dim=1) if cfg.l2_normalize else new)
-        restarted = self._restart_dead(out.z, codebook, step) if cfg.restart_after_steps > 0 else 0
-        return {"usage": self.usage(step), "perplexity": perplexity,
-                "restarted": torch.tensor(float(restarted), device=codebook.device)}
+        restarted = torch.zeros(0, dtype=torch.long, device=codebook.device)
+        if cfg.restart_after_steps > 0:
+            restarted = self._restart_dead(self._candidates, codebook, step)
+        self._pending_counts = self._pending_sums = self._candidates = None
+        logs = {"usage": self.usage(step), "perplexity": perplexity,
+                "restarted": torch.tensor(float(len(restarted)), device=codebook.device)}
+        return logs, restarted
 
-    def _restart_dead(self, z: torch.Tensor, codebook: torch.Tensor, step: int) -> int:
+    def _restart_dead(self, z: torch.Tensor, codebook: torch.Tensor, step: int) -> torch.Tensor:
+        """Re-seed codes idle for more than `restart_after_steps`; returns their indices."""
         idle_since = torch.maximum(self.last_hit, self.last_restart)
         dead = torch.nonzero(step - idle_since > self.cfg.restart_after_steps).flatten()
         if dead.numel() == 0:  # same decision on every rank: the buffers are identical
-            return 0
+            return dead
         candidates = gather(z.contiguous())  # this batch's encoder outputs from every process
         candidates = candidates[torch.isfinite(candidates).all(1)]  # the same filter on every rank
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
@@ -222,7 +243,7 @@ class VectorQuantizer(nn.Module):
             self.ema_count[dead] = 1.0
             self.ema_sum[dead] = candidates[pick]
         self.last_restart[dead] = step
-        return n
+        return dead
 
     @torch.no_grad()
     def renormalize_(self, codebook: torch.Tensor, stepped: torch.Tensor) -> None:

@@ -25,7 +25,7 @@ from typing import Callable
 import torch
 from accelerate import Accelerator
 
-from .errors import UserError
+from ..errors import UserError
 
 STATE_FILE = "trainer_state.json"
 EXTRA_FILE = "trainer_extra.pt"

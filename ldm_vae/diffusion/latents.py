@@ -30,10 +30,10 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
-from .config import DataConfig
-from .data import build_dataset
-from .errors import UserError
-from .models import load_autoencoder
+from ..autoencoder.models import load_autoencoder
+from ..data.config import DataConfig
+from ..data.sources import build_dataset
+from ..errors import UserError
 
 CACHE_FILE = "cache.json"
 PARTIAL_FILE = "cache.partial.json"

@@ -14,11 +14,11 @@ from pathlib import Path
 from typing import NamedTuple
 
 import torch
-from diffusers import AutoencoderKL, UNet2DModel, VQModel
+from diffusers import AutoencoderKL, VQModel
 from torch import nn
 
-from .config import Config, ModelConfig, UNetConfig
-from .errors import UserError
+from ..errors import UserError
+from .config import Config, ModelConfig
 from .quantize import VectorQuantizer, nearest_code
 
 MODEL_CLASSES = {"kl": AutoencoderKL, "vq": VQModel}
@@ -42,18 +42,14 @@ def load_autoencoder(path: str | Path) -> AutoencoderKL | VQModel:
         raise UserError(f"cannot load {path}: {reason} (ldm-vae reads safetensors weights only)") from None
 
 
-def downsampling_factor(cfg: ModelConfig) -> int:
-    return 2 ** (len(cfg.block_out_channels) - 1)
-
-
 def build_autoencoder(cfg: ModelConfig, sample_size: int) -> AutoencoderKL | VQModel:
     n = len(cfg.block_out_channels)
     extra = {}
     if cfg.kind == "vq":
         extra = dict(num_vq_embeddings=cfg.num_vq_embeddings, vq_embed_dim=cfg.vq_embed_dim)
     return MODEL_CLASSES[cfg.kind](
-        in_channels=cfg.in_channels,
-        out_channels=cfg.out_channels,
+        in_channels=3,  # RGB: data sources convert every image to 3 channels
+        out_channels=3,
         down_block_types=("DownEncoderBlock2D",) * n,
         up_block_types=("UpDecoderBlock2D",) * n,
         block_out_channels=tuple(cfg.block_out_channels),
@@ -65,30 +61,6 @@ def build_autoencoder(cfg: ModelConfig, sample_size: int) -> AutoencoderKL | VQM
         # Not the SD constant: 1.0 marks "not measured yet"; export measures it from data.
         scaling_factor=1.0,
         **extra,
-    )
-
-
-def build_unet(cfg: UNetConfig, latent_shape: list[int], num_classes: int | None) -> UNet2DModel:
-    """The latent diffusion UNet for latents of `latent_shape` [C, h, w]; with `num_classes`,
-    a class embedding of num_classes + 1 entries (the last is the "null" class of
-    classifier-free guidance)."""
-    channels, size = latent_shape[0], latent_shape[1]
-    levels = range(len(cfg.block_out_channels))
-    if size % 2 ** (len(cfg.block_out_channels) - 1):
-        raise UserError(f"latents of {size}x{size} cannot be halved {len(cfg.block_out_channels) - 1} times; use "
-                        f"fewer model.block_out_channels entries")
-    return UNet2DModel(
-        sample_size=size,
-        in_channels=channels,
-        out_channels=channels,
-        block_out_channels=tuple(cfg.block_out_channels),
-        layers_per_block=cfg.layers_per_block,
-        down_block_types=tuple("AttnDownBlock2D" if i in cfg.attention_levels else "DownBlock2D" for i in levels),
-        up_block_types=tuple("AttnUpBlock2D" if i in cfg.attention_levels else "UpBlock2D" for i in reversed(levels)),
-        attention_head_dim=cfg.attention_head_dim,
-        norm_num_groups=cfg.norm_num_groups,
-        dropout=cfg.dropout,
-        num_class_embeds=num_classes + 1 if num_classes else None,
     )
 
 

@@ -21,7 +21,12 @@ from __future__ import annotations
 from typing import Optional, Union
 
 import torch
-from diffusers import DDIMScheduler, DiffusionPipeline, DPMSolverMultistepScheduler, ImagePipelineOutput
+from diffusers import (
+    DDIMScheduler,
+    DiffusionPipeline,
+    DPMSolverMultistepScheduler,
+    ImagePipelineOutput,
+)
 from diffusers.utils.torch_utils import randn_tensor
 
 # Sampler settings for latents: no x0 clipping (scaled latents are not confined to [-1, 1])

@@ -9,28 +9,24 @@ batch and never SD's constant: posterior samples for KL, `encode(x).latents` (wh
 
 from __future__ import annotations
 
-import contextlib
+import dataclasses
 import json
-import os
-import shutil
-import string
 from pathlib import Path
 
 import torch
-import yaml
 from diffusers import AutoencoderKL, VQModel
 from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
-from . import config as config_lib
-from .checkpoint import find_checkpoint, read_state
+from .. import config as config_lib
+from ..data.config import SOURCE_KEYS, DataConfig
+from ..data.sources import build_dataset
+from ..errors import UserError
+from ..files import atomic_folder, refuse_nonempty, render_card
+from ..run.checkpoint import find_checkpoint, read_state
 from .config import Config
-from .data import build_dataset
-from .errors import UserError
-from .models import MODEL_CLASSES, code_indices, downsampling_factor
+from .models import MODEL_CLASSES, code_indices
 from .quantize import code_stats
-
-CARD_TEMPLATES = Path(__file__).resolve().parent.parent / "model_cards"
 
 
 def load_run(run_dir: str | Path) -> tuple[AutoencoderKL | VQModel, Config, dict, Path]:
@@ -40,7 +36,7 @@ def load_run(run_dir: str | Path) -> tuple[AutoencoderKL | VQModel, Config, dict
         raise UserError(f"run folder {run_dir} does not exist")
     checkpoint = find_checkpoint(run_dir, "latest")
     state = read_state(checkpoint)
-    cfg = config_lib.from_dict(state["config"], f"{checkpoint}/trainer_state.json")
+    cfg = config_lib.load_saved_config(state["config"], f"{checkpoint}/trainer_state.json", Config)
     vae = MODEL_CLASSES[cfg.model.kind].from_pretrained(checkpoint / "autoencoder", use_safetensors=True)
     return vae, cfg, state, checkpoint
 
@@ -82,7 +78,7 @@ def measure_latent_stats(vae: AutoencoderKL | VQModel, dataset, cfg: Config, dev
 
 
 def _model_card(cfg: Config, state: dict, stats: dict, vae: AutoencoderKL | VQModel, dataset, out_dir: Path) -> str:
-    factor = downsampling_factor(cfg.model)
+    factor = cfg.model.downsampling_factor
     res = cfg.data.resolution
     kind_tags = {"kl": ["autoencoder-kl", "latent-diffusion"], "vq": ["vq-vae", "image-tokenizer", "latent-diffusion"]}
     metadata = {
@@ -95,7 +91,6 @@ def _model_card(cfg: Config, state: dict, stats: dict, vae: AutoencoderKL | VQMo
     logs = state.get("logs") or {}
     losses = "\n".join(["| term | value |", "|---|---|"] + [f"| {k} | {v:.5g} |" for k, v in sorted(logs.items())])
     fields = dict(
-        metadata=yaml.safe_dump(metadata, sort_keys=False).strip(),
         dataset=dataset.description,
         perceptual_notice=f"> **Notice:** {state['perceptual']}." if needs_notice else "",
         factor=factor, resolution=res, latent_channels=cfg.model.latent_channels,
@@ -124,15 +119,14 @@ def _model_card(cfg: Config, state: dict, stats: dict, vae: AutoencoderKL | VQMo
             lookup="l2-normalised codes: cosine lookup" if q.l2_normalize else "Euclidean lookup",
             usage=(f"{100 * stats['codebook_usage']:.1f}% of the codes are used by the {stats['num_images']} training "
                    f"images measured for `scaling_factor` (code perplexity {stats['codebook_perplexity']:.0f})"))
-    template = "autoencoder_kl.md" if cfg.model.kind == "kl" else "vq_model.md"
-    return string.Template((CARD_TEMPLATES / template).read_text()).substitute(fields)
+    return render_card("autoencoder_kl.md" if cfg.model.kind == "kl" else "vq_model.md", metadata, fields)
 
 
 def export_run(run_dir: str | Path, out_dir: str | Path, replace: bool = False) -> Path:
     """Write the diffusers folder for `run_dir`'s newest checkpoint to `out_dir` (atomically)."""
     out_dir = Path(out_dir)
-    if out_dir.exists() and any(out_dir.iterdir()) and not replace:
-        raise UserError(f"{out_dir} exists and is not empty; choose another folder or pass --overwrite")
+    if not replace:
+        refuse_nonempty(out_dir)
     vae, cfg, state, checkpoint = load_run(run_dir)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dataset = build_dataset(cfg.data, cfg.data.train_split, train=False)
@@ -152,14 +146,21 @@ def export_run(run_dir: str | Path, out_dir: str | Path, replace: bool = False) 
     return out_dir
 
 
-@contextlib.contextmanager
-def atomic_folder(out_dir: Path):
-    """Yields a temporary sibling folder that replaces `out_dir` only once it is complete."""
-    tmp = out_dir.parent / f".tmp-{out_dir.name}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    yield tmp
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    os.replace(tmp, out_dir)
+def training_data(model_dir: str | Path, source: str | None = None, path: str | None = None,
+                  name: str | None = None, resolution: int | None = None) -> DataConfig:
+    """The data an export was trained on (its training_config.yaml), all images of each split,
+    with the given settings replacing the saved ones (what `eval` and `encode` read)."""
+    model_dir = Path(model_dir)
+    saved = model_dir / "training_config.yaml"
+    if source is None and not saved.is_file():
+        raise UserError(f"{model_dir} has no training_config.yaml; name the data with --data")
+    data = (config_lib.load_saved_config(saved, str(saved), Config).data if saved.is_file() else DataConfig())
+    raw = dataclasses.asdict(data)
+    if source is not None and source != raw["source"]:
+        # the saved source's own settings (its location, columns, ...) do not carry over
+        defaults = dataclasses.asdict(DataConfig())
+        raw.update({k: defaults[k] for keys in SOURCE_KEYS.values() for k in keys})
+        raw["source"] = source
+    raw.update({k: v for k, v in {"path": path, "name": name, "resolution": resolution}.items() if v is not None})
+    raw["max_images"] = None
+    return config_lib.from_dict(raw, "the data options", DataConfig)

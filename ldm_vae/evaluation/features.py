@@ -20,9 +20,9 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from .config import DataConfig
-from .data import build_dataset
-from .errors import UserError
+from ..data.config import DataConfig
+from ..data.sources import build_dataset
+from ..errors import UserError
 
 
 class FeatureNet(nn.Module):

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from diffusers import VQModel
 
-from .errors import UserError
+from ..errors import UserError
 from .models import code_indices
 
 

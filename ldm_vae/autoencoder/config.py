@@ -1,0 +1,191 @@
+"""The autoencoder's config (`ldm-vae train-vae`): model, loss, quantizer, train, export,
+and the `data:` section of data/config.py."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Optional
+
+from ..config import FieldError, non_negative, one_of, positive, unit_interval, unused
+from ..data.config import DataConfig
+from ..run.config import OptimConfig
+
+MODEL_KINDS = ("kl", "vq")
+
+
+@dataclass
+class ModelConfig:
+    """The diffusers autoencoder (RGB in, RGB out); hyper-parameters go to its config."""
+
+    # kl: diffusers AutoencoderKL; vq: diffusers VQModel (trained with autoencoder/quantize.py)
+    kind: str = "kl"
+    # one entry per resolution level; the downsampling factor is 2 ** (len - 1)
+    block_out_channels: list[int] = field(default_factory=lambda: [64, 128, 256])
+    layers_per_block: int = 1
+    latent_channels: int = 4
+    norm_num_groups: int = 32
+    mid_block_add_attention: bool = True
+    # vq only: codebook size, and the code dimension of the lookup (VQModel's 1x1
+    # quant_conv / post_quant_conv project latent_channels <-> vq_embed_dim; null: no
+    # projection width change, vq_embed_dim = latent_channels)
+    num_vq_embeddings: Optional[int] = None
+    vq_embed_dim: Optional[int] = None
+
+    def __post_init__(self):
+        one_of(self, "kind", MODEL_KINDS)
+        positive(self, "latent_channels", "layers_per_block", "norm_num_groups", "num_vq_embeddings", "vq_embed_dim")
+        if not self.block_out_channels or any(c <= 0 or c % self.norm_num_groups for c in self.block_out_channels):
+            raise FieldError("block_out_channels", f"must be positive multiples of 'model.norm_num_groups' "
+                             f"({self.norm_num_groups}), got {self.block_out_channels}")
+
+    @property
+    def downsampling_factor(self) -> int:
+        return 2 ** (len(self.block_out_channels) - 1)
+
+
+@dataclass
+class QuantizerConfig:
+    """The training-time vector quantizer of `model.kind: vq` (autoencoder/quantize.py)."""
+
+    # commitment weight beta on ||z - sg(e)||^2 (van den Oord et al. 2017, arXiv:1711.00937,
+    # eq. 3); the codebook term ||sg(z) - e||^2 has weight codebook_weight
+    beta: float = 0.25
+    codebook_weight: float = 1.0
+    # cosine lookup: codes and encoder outputs l2-normalised (ViT-VQGAN, arXiv:2110.04627;
+    # LlamaGen, arXiv:2406.06525). The codebook is stored normalised, so stock VQModel's
+    # Euclidean lookup picks the same codes.
+    l2_normalize: bool = True
+    # k-means initialisation of the codebook from encoder outputs of the first batches
+    kmeans_init: bool = True
+    kmeans_batches: int = 16
+    kmeans_iters: int = 10
+    # dead-code restart: a code not picked for this many steps is re-seeded from current
+    # encoder outputs (as in Jukebox, arXiv:2005.00341); 0 disables
+    restart_after_steps: int = 100
+    # > 0: codebook by EMA of its assigned encoder outputs (arXiv:1711.00937, app. A.1)
+    # instead of by gradients of the codebook term; 0: gradients
+    ema_decay: float = 0.0
+    # entropy penalty (MaskGIT/MAGVIT-v2, arXiv:2310.05737): mean per-token entropy minus
+    # the entropy of the batch-averaged soft assignment; needs a [tokens x codes] matrix
+    entropy_weight: float = 0.0
+    entropy_temperature: float = 0.01
+    # the logged `usage` is the share of codes picked at least once in the last N steps
+    usage_window: int = 100
+
+    def __post_init__(self):
+        positive(self, "kmeans_batches", "kmeans_iters", "entropy_temperature", "usage_window")
+        non_negative(self, "beta", "codebook_weight", "restart_after_steps", "entropy_weight")
+        unit_interval(self, "ema_decay")
+
+
+@dataclass
+class LossConfig:
+    # Reconstruction: means over pixels. 1.0 * L1 (+ rec_l2 * L2).
+    rec_l1: float = 1.0
+    rec_l2: float = 0.0
+    # LPIPS (Zhang et al. 2018, arXiv:1801.03924); 0 turns the perceptual term off.
+    perceptual_weight: float = 1.0
+    lpips_net: str = "vgg"
+    # torchvision-format backbone weights (e.g. vgg16-397923af.pth); null: torch hub cache
+    lpips_weights: Optional[str] = None
+    # what to do when the backbone weights are missing and cannot be downloaded:
+    # error (stop before training) | skip (train without the perceptual term, loudly)
+    lpips_if_missing: str = "error"
+    # ONLY for tests: a random, untrained backbone. Meaningless as a perceptual metric.
+    lpips_random_backbone: bool = False
+    # KL: closed-form sum over latent dims per image, divided by the number of pixel
+    # values (3*H*W) so that 1e-6 means what it means in LDM (per-image sums there).
+    kl_weight: float = 1.0e-6
+    # linear warm-up of the KL weight from 0 over this many steps (0: none)
+    kl_warmup_steps: int = 0
+    # free bits (Kingma et al. 2016, arXiv:1606.04934): per-channel KL floor in nats per
+    # latent position; 0 disables
+    free_bits: float = 0.0
+    # log-variance clamp of the posterior (diffusers clamps to [-30, 20] as well)
+    logvar_min: float = -30.0
+    logvar_max: float = 20.0
+    # PatchGAN (Isola et al. 2017, arXiv:1611.07004), as in taming/LDM
+    disc_weight: float = 0.5
+    # the step from which the GAN term is in the autoencoder's loss (LDM's meaning)
+    disc_start: int = 5000
+    # the discriminator trains alone for this many steps before disc_start, so the GAN term
+    # starts from an informative discriminator rather than a random one. Not enough alone at
+    # a high LR: the autoencoder can still overpower it (see configs/kl_f4_fashion.yaml)
+    disc_pretrain_steps: int = 0
+    # hinge | vanilla
+    disc_loss: str = "hinge"
+    disc_layers: int = 3
+    disc_channels: int = 64
+    # adaptive weight (Esser et al. 2021, arXiv:2012.09841, eq. 7), clamped to [0, max].
+    # The clamp is in LDM's units, where the NLL is SUMMED over the 3*H*W pixel values: our
+    # NLL is their mean, so our weight is LDM's divided by 3*H*W and so is the clamp
+    # (autoencoder/losses.py). 1e4 is LDM's value, at any resolution.
+    adaptive_weight: bool = True
+    adaptive_weight_max: float = 1.0e4
+    # LeCam regularisation (Tseng et al. 2021, arXiv:2104.03310); 0 disables
+    lecam_weight: float = 0.0
+    lecam_decay: float = 0.999
+
+    def __post_init__(self):
+        one_of(self, "lpips_net", ("vgg", "alex"))
+        one_of(self, "lpips_if_missing", ("error", "skip"))
+        one_of(self, "disc_loss", ("hinge", "vanilla"))
+        positive(self, "disc_layers", "disc_channels", "adaptive_weight_max")
+        non_negative(self, "rec_l1", "rec_l2", "perceptual_weight", "kl_weight", "kl_warmup_steps", "free_bits",
+                     "disc_weight", "disc_start", "disc_pretrain_steps", "lecam_weight")
+        unit_interval(self, "lecam_decay")
+        if self.logvar_min >= self.logvar_max:
+            raise FieldError("logvar_min", "must be below 'loss.logvar_max'")
+
+
+@dataclass
+class TrainConfig(OptimConfig):
+    # the discriminator's LR; its schedule is constant_with_warmup
+    disc_lr: float = 1.0e-4
+
+    def __post_init__(self):
+        super().__post_init__()
+        positive(self, "disc_lr")
+
+
+@dataclass
+class ExportConfig:
+    # images of the train split encoded to measure scaling/shift factors
+    scale_num_images: int = 4096
+    scale_batch_size: int = 128
+    # the model card's license (Hugging Face hub identifier)
+    license: str = "mit"
+
+    def __post_init__(self):
+        positive(self, "scale_num_images", "scale_batch_size")
+
+
+# Settings that mean something for one model kind only: setting them for the other kind is
+# an error rather than a silently ignored flag.
+KL_ONLY = ("loss.kl_weight", "loss.kl_warmup_steps", "loss.free_bits", "loss.logvar_min", "loss.logvar_max")
+VQ_ONLY = ("model.num_vq_embeddings", "model.vq_embed_dim",
+           *(f"quantizer.{f.name}" for f in dataclasses.fields(QuantizerConfig)))
+
+
+@dataclass
+class Config:
+    """`ldm-vae train-vae`: an autoencoder trained on `data`."""
+
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    quantizer: QuantizerConfig = field(default_factory=QuantizerConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+
+    def __post_init__(self):
+        factor = self.model.downsampling_factor
+        if self.data.resolution % factor:
+            raise FieldError("data.resolution", f"({self.data.resolution}) must be divisible by the downsampling "
+                             f"factor {factor} (2 ** (len(model.block_out_channels) - 1))")
+        kind = self.model.kind
+        unused(self, KL_ONLY if kind == "vq" else VQ_ONLY, f"model.kind '{kind}'")
+        if kind == "vq" and self.model.num_vq_embeddings is None:
+            raise FieldError("model.num_vq_embeddings", "is needed by model.kind 'vq' (the codebook size, e.g. 8192)")

@@ -1,0 +1,1 @@
+"""Stage 1, data: image sources -> {"pixel_values": [3, R, R] in [-1, 1], "label"} items."""

@@ -1,0 +1,63 @@
+"""`data:`: where images come from and how they are prepared (read by data/sources.py)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+from ..config import FieldError, non_negative, one_of, positive, unit_interval, unused
+
+SOURCES = ("fashion-mnist", "imagefolder", "hub", "photos")
+# The keys each source reads, beyond those every source reads (resolution, splits, flips,
+# max_images, num_workers). A key outside its source's list must keep its default.
+SOURCE_KEYS = {
+    "fashion-mnist": ("path",),
+    "imagefolder": ("path", "image_column", "label_column", "center_crop", "max_bad_fraction", "decoded_cache_mb"),
+    "hub": ("name", "image_column", "label_column", "center_crop", "max_bad_fraction", "decoded_cache_mb"),
+    "photos": ("photos_per_epoch",),
+}
+
+
+@dataclass
+class DataConfig:
+    # fashion-mnist | imagefolder | hub | photos (see ldm_vae/data/sources.py)
+    source: str = "fashion-mnist"
+    # fashion-mnist: folder with the idx .gz files; imagefolder: the image folder root
+    path: Optional[str] = None
+    # hub: the dataset name on the Hugging Face hub (needs internet)
+    name: Optional[str] = None
+    # imagefolder/hub: the columns holding images and integer labels
+    image_column: str = "image"
+    label_column: Optional[str] = "label"
+    train_split: str = "train"
+    test_split: str = "test"
+    resolution: int = 32
+    # imagefolder/hub training: true resizes the short side and centre-crops; false takes a
+    # random crop of the resized image (evaluation always centre-crops)
+    center_crop: bool = True
+    random_flip: bool = True
+    # use only the first N images of each split (tiny smoke runs); null: all
+    max_images: Optional[int] = None
+    # imagefolder/hub: files that cannot be decoded are skipped and listed; above this share
+    # of the split, stop before training
+    max_bad_fraction: float = 0.05
+    # photos: how many random crops make one epoch
+    photos_per_epoch: int = 2048
+    num_workers: int = 0
+    # imagefolder/hub: keep each file's decoded, resized image in memory, filled when the
+    # dataset is built (every file is decoded then anyway, to find bad ones), up to this many
+    # MB per process; later accesses only crop and flip. 0: decode on every access
+    decoded_cache_mb: int = 2048
+
+    def __post_init__(self):
+        one_of(self, "source", SOURCES)
+        positive(self, "resolution", "photos_per_epoch", "max_images")
+        non_negative(self, "num_workers", "decoded_cache_mb")
+        unit_interval(self, "max_bad_fraction")
+        own = SOURCE_KEYS[self.source]
+        unused(self, [k for keys in SOURCE_KEYS.values() for k in keys if k not in own],
+               f"data.source '{self.source}'")
+        if self.source == "imagefolder" and not self.path:
+            raise FieldError("path", "is needed by data.source 'imagefolder' (the image folder)")
+        if self.source == "hub" and not self.name:
+            raise FieldError("name", "is needed by data.source 'hub' (a dataset name on the hub)")

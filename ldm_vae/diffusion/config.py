@@ -1,0 +1,111 @@
+"""The latent diffusion config (`ldm-vae train-ldm`): UNet, noise schedule, train, sample."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from ..config import FieldError, non_negative, one_of, positive, unit_interval
+from ..run.config import OptimConfig
+
+# diffusers' name of each beta schedule
+BETA_SCHEDULES = {"linear": "linear", "scaled_linear": "scaled_linear", "cosine": "squaredcos_cap_v2"}
+SOLVER_NAMES = ("dpm++", "ddim")  # diffusion/pipeline.py builds them
+
+
+@dataclass
+class UNetConfig:
+    """diffusers UNet2DModel on the latents (channels and size come from the cache)."""
+
+    # one entry per resolution level of the latent (8x8 latents: 8, 4, 2 with three levels)
+    block_out_channels: list[int] = field(default_factory=lambda: [64, 128, 256])
+    layers_per_block: int = 2
+    # levels (0 = full latent resolution) whose blocks have self-attention
+    attention_levels: list[int] = field(default_factory=lambda: [1, 2])
+    attention_head_dim: int = 32
+    norm_num_groups: int = 32
+    dropout: float = 0.0
+
+    def __post_init__(self):
+        positive(self, "layers_per_block", "attention_head_dim", "norm_num_groups")
+        non_negative(self, "dropout")
+        if not self.block_out_channels or any(c <= 0 or c % self.norm_num_groups for c in self.block_out_channels):
+            raise FieldError("block_out_channels", f"must be positive multiples of 'model.norm_num_groups' "
+                             f"({self.norm_num_groups}), got {self.block_out_channels}")
+        bad = [i for i in self.attention_levels if not 0 <= i < len(self.block_out_channels)]
+        if bad:
+            raise FieldError("attention_levels", f"{bad} are not levels of 'model.block_out_channels' "
+                             f"(0..{len(self.block_out_channels) - 1})")
+
+
+@dataclass
+class DiffusionConfig:
+    num_train_timesteps: int = 1000
+    # linear (DDPM, Ho et al. 2020) | scaled_linear (LDM/SD) | cosine (Nichol & Dhariwal
+    # 2021, arXiv:2102.09672; diffusers' squaredcos_cap_v2)
+    beta_schedule: str = "linear"
+    beta_start: float = 1.0e-4
+    beta_end: float = 0.02
+    # epsilon | v_prediction (Salimans & Ho 2022, arXiv:2202.00512)
+    prediction_type: str = "epsilon"
+    # condition on the cache's labels; the extra "null" class (index num_classes) replaces
+    # a label with probability label_dropout, for classifier-free guidance (Ho & Salimans
+    # 2022, arXiv:2207.12598)
+    class_conditional: bool = True
+    label_dropout: float = 0.1
+
+    def __post_init__(self):
+        one_of(self, "beta_schedule", tuple(BETA_SCHEDULES))
+        one_of(self, "prediction_type", ("epsilon", "v_prediction"))
+        positive(self, "num_train_timesteps", "beta_start", "beta_end")
+        unit_interval(self, "label_dropout")
+        if self.beta_start >= self.beta_end:
+            raise FieldError("beta_start", "must be below 'diffusion.beta_end'")
+
+
+@dataclass
+class SampleConfig:
+    """How the training-time sample grids are drawn (`solver` is also `ldm-vae sample`'s default
+    for the run)."""
+
+    # dpm++ (DPM-Solver++(2M), Lu et al. 2022, arXiv:2211.01095) | ddim (Song et al. 2020)
+    solver: str = "dpm++"
+    steps: int = 20
+    guidance_scale: float = 3.0
+    # the grid has one row per class (or one row, unconditional) of this many images
+    per_class: int = 8
+
+    def __post_init__(self):
+        one_of(self, "solver", SOLVER_NAMES)
+        positive(self, "steps", "per_class")
+        non_negative(self, "guidance_scale")
+
+
+@dataclass
+class LDMTrainConfig(OptimConfig):
+    batch_size: int = 128
+    max_steps: int = 3000
+    lr: float = 2.0e-4
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    ema_decay: float = 0.999
+
+
+@dataclass
+class PipelineExportConfig:
+    # the pipeline's model card license (Hugging Face hub identifier)
+    license: str = "mit"
+
+
+@dataclass
+class LDMConfig:
+    """`ldm-vae train-ldm`: a diffusers UNet2DModel trained on a latent cache."""
+
+    seed: int = 0
+    # the latent cache (`ldm-vae encode`); `--latents` sets it
+    latents: Optional[str] = None
+    model: UNetConfig = field(default_factory=UNetConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    train: LDMTrainConfig = field(default_factory=LDMTrainConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    export: PipelineExportConfig = field(default_factory=PipelineExportConfig)

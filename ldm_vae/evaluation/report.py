@@ -1,0 +1,291 @@
+"""`ldm-vae eval`: reconstruction metrics, pictures and VAE diagnostics of exported
+autoencoders, the report folder and the model-card results.
+
+Every model is loaded with STOCK diffusers (`AutoencoderKL` / `VQModel.from_pretrained`),
+so the numbers are those of what users get. Real images and reconstructions go through
+the identical pipeline (same dataset order, same [0, 1] conversion, same resize for
+feature extractors). A metric that cannot be computed (missing weights, missing package)
+is reported as unavailable with the reason, never as 0. The conventions are in metrics.py.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, Subset
+from tqdm.auto import tqdm
+
+from ..autoencoder.export import training_data
+from ..autoencoder.models import load_autoencoder
+from ..autoencoder.perceptual import BACKBONE_FILES, LPIPSWeightsMissing, build_lpips
+from ..data.sources import build_dataset
+from ..errors import UserError
+from ..files import (
+    atomic_folder,
+    read_card,
+    refuse_nonempty,
+    save_heatmaps,
+    save_image,
+    write_card,
+)
+from . import metrics as metrics_module
+from .diagnostics import Sums, diagnostics_for
+from .frechet import build_fid, frechet_metric, load_fd_features
+from .metrics import clock, device_name, psnr, ssim
+
+GRID_IMAGES = 16
+
+
+@dataclass
+class EvalOptions:
+    num_images: int | None = None
+    batch_size: int = 100
+    device: str = "cpu"
+    lpips_weights: dict = field(default_factory=dict)  # net -> path or None (torch hub cache)
+    fid_weights: str | None = None
+    fd_features: str | None = None
+    iwae_k: int = 16
+    bound_images: int = 256
+    likelihood_sigma: float = 0.1
+    seed: int = 0
+
+
+@dataclass
+class Instruments:
+    """The metric networks, built once and shared by every model evaluated."""
+
+    lpips: dict  # net -> LPIPS module
+    fid: object | None  # torchmetrics FID, or None
+    fd: tuple | None  # (metric name, torchmetrics Fréchet metric on the domain extractor), or None
+    unavailable: dict  # metric -> reason
+
+
+def build_instruments(opts: EvalOptions) -> Instruments:
+    lpips, unavailable_metrics = {}, {}
+    for net in ("vgg", "alex"):
+        try:
+            lpips[net] = build_lpips(net, opts.lpips_weights.get(net))
+        except LPIPSWeightsMissing:
+            unavailable_metrics[f"lpips_{net}"] = (
+                f"the pretrained {net} backbone weights ({BACKBONE_FILES[net][0]}) are not in the torch hub cache and "
+                f"could not be downloaded; pass --lpips-{net}-weights PATH")
+    fid, reason = build_fid(opts.fid_weights)
+    if fid is None:
+        unavailable_metrics["rfid"] = reason
+    fd = None
+    if opts.fd_features:
+        name, extractor = load_fd_features(opts.fd_features)
+        fd = (name, frechet_metric(extractor))
+    return Instruments(lpips, fid, fd, unavailable_metrics)
+
+
+def evaluate_model(vae, dataset, opts: EvalOptions, out_dir: Path, tools: Instruments, label: str):
+    """(metrics, first originals, their reconstructions) of one model on `dataset`; writes its
+    pictures into `out_dir`."""
+    device = torch.device(opts.device)
+    vae = vae.to(device).eval()
+    n = len(dataset) if opts.num_images is None else min(opts.num_images, len(dataset))
+    loader = DataLoader(Subset(dataset, range(n)), batch_size=opts.batch_size)
+    generator = torch.Generator(device=device).manual_seed(opts.seed)
+    kind = diagnostics_for(vae)
+
+    lpips_nets = {net: model.to(device) for net, model in tools.lpips.items()}
+    fid = tools.fid
+    fd_name, fd = tools.fd or (None, None)
+    for metric in (fid, fd):
+        if metric is not None:
+            metric.reset()
+            metric.to(device)
+
+    sums = Sums()
+    t_enc = t_dec = 0.0
+    grid_x = grid_r = None
+    for batch in tqdm(loader, desc=f"eval {label}", leave=False):
+        x = batch["pixel_values"].to(device)
+        t0 = clock(device)
+        latents, decoder_input = kind.encode(x, generator)
+        t1 = clock(device)
+        recon = vae.decode(decoder_input).sample
+        t2 = clock(device)
+        t_enc, t_dec = t_enc + t1 - t0, t_dec + t2 - t1
+        recon = recon.float().clamp(-1, 1)
+        x01, r01 = (x + 1) / 2, (recon + 1) / 2
+        sums.add("psnr", psnr(x01, r01).sum())
+        sums.add("ssim", ssim(x01, r01).sum())
+        for net, model in lpips_nets.items():
+            sums.add(f"lpips_{net}", model(x, recon).sum())
+        for metric in (fid, fd):
+            if metric is not None:
+                metric.update(x01, real=True)
+                metric.update(r01, real=False)
+        # latent statistics per channel: [B, C, h, w] -> [C, B*h*w]
+        lat = latents.double().transpose(0, 1).flatten(1)
+        sums.add("lat_sum", lat.sum(1))
+        sums.add("lat_sq", lat.pow(2).sum(1))
+        sums.add("lat_count", torch.tensor(float(lat.shape[1])))
+        kind.observe(latents)
+        if grid_x is None:
+            grid_x, grid_r = x[:GRID_IMAGES].cpu(), recon[:GRID_IMAGES].cpu()
+
+    m = {"num_images": n, "psnr_db": sums.total["psnr"].item() / n, "ssim": sums.total["ssim"].item() / n}
+    for net in lpips_nets:
+        m[f"lpips_{net}"] = sums.total[f"lpips_{net}"].item() / n
+    if fid is not None:
+        m["rfid"] = fid.compute().item()
+    if fd is not None:
+        m[fd_name] = fd.compute().item()
+    count = sums.total["lat_count"]
+    lat_mean = sums.total["lat_sum"] / count
+    lat_std = (sums.total["lat_sq"] / count - lat_mean.pow(2)).clamp_min(0).sqrt()
+    m["latent_channel_mean"] = lat_mean.tolist()
+    m["latent_channel_std"] = lat_std.tolist()
+    m["encode_images_per_s"] = n / t_enc
+    m["decode_images_per_s"] = n / t_dec
+    m["device"] = device_name(device)
+    m.update(kind.finish(n, dataset, out_dir, generator, opts))
+    save_heatmaps(grid_x, grid_r, out_dir / "error_heatmap.png")
+    save_image(torch.cat([grid_x, grid_r]), out_dir / "reconstructions.png", nrow=len(grid_x))
+    m["unavailable"] = dict(tools.unavailable)
+    return m, grid_x, grid_r
+
+
+# ==============================================================================================
+# Reports
+# ==============================================================================================
+
+
+TABLE_METRICS = [("psnr_db", "PSNR dB", "{:.2f}"), ("ssim", "SSIM", "{:.4f}"), ("lpips_vgg", "LPIPS vgg", "{:.4f}"),
+                 ("lpips_alex", "LPIPS alex", "{:.4f}"), ("rfid", "rFID", "{:.2f}"),
+                 ("codebook_usage", "codebook usage", "{:.1%}"), ("codebook_perplexity", "code perplexity", "{:.0f}"),
+                 ("active_units", "active units", "{}"), ("elbo_bits_per_dim", "ELBO bits/dim", "{:.3f}")]
+
+
+def _table_columns(results: list[dict]) -> list[tuple]:
+    cols = list(TABLE_METRICS)
+    for r in results:  # domain Fréchet distances, under their own names
+        cols += [(k, k, "{:.3f}") for k in r["metrics"] if k.startswith("fd_") and (k, k, "{:.3f}") not in cols]
+    return cols
+
+
+def markdown_table(results: list[dict]) -> str:
+    cols = _table_columns(results)
+    unav = "n/a"
+    lines = ["| model | " + " | ".join(c[1] for c in cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    for r in results:
+        m = r["metrics"]
+        cells = []
+        for key, _, fmt in cols:
+            if m.get(key) is not None:
+                cells.append(fmt.format(m[key]))
+            else:
+                cells.append(unav if key in m.get("unavailable", {}) else "–")
+        lines.append(f"| {r['label']} | " + " | ".join(cells) + " |")
+    notes = sorted({f"{k}: {v}" for r in results for k, v in r["metrics"].get("unavailable", {}).items()})
+    if notes:
+        lines += ["", "n/a = unavailable:"] + [f"- {n}" for n in notes]
+    return "\n".join(lines)
+
+
+def versions() -> dict:
+    import accelerate
+    import diffusers
+    import torchmetrics
+
+    from .. import __version__
+
+    return {"ldm_vae": __version__, "torch": torch.__version__, "diffusers": diffusers.__version__,
+            "accelerate": accelerate.__version__, "torchmetrics": torchmetrics.__version__,
+            "python": platform.python_version()}
+
+
+def run_eval(models: list[str], out: str | Path, opts: EvalOptions, split: str = "test", source: str | None = None,
+             data_path: str | None = None, data_name: str | None = None, resolution: int | None = None,
+             update_card: bool = False, overwrite: bool = False) -> dict:
+    """Evaluate `models` on the same images; write metrics.json, pictures and (several models) comparison.md."""
+    out = Path(out)
+    if not overwrite:
+        refuse_nonempty(out)
+    paths = [Path(p) for p in models]
+    loaded = [load_autoencoder(p) for p in paths]  # fail on a bad folder before any work
+    data_cfgs = [training_data(p, source, data_path, data_name, resolution) for p in paths]
+    first = data_cfgs[0]
+    if any((d.source, d.path, d.name, d.resolution) != (first.source, first.path, first.name, first.resolution)
+           for d in data_cfgs[1:]):
+        raise UserError("the models were trained on different data or resolutions; pass --data (and --resolution) "
+                        "to evaluate them on the same images")
+    dataset = build_dataset(first, split, train=False)
+    tools = build_instruments(opts)
+    labels = _labels(paths)
+    results, rows = [], []
+    with atomic_folder(out) as tmp:
+        for path, label, vae in zip(paths, labels, loaded):
+            folder = tmp / label if len(paths) > 1 else tmp
+            folder.mkdir(parents=True, exist_ok=True)
+            metrics, originals, recon = evaluate_model(vae, dataset, opts, folder, tools, label)
+            results.append({"model": str(path), "label": label, "kind": type(vae).__name__, "metrics": metrics})
+            rows.append(recon)
+        # the same images for every model: the dataset order is fixed and evaluation starts at 0
+        save_image(torch.cat([originals, *rows]), tmp / "comparison_grid.png", nrow=len(originals))
+        report = {
+            "dataset": dataset.description, "dataset_id": dataset.dataset_id, "split": split,
+            "num_images": results[0]["metrics"]["num_images"], "resolution": first.resolution,
+            "conventions": metrics_module.__doc__.split("Conventions:\n")[1].strip(),
+            "grid": "comparison_grid.png: originals, then one row of reconstructions per model, same images",
+            "versions": versions(), "results": results,
+        }
+        (tmp / "metrics.json").write_text(json.dumps(report, indent=2))
+        table = markdown_table(results)
+        if len(results) > 1:
+            (tmp / "comparison.md").write_text(f"# {dataset.description}, {split} split\n\n{table}\n")
+    if update_card:
+        for r in results:
+            update_model_card(Path(r["model"]), r, report)
+    report["table"] = table
+    return report
+
+
+def _labels(paths: list[Path]) -> list[str]:
+    # a training run's export is RUN/export: the run's name says more than "export"
+    names = [p.resolve().parent.name if p.name == "export" else p.name for p in paths]
+    if len(set(names)) < len(names):
+        names = ["_".join(p.parts[-2:]) for p in paths]
+    if len(set(names)) < len(names):
+        names = [f"{i}_{n}" for i, n in enumerate(names)]
+    return names
+
+
+# ==============================================================================================
+# Model card
+# ==============================================================================================
+
+
+CARD_BEGIN, CARD_END = "<!-- ldm-vae eval: begin -->", "<!-- ldm-vae eval: end -->"
+CARD_METRICS = [("psnr_db", "PSNR", "psnr"), ("ssim", "SSIM", "ssim"), ("lpips_vgg", "LPIPS (VGG)", "lpips"),
+                ("lpips_alex", "LPIPS (AlexNet)", "lpips"), ("rfid", "rFID", "fid"),
+                ("codebook_usage", "codebook usage", "codebook_usage")]
+
+
+def update_model_card(model_dir: Path, result: dict, report: dict) -> None:
+    """Write the results into README.md: `model-index` metadata and an Evaluation section."""
+    card = model_dir / "README.md"
+    meta, body = read_card(card)
+    m = result["metrics"]
+    metrics = [{"type": mtype, "name": f"{name} ({report['split']}, {m['num_images']} images)",
+                "value": round(m[key], 6)} for key, name, mtype in CARD_METRICS if m.get(key) is not None]
+    metrics += [{"type": k, "name": k, "value": round(m[k], 6)} for k in m if k.startswith("fd_")]
+    meta["model-index"] = [{"name": result["label"], "results": [{
+        "task": {"type": "image-to-image", "name": "image reconstruction"},
+        "dataset": {"name": report["dataset_id"], "type": report["dataset_id"], "split": report["split"]},
+        "metrics": metrics}]}]
+    section = (f"{CARD_BEGIN}\n## Evaluation\n\n`ldm-vae eval` on {report['dataset']}, {report['split']} split, "
+               f"{m['num_images']} images ({m['device']}):\n\n{markdown_table([result])}\n{CARD_END}")
+    if CARD_BEGIN in body:
+        before, rest = body.split(CARD_BEGIN, 1)
+        body = before + section + rest.split(CARD_END, 1)[1]
+    else:
+        body = body.rstrip("\n") + "\n\n" + section + "\n"
+    write_card(card, meta, body)

@@ -1,0 +1,172 @@
+"""What every stage writes, written one way: image grids and small plots (Pillow only),
+folders that appear only when complete, refusal of non-empty outputs, and model cards
+(YAML metadata + a template that ships inside the package).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.resources
+import math
+import os
+import shutil
+import string
+from pathlib import Path
+
+import torch
+import yaml
+from PIL import Image, ImageDraw
+
+from .errors import UserError
+
+# ==============================================================================================
+# Output folders
+# ==============================================================================================
+
+
+def refuse_nonempty(path: str | Path, flag: str = "--overwrite", what: str = "") -> None:
+    """A folder that exists and holds files is never written into without `flag`."""
+    path = Path(path)
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise UserError(f"{path} exists and is not empty{what}; choose another folder or pass {flag} "
+                        f"(nothing was changed)")
+
+
+@contextlib.contextmanager
+def atomic_folder(out_dir: str | Path):
+    """Yields a temporary sibling folder that replaces `out_dir` only once it is complete;
+    an exception inside leaves `out_dir` as it was (and removes the temporary folder)."""
+    out_dir = Path(out_dir)
+    tmp = out_dir.parent / f".tmp-{out_dir.name}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    os.replace(tmp, out_dir)
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Replace a file's content in one rename (a crash leaves the old or the new file)."""
+    path = Path(path)
+    tmp = path.with_name(f".tmp-{path.name}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+# ==============================================================================================
+# Model cards
+# ==============================================================================================
+
+
+def render_card(template: str, metadata: dict, fields: dict) -> str:
+    """A README.md model card: `metadata` as the YAML front matter, `fields` substituted into
+    the packaged template `model_cards/<template>` ($name placeholders)."""
+    text = importlib.resources.files("ldm_vae").joinpath("model_cards", template).read_text()
+    return string.Template(text).substitute(metadata=yaml.safe_dump(metadata, sort_keys=False).strip(), **fields)
+
+
+def read_card(card: Path) -> tuple[dict, str]:
+    """(metadata, body) of a model card; a missing card is empty."""
+    text = card.read_text() if card.is_file() else "---\n---\n"
+    if not text.startswith("---\n") or "\n---\n" not in text[3:]:
+        raise UserError(f"{card} has no YAML metadata block; cannot add to it")
+    head, body = text[4:].split("\n---\n", 1)
+    return yaml.safe_load(head) or {}, body
+
+
+def write_card(card: Path, metadata: dict, body: str) -> None:
+    atomic_write_text(card, "---\n" + yaml.safe_dump(metadata, sort_keys=False) + "---\n" + body)
+
+
+# ==============================================================================================
+# Pictures
+# ==============================================================================================
+
+
+def make_grid(images: torch.Tensor, nrow: int, padding: int = 2) -> torch.Tensor:
+    """[N, C, H, W] -> [C, H', W'], `nrow` images per row, white (1.0) padding around each."""
+    n, c, h, w = images.shape
+    cols = min(nrow, n)
+    rows = math.ceil(n / cols)
+    grid = images.new_full((c, rows * (h + padding) + padding, cols * (w + padding) + padding), 1.0)
+    for k in range(n):
+        y, x = divmod(k, cols)
+        top, left = padding + y * (h + padding), padding + x * (w + padding)
+        grid[:, top:top + h, left:left + w] = images[k]
+    return grid
+
+
+def save_image(grid_or_batch: torch.Tensor, path, nrow: int = 8) -> None:
+    """Save [3, H, W] or [N, 3, H, W] in [-1, 1] as a PNG (a grid for a batch)."""
+    x = grid_or_batch.detach().float().cpu()
+    if x.dim() == 4:
+        x = make_grid(x, nrow)
+    arr = x.clamp(-1, 1).add(1).mul(127.5).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(arr).save(path, format="PNG")
+
+
+WIDTH, HEIGHT, MARGIN = 640, 280, 44
+
+
+def save_usage_histogram(counts: torch.Tensor, perplexity: float, path: str | Path, title: str) -> None:
+    """Codebook usage as a rank plot: hits per code sorted high to low, log scale.
+
+    A healthy codebook is a long flat band; collapse shows as a cliff to zero at the
+    share of codes in use.
+    """
+    counts = counts.detach().cpu().double()
+    k = counts.numel()
+    used = int((counts > 0).sum())
+    ranked = counts.sort(descending=True).values
+    top = math.log10(max(ranked[0].item(), 1.0)) + 0.1
+    img = Image.new("RGB", (WIDTH, HEIGHT), "white")
+    draw = ImageDraw.Draw(img)
+    x0, y0, x1, y1 = MARGIN, 30, WIDTH - 10, HEIGHT - 30
+    draw.rectangle([x0, y0, x1, y1], outline="black")
+    for col in range(x1 - x0):
+        lo, hi = col * k // (x1 - x0), max((col + 1) * k // (x1 - x0), col * k // (x1 - x0) + 1)
+        value = ranked[lo:hi].mean().item()
+        if value >= 1:
+            height = (math.log10(value) + 0.1) / top * (y1 - y0)
+            draw.line([(x0 + col, y1), (x0 + col, y1 - height)], fill=(40, 90, 200))
+    for decade in range(int(top) + 1):
+        y = y1 - (decade + 0.1) / top * (y1 - y0)
+        draw.text((4, y - 6), f"1e{decade}", fill="black")
+    draw.text((x0, 8), f"{title}: {used}/{k} codes hit ({100 * used / k:.1f}%), perplexity {perplexity:.0f}",
+              fill="black")
+    draw.text((x0, y1 + 8), f"codes ranked by hits (0 .. {k - 1}); hits on a log scale", fill="black")
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    img.save(path)
+
+
+def _heat_colors(v: torch.Tensor) -> torch.Tensor:
+    """[N, H, W] in [0, 1] -> [N, 3, H, W] in [-1, 1]: black -> red -> yellow -> white."""
+    r, g, b = (v * 3).clamp(0, 1), (v * 3 - 1).clamp(0, 1), (v * 3 - 2).clamp(0, 1)
+    return torch.stack([r, g, b], 1) * 2 - 1
+
+
+def save_heatmaps(x: torch.Tensor, recon: torch.Tensor, path: str | Path) -> None:
+    """Originals, reconstructions and per-pixel error |x - recon| (mean over channels), one
+    column per image. Colours are scaled to the largest error in the picture, stated on it."""
+    x, recon = x.detach().float().cpu(), recon.detach().float().cpu()
+    err = (x - recon).abs().mean(1) / 2  # [N, H, W], in units of the [0, 1] pixel range
+    top = max(err.max().item(), 1e-8)
+    rows = torch.cat([x, recon, _heat_colors(err / top)])
+    grid = make_grid(rows, nrow=len(x)).clamp(-1, 1).add(1).mul(127.5).round().to(torch.uint8)
+    pixels = Image.fromarray(grid.permute(1, 2, 0).numpy())
+    scale = max(1, 1024 // pixels.width)  # small images are enlarged so the heat is visible
+    pixels = pixels.resize((pixels.width * scale, pixels.height * scale), Image.NEAREST)
+    img = Image.new("RGB", (max(pixels.width, 420), pixels.height + 22), "white")
+    img.paste(pixels, (0, 22))
+    ImageDraw.Draw(img).text((4, 5), f"rows: original, reconstruction, |error| (white = {top:.3f} of the pixel range)",
+                             fill="black")
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    img.save(path)

@@ -1,0 +1,55 @@
+"""`train:`: the optimisation and bookkeeping settings both trainers share."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..config import non_negative, one_of, positive, unit_interval
+
+MIXED_PRECISION = ("no", "bf16", "fp16")
+LR_SCHEDULERS = ("constant_with_warmup", "cosine", "linear")
+
+
+@dataclass
+class OptimConfig:
+    """The `train:` section; each trainer subclasses it with its own defaults."""
+
+    batch_size: int = 32
+    max_steps: int = 2000
+    grad_accum_steps: int = 1
+    lr: float = 1.0e-4
+    adam_beta1: float = 0.5
+    adam_beta2: float = 0.9
+    weight_decay: float = 0.0
+    lr_warmup_steps: int = 100
+    # the trained model's LR schedule (diffusers.optimization.get_scheduler) over max_steps:
+    # constant_with_warmup | cosine | linear
+    lr_scheduler: str = "constant_with_warmup"
+    max_grad_norm: float = 1.0
+    # no | bf16 | fp16; weights stay fp32 (autocast), see run/trainer.py
+    mixed_precision: str = "no"
+    # EMA of the weights; 0 turns EMA off (export then uses raw weights)
+    ema_decay: float = 0.999
+    # a step with non-finite gradients is skipped; this many in a row stop the run
+    max_consecutive_skips: int = 25
+    # the networks' inputs (pixel batches; the LDM's noisy latents) in channels_last memory
+    # format, which the activations then keep: what GPU tensor-core convolutions prefer.
+    # Weights stay contiguous (safetensors saves only contiguous tensors), and random draws
+    # keep their order. No measurable gain on CPU (BENCHMARKS.md).
+    channels_last: bool = False
+    # torch.compile the networks in place (Module.compile: checkpoints and exports are
+    # unchanged); the first steps are slow while it compiles. No gain on CPU (BENCHMARKS.md).
+    compile: bool = False
+    log_every: int = 10
+    # a picture (reconstructions / samples) every N steps
+    image_every: int = 500
+    checkpoint_every: int = 500
+    checkpoints_total_limit: int = 2
+
+    def __post_init__(self):
+        one_of(self, "mixed_precision", MIXED_PRECISION)
+        one_of(self, "lr_scheduler", LR_SCHEDULERS)
+        positive(self, "batch_size", "max_steps", "grad_accum_steps", "max_consecutive_skips", "lr", "log_every",
+                 "image_every", "checkpoint_every", "checkpoints_total_limit")
+        non_negative(self, "weight_decay", "lr_warmup_steps", "max_grad_norm")
+        unit_interval(self, "ema_decay", "adam_beta1", "adam_beta2")
