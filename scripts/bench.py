@@ -137,7 +137,7 @@ def _reference_ae_step(cfg, gan: bool):
 
 
 def _ours_step_seconds(cfg, out: Path) -> list[float]:
-    """Seconds per step of the real trainer (`ldm_vae.train_vae.train`), one value per log
+    """Seconds per step of the real trainer (`ldm_vae.autoencoder.train.train`), one value per log
     window of train.log_every steps, from the trainer's own throughput log."""
     from ldm_vae.autoencoder.train import train
 

@@ -33,8 +33,8 @@ def old_run(tmp_path_factory, fake_fashion):
     if shutil.which("git") is None or subprocess.run(has_commit, capture_output=True).returncode != 0:
         pytest.skip(f"commit {FLAT_LAYOUT} is not in this checkout (a shallow clone or no git history)")
     root = tmp_path_factory.mktemp("flat")
-    archive = subprocess.run(["git", "-C", str(ROOT), "archive", FLAT_LAYOUT, "ldm_vae", "configs"], capture_output=True,
-                             check=True).stdout
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", FLAT_LAYOUT, "ldm_vae", "configs", "model_cards"],
+                             capture_output=True, check=True).stdout
     (root / "src").mkdir()
     subprocess.run(["tar", "-x", "-C", str(root / "src")], input=archive, check=True)
     env = {**os.environ, "PYTHONPATH": str(root / "src")}  # ahead of the editable install of the current code
