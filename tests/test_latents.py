@@ -26,7 +26,8 @@ from .conftest import TINY_KL, TINY_VQ
 def exports(tmp_path_factory, fake_fashion):
     root = tmp_path_factory.mktemp("latents")
     for name, path in (("kl", TINY_KL), ("vq", TINY_VQ)):
-        train(load_config(path, [f"data.path={fake_fashion}", "train.max_steps=6", "loss.disc_start=100"], Config), root / name)
+        cfg = load_config(path, [f"data.path={fake_fashion}", "train.max_steps=6", "loss.disc_start=100"], Config)
+        train(cfg, root / name)
     return root
 
 

@@ -32,7 +32,8 @@ def ldm_run(tmp_path_factory, tiny_cache):
 
     out = tmp_path_factory.mktemp("ldm") / "run"
     summary = train_ldm(load_config(TINY_LDM, [f"latents={tiny_cache}", "train.max_steps=60", "train.log_every=10",
-                                               "train.image_every=60", "train.checkpoint_every=60"], LDMConfig), out).summary
+                                               "train.image_every=60", "train.checkpoint_every=60"], LDMConfig),
+                        out).summary
     return out, summary
 
 
@@ -94,9 +95,11 @@ def test_every_schedule_and_prediction_type_trains(tiny_ldm_cfg, tmp_path, predi
 
 def test_unconditional_training_and_sampling(tiny_ldm_cfg, tmp_path):
     train_ldm(tiny_ldm_cfg("train.max_steps=4", "train.image_every=4", "train.checkpoint_every=4",
-                           "diffusion.class_conditional=false"), tmp_path / "run")
+                           "diffusion.class_conditional=false", "export.license=apache-2.0"), tmp_path / "run")
     pipe = load_pipeline(tmp_path / "run")
     assert pipe.num_classes == 0 and pipe.unet.config.num_class_embeds is None
+    card = (export_pipeline(tmp_path / "run", tmp_path / "pipe") / "README.md").read_text()
+    assert "license: apache-2.0" in card and "pipeline_tag: unconditional-image-generation" in card
     images = generate(pipe, 3, sample_labels(0, None, 3), 2, 1.0, 0, 2, progress=False)
     assert images.shape == (3, 3, 16, 16) and images.min() >= 0 and images.max() <= 1
     with pytest.raises(UserError, match="unconditional"):

@@ -49,7 +49,8 @@ def _card(pipe: LatentDiffusionPipeline, info: dict, out_dir: Path) -> str:
     n = pipe.num_classes
     names = cache.get("class_names") or [str(i) for i in range(n)]
     classes = ", ".join(f"{i} = {name}" for i, name in enumerate(names[:n])) if n else "unconditional"
-    metadata = {"library_name": "diffusers", "license": cfg.export.license, "pipeline_tag": "unconditional-image-generation",
+    metadata = {"library_name": "diffusers", "license": cfg.export.license,
+                "pipeline_tag": "unconditional-image-generation",
                 "tags": ["ldm-vae", "latent-diffusion", "class-conditional" if n else "unconditional"],
                 "datasets": [cache["dataset_id"]]}
     shape = "x".join(str(s) for s in cache["latent_shape"])
