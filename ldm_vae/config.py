@@ -63,6 +63,14 @@ def unit_interval(cfg: Any, *names: str) -> None:
     _check(cfg, names, lambda v: 0 <= v < 1, "in [0, 1)")
 
 
+def multiples(cfg: Any, name: str, of: str, section: str) -> None:
+    """A non-empty list field whose entries are positive multiples of the field `of`
+    (channel widths and GroupNorm's group count)."""
+    values, divisor = getattr(cfg, name), getattr(cfg, of)
+    if not values or any(v <= 0 or v % divisor for v in values):
+        raise FieldError(name, f"must be positive multiples of '{section}.{of}' ({divisor}), got {values}")
+
+
 def unused(cfg: Any, names, reason: str) -> None:
     """Fields in `names` (dotted paths below `cfg`) must keep their defaults: they mean
     nothing under `reason`, and a set value would be silently ignored."""

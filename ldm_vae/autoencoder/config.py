@@ -7,7 +7,15 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Optional
 
-from ..config import FieldError, non_negative, one_of, positive, unit_interval, unused
+from ..config import (
+    FieldError,
+    multiples,
+    non_negative,
+    one_of,
+    positive,
+    unit_interval,
+    unused,
+)
 from ..data.config import DataConfig
 from ..run.config import OptimConfig
 
@@ -35,9 +43,7 @@ class ModelConfig:
     def __post_init__(self):
         one_of(self, "kind", MODEL_KINDS)
         positive(self, "latent_channels", "layers_per_block", "norm_num_groups", "num_vq_embeddings", "vq_embed_dim")
-        if not self.block_out_channels or any(c <= 0 or c % self.norm_num_groups for c in self.block_out_channels):
-            raise FieldError("block_out_channels", f"must be positive multiples of 'model.norm_num_groups' "
-                             f"({self.norm_num_groups}), got {self.block_out_channels}")
+        multiples(self, "block_out_channels", "norm_num_groups", "model")
 
     @property
     def downsampling_factor(self) -> int:

@@ -5,7 +5,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
-from ..config import FieldError, non_negative, one_of, positive, unit_interval
+from ..config import (
+    FieldError,
+    multiples,
+    non_negative,
+    one_of,
+    positive,
+    unit_interval,
+)
 from ..run.config import OptimConfig
 
 # diffusers' name of each beta schedule
@@ -29,9 +36,7 @@ class UNetConfig:
     def __post_init__(self):
         positive(self, "layers_per_block", "attention_head_dim", "norm_num_groups")
         non_negative(self, "dropout")
-        if not self.block_out_channels or any(c <= 0 or c % self.norm_num_groups for c in self.block_out_channels):
-            raise FieldError("block_out_channels", f"must be positive multiples of 'model.norm_num_groups' "
-                             f"({self.norm_num_groups}), got {self.block_out_channels}")
+        multiples(self, "block_out_channels", "norm_num_groups", "model")
         bad = [i for i in self.attention_levels if not 0 <= i < len(self.block_out_channels)]
         if bad:
             raise FieldError("attention_levels", f"{bad} are not levels of 'model.block_out_channels' "
