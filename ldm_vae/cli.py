@@ -24,6 +24,7 @@ EPILOG = """examples:
   ldm-vae eval exports/kl --split test --num-images 10000 --out reports/kl
   ldm-vae eval exports/kl exports/vq --data fashion-mnist --out reports/compare --fd-features features/fashion.pt
   ldm-vae train-fd-features --data fashion-mnist --out features/fashion.pt
+  ldm-vae diffusability exports/kl exports/kl_eq --fd-features features/fashion.pt --out reports/diffuse
   ldm-vae encode exports/kl --split train --out latents/kl
   ldm-vae train-ldm configs/ldm_fashion.yaml --latents latents/kl --output-dir runs/ldm
   ldm-vae sample runs/ldm --num-images 64 --class-label 3 --guidance-scale 3 --steps 50 --out samples/
@@ -64,6 +65,22 @@ def _eval(args) -> None:
                       overwrite=args.overwrite)
     print(f"{report['dataset']}, {report['split']} split, {report['num_images']} images\n\n{report['table']}\n")
     logging.getLogger("ldm_vae").info(f"wrote {args.out}/metrics.json and pictures")
+
+
+def _diffusability(args) -> None:
+    from .diffusability import DiffusabilityOptions, ProxyRecipe, run_diffusability
+
+    recipe = None if args.no_proxy else ProxyRecipe(
+        steps=args.ldm_steps, batch_size=args.ldm_batch_size, width=args.ldm_width,
+        samples_per_class=args.samples_per_class, sample_steps=args.sample_steps,
+        guidance_scale=args.guidance_scale, config=args.ldm_config)
+    opts = DiffusabilityOptions(num_images=args.num_images, batch_size=args.batch_size, device=_device(args),
+                                seed=args.seed, fd_features=args.fd_features, fid_weights=args.fid_weights,
+                                proxy=recipe)
+    report = run_diffusability(args.models, args.out, opts, split=args.split, update_card=args.update_card,
+                               overwrite=args.overwrite)
+    print(f"{report['dataset']}, {report['split']} split, {report['num_images']} images\n\n{report['table']}\n")
+    logging.getLogger("ldm_vae").info(f"wrote {args.out}/metrics.json, table.md and spectrum.png")
 
 
 def _train_fd_features(args) -> None:
@@ -220,6 +237,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="posterior samples, bound estimates, prior samples")
     _add_data_args(p)
     p.set_defaults(func=_eval)
+
+    p = sub.add_parser("diffusability", help="how well latent spaces diffuse: latent spectrum, scale equivariance, "
+                                             "and a proxy LDM's samples",
+                       description="Measure exported autoencoders on the same images: the latent power spectrum "
+                                   "and its high-frequency share next to the images' (Skorokhodov et al. 2025, "
+                                   "arXiv:2502.14831), scale equivariance of decoder and encoder, reconstruction "
+                                   "metrics, and (unless --no-proxy) the samples of a latent diffusion model "
+                                   "trained on each model's latents with one fixed recipe at fixed compute: domain "
+                                   "Frechet distance (--fd-features), FID where its weights exist, class accuracy "
+                                   "and the ratio of the samples' distance to the reconstructions'. Writes "
+                                   "OUT/metrics.json, OUT/table.md, OUT/spectrum.png and per-model pictures. The "
+                                   "definitions are in metrics.json and the README.")
+    p.add_argument("models", nargs="+", metavar="MODEL_DIR", help="export folder(s) trained on the same data")
+    p.add_argument("--out", required=True, help="report folder (refused if not empty, unless --overwrite)")
+    p.add_argument("--split", default="test", help="images measured (the proxy LDM trains on the train split)")
+    p.add_argument("--num-images", type=int, default=2048, help="first N images of --split")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--fd-features", metavar="PATH", help="extractor from `ldm-vae train-fd-features` (domain FD "
+                                                         "and class accuracy of the samples)")
+    p.add_argument("--fid-weights", metavar="PATH", help="FID Inception weights (default: torch hub cache)")
+    p.add_argument("--no-proxy", action="store_true", help="skip the proxy LDM (spectrum and equivariance only)")
+    p.add_argument("--ldm-config", default="ldm_fashion", help="the proxy LDM's config (bundled name or path)")
+    p.add_argument("--ldm-steps", type=int, default=1800, help="proxy LDM steps (equal for every model)")
+    p.add_argument("--ldm-batch-size", type=int, default=128, help="proxy LDM batch (equal for every model)")
+    p.add_argument("--ldm-width", type=int, default=64,
+                   help="UNet width w: levels down to 4x4 latents, widths [w, 2w, 2w, ...], attention at the last")
+    p.add_argument("--samples-per-class", type=int, default=1000)
+    p.add_argument("--sample-steps", type=int, default=20, help="DPM-Solver++ steps")
+    p.add_argument("--guidance-scale", type=float, default=3.0)
+    p.add_argument("--update-card", action="store_true", help="add a Diffusability section to each model card")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it holds files")
+    p.set_defaults(func=_diffusability)
 
     p = sub.add_parser("encode", help="cache a dataset split's latents (for latent diffusion training)",
                        description="Encode a dataset split once with an exported autoencoder into safetensors "

@@ -63,6 +63,10 @@ def unit_interval(cfg: Any, *names: str) -> None:
     _check(cfg, names, lambda v: 0 <= v < 1, "in [0, 1)")
 
 
+def probability(cfg: Any, *names: str) -> None:
+    _check(cfg, names, lambda v: 0 <= v <= 1, "in [0, 1]")
+
+
 def multiples(cfg: Any, name: str, of: str, section: str) -> None:
     """A non-empty list field whose entries are positive multiples of the field `of`
     (channel widths and GroupNorm's group count)."""

@@ -24,7 +24,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader, Subset
 
 from .autoencoder.config import Config
 from .autoencoder.train import train
@@ -36,7 +35,7 @@ from .diffusion.latents import encode_dataset
 from .diffusion.sample import generate, load_run_pipeline
 from .diffusion.train import train_ldm
 from .evaluation.features import train_fd_features
-from .evaluation.frechet import frechet_metric, load_fd_features
+from .evaluation.frechet import frechet_distance, frechet_metric, images01, load_fd_features
 from .evaluation.report import EvalOptions, run_eval
 from .files import refuse_nonempty, save_image
 
@@ -85,20 +84,6 @@ class Stages:
         yield
         self.rows.append((name, time.perf_counter() - t0))
         logger.info(f"demo stage: {name}: done in {self.rows[-1][1]:.0f} s")
-
-
-def _images(dataset, n: int) -> torch.Tensor:
-    """The first n images of `dataset` in [0, 1]."""
-    loader = DataLoader(Subset(dataset, range(min(n, len(dataset)))), batch_size=500)
-    return torch.cat([(b["pixel_values"] + 1) / 2 for b in loader])
-
-
-def _frechet(extractor, real01: torch.Tensor, fake01: torch.Tensor) -> float:
-    metric = frechet_metric(extractor)
-    for images, real in ((real01, True), (fake01, False)):
-        for i in range(0, len(images), 500):
-            metric.update(images[i:i + 500], real=real)
-    return metric.compute().item()
 
 
 def run_demo(out: Path, quick: bool = False, overwrite: bool = False, data_path: str | None = None) -> Path:
@@ -150,11 +135,11 @@ def run_demo(out: Path, quick: bool = False, overwrite: bool = False, data_path:
 
     with stages("Fréchet distances and class accuracy of the samples"):
         fd_name, extractor = load_fd_features(out / "features.pt")
-        real = _images(test_ds, 10_000)
-        train_images = _images(build_dataset(dataclasses.replace(vae_cfg.data, max_images=None), "train",
+        real = images01(test_ds, 10_000)
+        train_images = images01(build_dataset(dataclasses.replace(vae_cfg.data, max_images=None), "train",
                                              train=False), len(real))
-        fd_samples = _frechet(extractor, real, samples)
-        fd_train = _frechet(extractor, real, train_images)
+        fd_samples = frechet_distance(frechet_metric(extractor), real, samples)
+        fd_train = frechet_distance(frechet_metric(extractor), real, train_images)
         with torch.no_grad():
             predicted = torch.cat([extractor.module.logits(samples[i:i + 500] * 2 - 1).argmax(1)
                                    for i in range(0, len(samples), 500)])

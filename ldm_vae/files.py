@@ -147,6 +147,46 @@ def save_usage_histogram(counts: torch.Tensor, perplexity: float, path: str | Pa
     img.save(path)
 
 
+PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
+           (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]
+
+
+def save_line_plot(series: dict, path: str | Path, title: str, xlabel: str, log_y: bool = False) -> None:
+    """Lines of `series` {name: (xs, ys)} on shared axes, a legend, y on a log scale if asked
+    (non-positive values are left out there)."""
+    def ty(v):
+        return math.log10(v) if log_y else v
+
+    points = {k: [(x, ty(y)) for x, y in zip(*xy) if not log_y or y > 0] for k, xy in series.items()}
+    xs = [x for p in points.values() for x, _ in p] or [0.0, 1.0]
+    ys = [y for p in points.values() for _, y in p] or [0.0, 1.0]
+    (xmin, xmax), (ymin, ymax) = (min(xs), max(xs)), (min(ys), max(ys))
+    xmax, ymax = (xmax if xmax > xmin else xmin + 1), (ymax if ymax > ymin else ymin + 1)
+    legend_h = 14 * len(series)
+    img = Image.new("RGB", (WIDTH, HEIGHT + legend_h), "white")
+    draw = ImageDraw.Draw(img)
+    x0, y0, x1, y1 = MARGIN + 10, 30, WIDTH - 10, HEIGHT - 30
+    draw.rectangle([x0, y0, x1, y1], outline="black")
+
+    def at(x, y):
+        return x0 + (x - xmin) / (xmax - xmin) * (x1 - x0), y1 - (y - ymin) / (ymax - ymin) * (y1 - y0)
+
+    for i, (name, p) in enumerate(points.items()):
+        colour = PALETTE[i % len(PALETTE)]
+        if len(p) > 1:
+            draw.line([at(x, y) for x, y in p], fill=colour, width=2)
+        draw.line([(x0, HEIGHT + 7 + 14 * i), (x0 + 20, HEIGHT + 7 + 14 * i)], fill=colour, width=2)
+        draw.text((x0 + 26, HEIGHT + 14 * i), name, fill="black")
+    for v, y in ((ymin, y1), (ymax, y0)):
+        draw.text((2, y - 6), f"1e{v:.1f}" if log_y else f"{v:.3g}", fill="black")
+    draw.text((x0, y1 + 4), f"{xmin:.3g}", fill="black")
+    draw.text((x1 - 30, y1 + 4), f"{xmax:.3g}", fill="black")
+    draw.text((x0, 8), title, fill="black")
+    draw.text((x0 + 60, y1 + 14), xlabel, fill="black")
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    img.save(path)
+
+
 def _heat_colors(v: torch.Tensor) -> torch.Tensor:
     """[N, H, W] in [0, 1] -> [N, 3, H, W] in [-1, 1]: black -> red -> yellow -> white."""
     r, g, b = (v * 3).clamp(0, 1), (v * 3 - 1).clamp(0, 1), (v * 3 - 2).clamp(0, 1)

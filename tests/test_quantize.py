@@ -16,6 +16,8 @@ from ldm_vae.autoencoder.quantize import (
     nearest_code,
 )
 
+STEPPED = torch.tensor(True)  # `update`'s flag: the optimizer step happened
+
 
 def _quantizer(k=32, d=4, **overrides):
     cfg = QuantizerConfig(kmeans_init=False, **overrides)
@@ -132,17 +134,39 @@ def test_dead_codes_are_restarted_from_encoder_outputs_after_the_patience():
     h = torch.randn(1, 4, 4, 4) * 0.01
     out = q(h, codebook)
     q.observe(out)
-    logs, restarted = q.update(codebook.data, step=10)
+    logs, restarted = q.update(codebook.data, step=10, stepped=STEPPED)
     assert logs["restarted"] == 0 and restarted.numel() == 0  # not idle for > 10 steps yet
     assert q.usage(10) == pytest.approx(1 / 8)
     q.observe(out)
-    logs, restarted = q.update(codebook.data, step=11)
+    logs, restarted = q.update(codebook.data, step=11, stepped=STEPPED)
     assert logs["restarted"] == 7 and sorted(restarted.tolist()) == list(range(1, 8))
     rows = {tuple(r) for r in out.z.tolist()}
     assert all(tuple(codebook[k].tolist()) in rows for k in range(1, 8))  # re-seeded from actual outputs
     assert q.last_restart[1:].eq(11).all() and q.last_restart[0] == 0
     q.observe(q(h, codebook))
-    assert q.update(codebook.data, step=12)[0]["restarted"] == 0  # grace period after a restart
+    assert q.update(codebook.data, step=12, stepped=STEPPED)[0]["restarted"] == 0  # grace period after a restart
+
+
+@pytest.mark.parametrize("l2", [True, False])
+def test_a_skipped_step_leaves_every_quantizer_buffer_and_the_codebook_unchanged(l2):
+    """README: a skipped step gets no quantizer update. With hits, EMA statistics and codes
+    due for a restart, `update(stepped=False)` changes nothing; the same call with True does."""
+    q, codebook = _quantizer(k=16, d=4, l2_normalize=l2, restart_after_steps=1, ema_decay=0.9)
+    h = torch.randn(1, 4, 2, 2)  # 4 tokens: at least 12 codes unused
+    q.observe(q(h, codebook))
+    q.update(codebook.data, step=0, stepped=STEPPED)
+    before = {k: v.clone() for k, v in q.state_dict().items()}, codebook.detach().clone()
+    q.observe(q(h * 3, codebook))
+    logs, restarted = q.update(codebook.data, step=5, stepped=torch.tensor(False))  # unused codes are due
+    assert restarted.numel() == 0 and logs["restarted"] == 0
+    for k, v in q.state_dict().items():
+        assert torch.equal(v, before[0][k]), k
+    assert torch.equal(codebook.detach(), before[1])
+    # the control: the same statistics with a real step move the state and restart codes
+    q.observe(q(h * 3, codebook))
+    logs, restarted = q.update(codebook.data, step=5, stepped=STEPPED)
+    assert restarted.numel() > 0 and not torch.equal(codebook.detach(), before[1])
+    assert not torch.equal(q.hist, before[0]["hist"]) and not torch.equal(q.ema_sum, before[0]["ema_sum"])
 
 
 def test_restarted_codes_lose_their_adamw_moments():
@@ -172,7 +196,7 @@ def test_statistics_of_accumulated_micro_batches_update_once_per_optimizer_step(
             q.ema_sum.copy_(codebook)
         for h in batches:
             q.observe(q(h, codebook))
-        q.update(codebook.data, step=0)
+        q.update(codebook.data, step=0, stepped=STEPPED)
         return codebook.detach().clone(), q.ema_count.clone(), q.hist.clone()
 
     h = torch.tensor([[1.5, 0.1], [1.3, -0.1], [0.1, 0.9], [-1.2, 0.0]]).T.reshape(1, 2, 2, 2)
@@ -193,7 +217,7 @@ def test_ema_codebook_moves_to_the_mean_of_its_assignments_without_gradients():
     assert "vq_codebook" not in out.logs  # no codebook loss: the EMA moves the codes
     before = codebook.detach().clone()
     q.observe(out)
-    q.update(codebook.data, step=0)
+    q.update(codebook.data, step=0, stepped=STEPPED)
     # code 0 = EMA of the sums of its tokens / EMA of their count (Laplace smoothing ~1e-5)
     expected = (0.5 * 1.0 + 0.5 * (1.5 + 1.3)) / (0.5 * 1 + 0.5 * 2)
     assert codebook[0, 0].item() == pytest.approx(expected, rel=1e-4) and codebook[0, 0] > before[0, 0]

@@ -155,7 +155,7 @@ class _RunsCode:
         return (os.system, (f"touch {self.marker}",))
 
 
-@pytest.mark.parametrize("target", [EXTRA_FILE, "optimizer.bin"])
+@pytest.mark.parametrize("target", [EXTRA_FILE, "optimizer.bin", "random_states_0.pkl"])
 def test_crafted_pickle_in_a_checkpoint_is_refused(tiny_cfg, tmp_path, target):
     cfg = tiny_cfg("train.max_steps=4", "train.checkpoint_every=2")
     train(cfg, tmp_path / "run")
@@ -167,7 +167,7 @@ def test_crafted_pickle_in_a_checkpoint_is_refused(tiny_cfg, tmp_path, target):
     assert not marker.exists()
 
 
-@pytest.mark.parametrize("target", [EXTRA_FILE, "optimizer.bin"])
+@pytest.mark.parametrize("target", [EXTRA_FILE, "optimizer.bin", "random_states_0.pkl"])
 def test_crafted_pickle_in_an_ldm_checkpoint_is_refused(tiny_ldm_cfg, tmp_path, target):
     train_ldm(tiny_ldm_cfg("train.max_steps=4", "train.checkpoint_every=2"), tmp_path / "run")
     marker = tmp_path / "pwned"
@@ -175,6 +175,27 @@ def test_crafted_pickle_in_an_ldm_checkpoint_is_refused(tiny_ldm_cfg, tmp_path, 
     with pytest.raises(UserError, match="refusing to load"):
         train_ldm(tiny_ldm_cfg("train.max_steps=6", "train.checkpoint_every=2"), tmp_path / "run", resume="latest")
     assert not marker.exists()
+
+
+@pytest.mark.parametrize("damage", ["missing", "truncated", "another_state"])
+def test_an_rng_file_that_cannot_be_restored_stops_the_resume(tiny_cfg, tmp_path, damage):
+    """accelerate skips an unreadable RNG file with an info log and resumes with another RNG;
+    we refuse instead, whatever the damage (a loadable file with the wrong state included)."""
+    train(tiny_cfg("train.max_steps=4", "train.checkpoint_every=2", "loss.disc_start=100"), tmp_path / "run")
+    rng_file = tmp_path / "run" / "checkpoint-4" / "random_states_0.pkl"
+    if damage == "missing":
+        rng_file.unlink()
+    elif damage == "truncated":
+        rng_file.write_bytes(rng_file.read_bytes()[:100])
+    else:  # a well-formed file whose torch state is not the one a restore would set
+        from accelerate.utils import load
+
+        states = load(rng_file)  # weights_only, numpy's RNG state allowed
+        states["torch_manual_seed"] = "not a state"
+        torch.save(states, rng_file)
+    with pytest.raises(UserError, match="random_states_0.pkl"):
+        train(tiny_cfg("train.max_steps=6", "train.checkpoint_every=2", "loss.disc_start=100"), tmp_path / "run",
+              resume="latest")
 
 
 def test_crafted_pickle_as_lpips_weights_is_refused(tiny_cfg, tmp_path):

@@ -162,3 +162,30 @@ def test_codebook_and_lecam_state_move_once_per_optimizer_step(tiny_vq_cfg, tmp_
                             "loss.lecam_weight=0.1", "quantizer.ema_decay=0.9", "train.log_every=1"), tmp_path / "run")
     assert run.summary["steps"] == 3
     assert calls == {"observe": 6, "update": 3, "lecam": 3}
+
+
+def test_a_nan_step_in_training_leaves_the_quantizer_state_bit_identical(tiny_vq_cfg, tmp_path, monkeypatch):
+    """A step skipped for a non-finite loss (finite encoder outputs, so every token is observed)
+    changes no quantizer buffer and no code: no usage count, EMA statistic or restart."""
+    from ldm_vae.autoencoder.quantize import VectorQuantizer
+
+    from .test_reliability import _inject_nan
+
+    nan_steps = {3, 4}
+    _inject_nan(monkeypatch, nan_steps)
+    seen = {}
+    original = VectorQuantizer.update
+
+    def update(self, codebook, step, stepped):
+        before = {k: v.clone() for k, v in self.state_dict().items()}, codebook.clone()
+        result = original(self, codebook, step, stepped)
+        after = self.state_dict(), codebook
+        seen[step] = (all(torch.equal(after[0][k], before[0][k]) for k in before[0])
+                      and torch.equal(after[1], before[1]))
+        return result
+
+    monkeypatch.setattr(VectorQuantizer, "update", update)
+    run = train(tiny_vq_cfg("train.max_steps=6", "quantizer.ema_decay=0.9", "quantizer.restart_after_steps=1",
+                            "loss.disc_start=100"), tmp_path / "run")
+    assert run.summary["skipped_steps"] == len(nan_steps)
+    assert {s for s, unchanged in seen.items() if unchanged} == nan_steps  # and every finite step moved it

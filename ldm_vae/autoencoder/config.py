@@ -13,6 +13,7 @@ from ..config import (
     non_negative,
     one_of,
     positive,
+    probability,
     unit_interval,
     unused,
 )
@@ -146,6 +147,38 @@ class LossConfig:
 
 
 @dataclass
+class DiffusabilityConfig:
+    """Regularisers that shape the latent space for the diffusion model trained on it (KL
+    models; all off by default). `ldm-vae diffusability` measures what they change."""
+
+    # scale equivariance (Skorokhodov et al. 2025, arXiv:2502.14831, sec. 4): the decoder also
+    # turns the 2x2-average-pooled latent into the 2x2-average-pooled image; the weight of that
+    # term's L1 (in the reconstruction's units). It damps the latents' high frequencies.
+    scale_equivariance: float = 0.0
+    # EQ-VAE (Kouzelis et al. 2025, arXiv:2502.09509): the same term also under a random
+    # rotation by a multiple of 90 degrees and a random horizontal flip of latent and image
+    equivariance_rotations: bool = False
+    # latent denoising (l-DeTok, Yang et al. 2025, arXiv:2507.15856): the decoder reconstructs
+    # from z' = (1 - tau) z + tau * std(z) * eps, tau ~ U(0, latent_noise_max) per image; 0: off
+    latent_noise_max: float = 0.0
+    # channel masking (DC-AE 1.5, Chen et al. 2025, arXiv:2508.00413): with this probability
+    # per image only the first k latent channels reach the decoder (k uniform in
+    # [channel_mask_min, latent_channels]; the rest are zeroed), so the first channels learn
+    # to carry the coarse image and the later ones the detail; 0: off
+    channel_mask_prob: float = 0.0
+    channel_mask_min: int = 1
+
+    def __post_init__(self):
+        non_negative(self, "scale_equivariance")
+        probability(self, "latent_noise_max", "channel_mask_prob")
+        positive(self, "channel_mask_min")
+
+    @property
+    def active(self) -> bool:
+        return self.scale_equivariance > 0 or self.latent_noise_max > 0 or self.channel_mask_prob > 0
+
+
+@dataclass
 class TrainConfig(OptimConfig):
     # the discriminator's LR; its schedule is constant_with_warmup
     disc_lr: float = 1.0e-4
@@ -169,7 +202,8 @@ class ExportConfig:
 
 # Settings that mean something for one model kind only: setting them for the other kind is
 # an error rather than a silently ignored flag.
-KL_ONLY = ("loss.kl_weight", "loss.kl_warmup_steps", "loss.free_bits", "loss.logvar_min", "loss.logvar_max")
+KL_ONLY = ("loss.kl_weight", "loss.kl_warmup_steps", "loss.free_bits", "loss.logvar_min", "loss.logvar_max",
+           *(f"diffusability.{f.name}" for f in dataclasses.fields(DiffusabilityConfig)))
 VQ_ONLY = ("model.num_vq_embeddings", "model.vq_embed_dim",
            *(f"quantizer.{f.name}" for f in dataclasses.fields(QuantizerConfig)))
 
@@ -184,6 +218,7 @@ class Config:
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     quantizer: QuantizerConfig = field(default_factory=QuantizerConfig)
+    diffusability: DiffusabilityConfig = field(default_factory=DiffusabilityConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
 
     def __post_init__(self):
@@ -193,5 +228,10 @@ class Config:
                              f"factor {factor} (2 ** (len(model.block_out_channels) - 1))")
         kind = self.model.kind
         unused(self, KL_ONLY if kind == "vq" else VQ_ONLY, f"model.kind '{kind}'")
+        if self.diffusability.channel_mask_min > self.model.latent_channels:
+            raise FieldError("diffusability.channel_mask_min", f"({self.diffusability.channel_mask_min}) must be at "
+                             f"most model.latent_channels ({self.model.latent_channels})")
+        if self.diffusability.scale_equivariance > 0 and self.data.resolution // factor < 2:
+            raise FieldError("diffusability.scale_equivariance", "needs latents of at least 2x2 (they are halved)")
         if kind == "vq" and self.model.num_vq_embeddings is None:
             raise FieldError("model.num_vq_embeddings", "is needed by model.kind 'vq' (the codebook size, e.g. 8192)")

@@ -49,6 +49,12 @@ def kl_with_free_bits(kl_map: torch.Tensor, free_bits: float) -> torch.Tensor:
     return per_channel.clamp(min=free_bits).sum() * h * w
 
 
+def equivariance_loss(decoded: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean L1 between the decoding of a transformed latent and the transformed image
+    (Skorokhodov et al. 2025, arXiv:2502.14831, eq. 2): 0 for an equivariant autoencoder."""
+    return (decoded.float() - target.float()).abs().mean()
+
+
 def hinge_d_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.Tensor:
     return 0.5 * (F.relu(1.0 - logits_real).mean() + F.relu(1.0 + logits_fake).mean())
 
@@ -114,8 +120,10 @@ class LeCamEMA(nn.Module):
 class AutoencoderLoss:
     """Reconstruction + LPIPS + latent term (KL or VQ) + adaptive-weighted PatchGAN loss."""
 
-    def __init__(self, cfg: LossConfig, perceptual: nn.Module | None):
+    def __init__(self, cfg: LossConfig, perceptual: nn.Module | None, equivariance_weight: float = 0.0):
         self.cfg = cfg
+        # diffusability.scale_equivariance: a latent regulariser, so outside the adaptive weight's NLL
+        self.equivariance_weight = equivariance_weight
         # None when the perceptual term is off or skipped (see autoencoder/train.py, build_perceptual)
         self.perceptual = perceptual
         self.g_adv = G_LOSSES[cfg.disc_loss]
@@ -135,12 +143,18 @@ class AutoencoderLoss:
         return self.cfg.kl_weight * min(1.0, step / self.cfg.kl_warmup_steps)
 
     def latent_term(self, latent, step: int, pixels: int) -> tuple[torch.Tensor, dict]:
-        """KL (for a `GaussianLatent`) or the quantizer's loss (for a `QuantizerOutput`)."""
+        """KL (for a `GaussianLatent`, plus its equivariance term if it carries one) or the
+        quantizer's loss (for a `QuantizerOutput`)."""
         if isinstance(latent, QuantizerOutput):
             return latent.loss, dict(latent.logs)
         kl_map = kl_divergence(latent.mean, latent.logvar)
         logs = {"kl": kl_map.sum(dim=(1, 2, 3)).mean()}
-        return self.kl_weight(step) * kl_with_free_bits(kl_map, self.cfg.free_bits) / pixels, logs
+        loss = self.kl_weight(step) * kl_with_free_bits(kl_map, self.cfg.free_bits) / pixels
+        if latent.equivariance is not None:
+            eq = equivariance_loss(*latent.equivariance)
+            loss = loss + self.equivariance_weight * eq
+            logs["equivariance"] = eq
+        return loss, logs
 
     def generator(self, x: torch.Tensor, recon: torch.Tensor, latent, step: int,
                   disc: nn.Module | None = None, last_layer: torch.Tensor | None = None,

@@ -14,11 +14,12 @@ from pathlib import Path
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from diffusers import AutoencoderKL, VQModel
 from torch import nn
 
 from ..errors import UserError
-from .config import Config, ModelConfig
+from .config import Config, DiffusabilityConfig, ModelConfig
 from .quantize import VectorQuantizer, nearest_code
 
 MODEL_CLASSES = {"kl": AutoencoderKL, "vq": VQModel}
@@ -68,7 +69,7 @@ def build_training_model(cfg: Config) -> nn.Module:
     """The autoencoder in its training wrapper (`KLAutoencoder` or `VQAutoencoder`)."""
     vae = build_autoencoder(cfg.model, cfg.data.resolution)
     if cfg.model.kind == "kl":
-        return KLAutoencoder(vae, cfg.loss.logvar_min, cfg.loss.logvar_max)
+        return KLAutoencoder(vae, cfg.loss.logvar_min, cfg.loss.logvar_max, cfg.diffusability)
     codebook = vae.quantize.embedding.weight
     quantizer = VectorQuantizer(codebook.shape[0], codebook.shape[1], cfg.quantizer, seed=cfg.seed)
     quantizer.prepare_codebook(codebook)
@@ -102,18 +103,33 @@ def code_indices(vq: VQModel, latents: torch.Tensor) -> torch.Tensor:
     return nearest_code(flat, vq.quantize.embedding.weight).view(b, h, w)
 
 
+class EquivariancePair(NamedTuple):
+    """The decoder's output for a transformed latent and the equally transformed image."""
+
+    decoded: torch.Tensor  # D(T(z)), [B, 3, H/2, W/2]
+    target: torch.Tensor  # T(x)
+
+
 class GaussianLatent(NamedTuple):
     mean: torch.Tensor
     logvar: torch.Tensor
+    equivariance: EquivariancePair | None = None  # with diffusability.scale_equivariance > 0
 
 
 class KLAutoencoder(nn.Module):
-    """Training view of an `AutoencoderKL`: x -> (reconstruction, GaussianLatent(mean, logvar))."""
+    """Training view of an `AutoencoderKL`: x -> (reconstruction, GaussianLatent(mean, logvar, ...)).
 
-    def __init__(self, vae: AutoencoderKL, logvar_min: float = -30.0, logvar_max: float = 20.0):
+    In training mode the diffusability regularisers (autoencoder/config.py,
+    DiffusabilityConfig) act here, on what the decoder sees: noise and channel masks on its
+    input, and a second decode of the pooled latent for the equivariance term.
+    """
+
+    def __init__(self, vae: AutoencoderKL, logvar_min: float = -30.0, logvar_max: float = 20.0,
+                 reg: DiffusabilityConfig | None = None):
         super().__init__()
         self.vae = vae
         self.logvar_min, self.logvar_max = logvar_min, logvar_max
+        self.reg = reg or DiffusabilityConfig()
 
     def last_layer(self) -> torch.Tensor:
         """The decoder's output convolution weight, where the adaptive GAN weight is measured."""
@@ -128,8 +144,45 @@ class KLAutoencoder(nn.Module):
         if sample_posterior:
             # randn of the shape, not randn_like: a channels_last `mean` would reorder the draw
             z = mean + torch.exp(0.5 * logvar) * torch.randn(mean.shape, device=mean.device, dtype=mean.dtype)
-        recon = self.vae.decode(z).sample
-        return recon, GaussianLatent(mean, logvar)
+        reg, eq = self.reg, None
+        decoder_input = z
+        if self.training and reg.latent_noise_max > 0:
+            decoder_input = noised_latent(decoder_input, reg.latent_noise_max)
+        if self.training and reg.channel_mask_prob > 0:
+            decoder_input = decoder_input * channel_mask(decoder_input, reg.channel_mask_prob, reg.channel_mask_min)
+        recon = self.vae.decode(decoder_input).sample
+        if self.training and reg.scale_equivariance > 0:
+            # Skorokhodov et al. 2025: D(down(z)) should be down(x); EQ-VAE adds rotations/flips
+            z_small, target = F.avg_pool2d(z, 2), F.avg_pool2d(x, 2)
+            if reg.equivariance_rotations:
+                z_small, target = random_rotation(z_small, target)
+            eq = EquivariancePair(self.vae.decode(z_small).sample, target)
+        return recon, GaussianLatent(mean, logvar, eq)
+
+
+def noised_latent(z: torch.Tensor, tau_max: float) -> torch.Tensor:
+    """(1 - tau) z + tau * std(z) * eps with tau ~ U(0, tau_max) per image (l-DeTok's
+    interpolation to noise, arXiv:2507.15856, sec. 3; the noise on the latents' own scale)."""
+    tau = torch.rand(len(z), 1, 1, 1, device=z.device, dtype=z.dtype) * tau_max
+    eps = torch.randn(z.shape, device=z.device, dtype=z.dtype)
+    return (1 - tau) * z + tau * z.detach().std() * eps
+
+
+def channel_mask(z: torch.Tensor, prob: float, min_channels: int) -> torch.Tensor:
+    """[B, C, 1, 1] of 0/1: with probability `prob` per image, 1 for the first k channels only
+    (k uniform in [min_channels, C]), else all ones (DC-AE 1.5's structured latent)."""
+    b, c = z.shape[:2]
+    k = torch.randint(min_channels, c + 1, (b, 1), device=z.device)
+    k = torch.where(torch.rand(b, 1, device=z.device) < prob, k, c)
+    return (torch.arange(c, device=z.device) < k).to(z.dtype).view(b, c, 1, 1)
+
+
+def random_rotation(z: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same random rotation by k * 90 degrees and random horizontal flip of both (one draw
+    per batch; EQ-VAE's transforms that commute with the convolutional grid)."""
+    k, flip = torch.randint(4, (2,)).tolist()
+    z, x = z.rot90(k, (-2, -1)), x.rot90(k, (-2, -1))
+    return (z.flip(-1), x.flip(-1)) if flip % 2 else (z, x)
 
 
 class VQAutoencoder(nn.Module):

@@ -197,39 +197,47 @@ class VectorQuantizer(nn.Module):
         self._candidates = out.z  # restarts draw from the step's last forward
 
     @torch.no_grad()
-    def update(self, codebook: torch.Tensor, step: int) -> tuple[dict, torch.Tensor]:
+    def update(self, codebook: torch.Tensor, step: int, stepped: torch.Tensor) -> tuple[dict, torch.Tensor]:
         """Once per optimizer step, after `observe` saw its forwards: usage bookkeeping, EMA
         codebook step, dead-code restarts.
 
-        Call on every process with the same `step`; returns (detached logs: usage,
-        perplexity, restarted; the indices of the restarted codes, the same on every process).
+        `stepped` (a device flag, the same on every process) says whether the optimizer step
+        happened: a skipped step leaves every buffer and the codebook exactly as they were,
+        as it leaves the weights. Call on every process with the same `step`; returns
+        (detached logs: usage, perplexity, restarted; the indices of the restarted codes, the
+        same on every process).
         """
         cfg = self.cfg
-        counts = reduce(self._pending_counts, "sum")  # same on every rank
+        # same on every rank; a skipped step counts no hits (so no usage, EMA or restart change)
+        counts = reduce(self._pending_counts, "sum") * stepped
         self.hist += counts
         self.last_hit[counts > 0] = step
         perplexity = code_perplexity(counts).float()
         if cfg.ema_decay > 0:
             sums = reduce(self._pending_sums, "sum")
-            self.ema_count.lerp_(counts.float(), 1 - cfg.ema_decay)
-            self.ema_sum.lerp_(sums, 1 - cfg.ema_decay)
+            ema_count = self.ema_count.lerp(counts.float(), 1 - cfg.ema_decay)
+            ema_sum = self.ema_sum.lerp(sums, 1 - cfg.ema_decay)
             # Laplace smoothing keeps rarely used codes from dividing by ~0 (Sonnet's VQ-VAE-EMA)
-            n = self.ema_count.sum()
-            smoothed = (self.ema_count + 1e-5) / (n + self.num_codes * 1e-5) * n
-            new = self.ema_sum / smoothed.unsqueeze(1)
-            codebook.copy_(F.normalize(new, dim=1) if cfg.l2_normalize else new)
+            n = ema_count.sum()
+            smoothed = (ema_count + 1e-5) / (n + self.num_codes * 1e-5) * n
+            new = ema_sum / smoothed.unsqueeze(1)
+            new = F.normalize(new, dim=1) if cfg.l2_normalize else new
+            self.ema_count.copy_(torch.where(stepped, ema_count, self.ema_count))
+            self.ema_sum.copy_(torch.where(stepped, ema_sum, self.ema_sum))
+            codebook.copy_(torch.where(stepped, new.to(codebook.dtype), codebook))
         restarted = torch.zeros(0, dtype=torch.long, device=codebook.device)
         if cfg.restart_after_steps > 0:
-            restarted = self._restart_dead(self._candidates, codebook, step)
+            restarted = self._restart_dead(self._candidates, codebook, step, stepped)
         self._pending_counts = self._pending_sums = self._candidates = None
         logs = {"usage": self.usage(step), "perplexity": perplexity,
                 "restarted": torch.tensor(float(len(restarted)), device=codebook.device)}
         return logs, restarted
 
-    def _restart_dead(self, z: torch.Tensor, codebook: torch.Tensor, step: int) -> torch.Tensor:
-        """Re-seed codes idle for more than `restart_after_steps`; returns their indices."""
+    def _restart_dead(self, z: torch.Tensor, codebook: torch.Tensor, step: int, stepped: torch.Tensor) -> torch.Tensor:
+        """Re-seed codes idle for more than `restart_after_steps` (none on a skipped step);
+        returns their indices."""
         idle_since = torch.maximum(self.last_hit, self.last_restart)
-        dead = torch.nonzero(step - idle_since > self.cfg.restart_after_steps).flatten()
+        dead = torch.nonzero((step - idle_since > self.cfg.restart_after_steps) & stepped).flatten()
         if dead.numel() == 0:  # same decision on every rank: the buffers are identical
             return dead
         candidates = gather(z.contiguous())  # this batch's encoder outputs from every process

@@ -62,7 +62,7 @@ class AutoencoderTrainer(Trainer):
     # these change what a checkpoint's tensors mean (the EMA codebook mode adds buffers)
     resume_keys = ("model", "data.resolution", "quantizer.l2_normalize", "quantizer.ema_decay")
     checkpoint_model = "autoencoder"
-    postfix_keys = ("loss", "l1", "lpips", "kl", "usage", "perplexity", "g_adv", "d_loss")
+    postfix_keys = ("loss", "l1", "lpips", "kl", "equivariance", "usage", "perplexity", "g_adv", "d_loss")
 
     def check_inputs(self) -> None:
         self.perceptual, self.perceptual_status = build_perceptual(self.cfg)  # fails before any training work
@@ -101,7 +101,7 @@ class AutoencoderTrainer(Trainer):
         self.ema_params = ema_parameters(self.model)  # the same tensors all run (a VQ codebook is not among them)
         # saved and loaded by checkpoint.py (weights_only), not accelerate's pickled custom objects
         self.extra_state = {"sched_ae": self.sched_ae, "sched_d": self.sched_d, "lecam": self.lecam}
-        self.loss_fn = AutoencoderLoss(cfg.loss, self.perceptual)
+        self.loss_fn = AutoencoderLoss(cfg.loss, self.perceptual, cfg.diffusability.scale_equivariance)
         self.last_layer = self.raw_ae.last_layer()
         self.lecam_means: list[torch.Tensor] = []  # [real, fake] per micro-step, averaged at the optimizer step
         self.ae.train()
@@ -168,8 +168,12 @@ class AutoencoderTrainer(Trainer):
         # once per optimizer step: the codebook's bookkeeping and the LeCam averages
         if self.quantizer is not None:
             codebook = self.model.quantize.embedding.weight
-            self.quantizer.renormalize_(codebook, ae_ok)  # only an optimizer step moves the codebook
-            q_logs, restarted = self.quantizer.update(codebook, step)
+            stepped = ae_ok
+            if acc.scaler is not None:  # under fp16 the GradScaler decides (Accelerate reads it on the host)
+                stepped = ae_ok & (not self.opt_ae.step_was_skipped)
+            self.quantizer.renormalize_(codebook, stepped)  # only an optimizer step moves the codebook
+            # a skipped step leaves the quantizer's state as it leaves the weights
+            q_logs, restarted = self.quantizer.update(codebook, step, stepped)
             # a re-seeded code starts afresh: its old AdamW moments would push it away from the
             # encoder output it was just set to
             reset_adam_rows(self.opt_ae, codebook, restarted)

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.data import DataLoader, Subset
 
 from ..errors import UserError
 
@@ -72,3 +73,20 @@ def frechet_metric(extractor: nn.Module):
     from torchmetrics.image.fid import FrechetInceptionDistance
 
     return FrechetInceptionDistance(feature=extractor, normalize=True)
+
+
+def frechet_distance(metric, real01: torch.Tensor, fake01: torch.Tensor, batch_size: int = 500) -> float:
+    """The Fréchet distance between two image sets in [0, 1] with a torchmetrics FID-style
+    metric (reset first; batches moved to the metric's device)."""
+    metric.reset()
+    for images, real in ((real01, True), (fake01, False)):
+        for i in range(0, len(images), batch_size):
+            metric.update(images[i:i + batch_size].to(metric.device), real=real)
+    return metric.compute().item()
+
+
+@torch.no_grad()
+def images01(dataset, n: int, batch_size: int = 500) -> torch.Tensor:
+    """The first n images of `dataset` in [0, 1], as Fréchet metrics take them."""
+    loader = DataLoader(Subset(dataset, range(min(n, len(dataset)))), batch_size=batch_size)
+    return torch.cat([(b["pixel_values"] + 1) / 2 for b in loader])

@@ -10,6 +10,9 @@ Loading never unpickles code: accelerate reads models from safetensors and optim
 sampler and RNG files with `weights_only=True`; the trainer's own extra state (schedulers,
 EMA, LeCam) is saved by us and read with `weights_only=True` too, because accelerate loads
 objects registered with `register_for_checkpointing` with `weights_only=False`.
+accelerate reads each process's RNG file inside `try/except Exception` and goes on
+silently when it cannot (a tampered, truncated or missing file): the resume would no
+longer be identical. We refuse that instead (`_check_rng_restored`).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import random
 import re
 import shutil
 from pathlib import Path
@@ -24,6 +28,7 @@ from typing import Callable
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import load as accelerate_load
 
 from ..errors import UserError
 
@@ -72,10 +77,14 @@ def _refuse(path: Path, err: Exception) -> UserError:
 
 
 def safe_load(path: str | Path):
-    """torch.load with weights_only=True: tensors and plain containers, never objects or code."""
+    """torch.load with weights_only=True: tensors and plain containers (and numpy arrays, which
+    RNG states hold), never objects or code."""
     path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path} is missing: the checkpoint is incomplete; resume from another checkpoint-<step> "
+                        f"folder")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return accelerate_load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         raise _refuse(path, err) from None
     except (OSError, RuntimeError, EOFError) as err:
@@ -90,6 +99,7 @@ def load_checkpoint(accelerator: Accelerator, checkpoint: Path, objects: dict) -
         accelerator.load_state(str(checkpoint))
     except pickle.UnpicklingError as err:
         raise _refuse(checkpoint, err) from None
+    _check_rng_restored(checkpoint / f"random_states_{accelerator.process_index}.pkl")
     extra = safe_load(checkpoint / EXTRA_FILE)
     missing = sorted(set(objects) - set(extra))
     if missing:
@@ -98,6 +108,22 @@ def load_checkpoint(accelerator: Accelerator, checkpoint: Path, objects: dict) -
     for name, obj in objects.items():
         obj.load_state_dict(extra[name])
     return read_state(checkpoint)["step"]
+
+
+def _check_rng_restored(path: Path) -> None:
+    """Right after `load_state`: this process's RNG must now be the one saved in `path`.
+    accelerate swallows any failure to read or apply that file, and a resume with the
+    wrong RNG draws other noise and augmentations, silently."""
+    states = safe_load(path)  # a tampered or damaged file is refused here, with its reason
+    try:
+        restored = (torch.equal(torch.get_rng_state(), states["torch_manual_seed"])
+                    and random.getstate() == states["random_state"])
+    except (KeyError, TypeError):
+        restored = False
+    if not restored:
+        raise UserError(f"{path} does not hold this process's random state as ldm-vae saves it, so the run cannot "
+                        f"resume identically; the checkpoint is damaged or was not written by ldm-vae; resume from "
+                        f"another checkpoint-<step> folder")
 
 
 def save_checkpoint(accelerator: Accelerator, output_dir: str | Path, step: int, state: dict,

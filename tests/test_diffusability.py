@@ -1,0 +1,204 @@
+"""Diffusability: the measures' invariants (spectra, equivariance), the regularisers'
+invariants, and `ldm-vae diffusability` end to end on tiny sizes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from diffusers import AutoencoderKL
+
+from ldm_vae.autoencoder.config import Config, DiffusabilityConfig
+from ldm_vae.autoencoder.losses import AutoencoderLoss, LossConfig, equivariance_loss
+from ldm_vae.autoencoder.models import KLAutoencoder, build_autoencoder, channel_mask, noised_latent
+from ldm_vae.autoencoder.train import train
+from ldm_vae.config import load_config
+from ldm_vae.errors import UserError
+from ldm_vae.diffusability import DiffusabilityOptions, ProxyRecipe, run_diffusability
+from ldm_vae.evaluation.latent_space import _radius, high_frequency_share, latent_measures, radial_power
+
+from .conftest import TINY_KL, TINY_VQ
+
+# ==============================================================================================
+# Spectra
+# ==============================================================================================
+
+
+def test_white_noise_has_a_flat_spectrum_and_the_area_share_of_high_frequencies():
+    x = torch.randn(256, 2, 16, 16, generator=torch.Generator().manual_seed(0))
+    power, radius = radial_power(x)
+    assert power.shape == (2, len(radius)) and radius[1] == pytest.approx(1 / 16)
+    # ortho FFT: white noise of variance 1 has power 1 at every frequency but DC (mean removed)
+    assert power[:, 0].abs().max() < 1e-20
+    torch.testing.assert_close(power[:, 1:], torch.ones_like(power[:, 1:]), atol=0.12, rtol=0)
+    area = ((_radius(16, 16, "cpu") > 0.25).sum() / (16 * 16 - 1)).item()
+    torch.testing.assert_close(high_frequency_share(x), torch.full((2,), area, dtype=torch.float64), atol=0.01, rtol=0)
+
+
+def test_high_frequency_share_of_a_smooth_wave_is_zero_and_of_a_checkerboard_one():
+    yy, xx = torch.meshgrid(torch.arange(16.0), torch.arange(16.0), indexing="ij")
+    smooth = (torch.cos(2 * torch.pi * xx / 16) + 5)[None, None]  # one cycle per image, plus an offset
+    checker = ((-1.0) ** (xx + yy))[None, None]  # the Nyquist frequency
+    assert high_frequency_share(smooth).item() < 1e-12
+    assert high_frequency_share(checker).item() == pytest.approx(1.0)
+    power, radius = radial_power(smooth)
+    assert radius[power[0].argmax()].item() == pytest.approx(1 / 16)  # all power in the first ring
+
+
+# ==============================================================================================
+# Equivariance: an exactly equivariant autoencoder scores perfectly, a real one does not
+# ==============================================================================================
+
+
+class _Identity(torch.nn.Module):
+    """An 'autoencoder' whose latent is the image itself (f1, 3 channels): exactly equivariant
+    to pooling, rotations and flips."""
+
+    def __init__(self):
+        super().__init__()
+        self.config = SimpleNamespace(scaling_factor=1.0, shift_factor=0.0, block_out_channels=[8])
+        self.anchor = torch.nn.Parameter(torch.zeros(()))  # so .to() and .eval() work
+
+    def encode(self, x):
+        dist = SimpleNamespace(mean=x, logvar=torch.full_like(x, -30.0), sample=lambda generator=None: x)
+        return SimpleNamespace(latent_dist=dist)
+
+    def decode(self, z):
+        return SimpleNamespace(sample=z + self.anchor)
+
+
+def _images(n=8, size=16):
+    return torch.rand(n, 3, size, size, generator=torch.Generator().manual_seed(1)) * 2 - 1
+
+
+def test_an_exactly_equivariant_autoencoder_has_zero_equivariance_loss_and_error():
+    x = _images()
+    reg = DiffusabilityConfig(scale_equivariance=1.0, equivariance_rotations=True)
+    ae = KLAutoencoder(_Identity(), reg=reg).train()
+    for _ in range(4):  # several random rotations and flips
+        _, latent = ae(x, sample_posterior=False)
+        assert latent.equivariance is not None
+        assert equivariance_loss(*latent.equivariance).item() == 0.0
+    dataset = [{"pixel_values": xi} for xi in x]
+    m = latent_measures(_Identity(), dataset, len(x), 4, torch.device("cpu"))
+    assert m["equivariance_decoder_psnr_db"] == pytest.approx(100.0)  # the PSNR cap of an exact match
+    assert m["equivariance_encoder_rel_error"] == 0.0
+
+
+def test_equivariance_term_is_positive_for_a_real_decoder_and_trains_encoder_and_decoder(tiny_cfg):
+    cfg = tiny_cfg("diffusability.scale_equivariance=1.0")
+    vae = build_autoencoder(cfg.model, cfg.data.resolution)
+    ae = KLAutoencoder(vae, reg=cfg.diffusability).train()
+    x = _images(4, 16)
+    recon, latent = ae(x)
+    assert latent.equivariance.decoded.shape == latent.equivariance.target.shape == (4, 3, 8, 8)
+    pixels = x[0].numel()
+    with_eq, logs = AutoencoderLoss(LossConfig(), None, equivariance_weight=2.0).latent_term(latent, 0, pixels)
+    without, _ = AutoencoderLoss(LossConfig(), None).latent_term(latent._replace(equivariance=None), 0, pixels)
+    assert logs["equivariance"] > 0
+    assert with_eq.item() == pytest.approx(without.item() + 2.0 * logs["equivariance"].item())
+    equivariance_loss(*latent.equivariance).backward()  # the term reaches both networks
+    assert vae.encoder.conv_in.weight.grad.abs().sum() > 0 and vae.decoder.conv_out.weight.grad.abs().sum() > 0
+    ae.eval()  # inference: no regulariser work at all
+    assert ae(x)[1].equivariance is None
+
+
+# ==============================================================================================
+# Latent noise and channel masks
+# ==============================================================================================
+
+
+def test_noised_latent_is_the_interpolation_to_noise_at_a_per_image_tau():
+    z = torch.randn(6, 4, 8, 8) * 3 + 1
+    torch.manual_seed(5)
+    got = noised_latent(z, 0.5)
+    torch.manual_seed(5)  # the same draws, in the same order
+    tau = torch.rand(6, 1, 1, 1) * 0.5
+    eps = torch.randn(z.shape)
+    torch.testing.assert_close(got, (1 - tau) * z + tau * z.std() * eps, rtol=0, atol=0)
+    assert tau.max() <= 0.5 and torch.equal(noised_latent(z, 0.0), z)
+
+
+def test_channel_mask_keeps_the_first_k_channels_and_zeroes_the_rest():
+    torch.manual_seed(0)
+    z = torch.randn(4000, 6, 2, 2)
+    mask = channel_mask(z, prob=0.5, min_channels=2)
+    kept = mask[:, :, 0, 0].sum(1).long()  # k per image
+    # a prefix of ones then zeros: the first k channels, never a later channel alone
+    assert torch.equal(mask[:, :, 0, 0], (torch.arange(6) < kept[:, None]).float())
+    assert kept.min() == 2 and kept.max() == 6
+    masked = (kept < 6).float().mean().item()  # k = 6 is also drawn with probability 1/5 when masking
+    assert masked == pytest.approx(0.5 * 4 / 5, abs=0.03)
+    assert set(kept[kept < 6].tolist()) == {2, 3, 4, 5}
+    assert torch.equal(channel_mask(z, prob=0.0, min_channels=2), torch.ones(4000, 6, 1, 1))
+
+
+def test_regularisers_only_act_in_training_mode_and_are_kl_only(tiny_cfg, fake_fashion):
+    cfg = tiny_cfg("diffusability.latent_noise_max=0.5", "diffusability.channel_mask_prob=1.0")
+    vae = build_autoencoder(cfg.model, cfg.data.resolution)
+    ae = KLAutoencoder(vae, reg=cfg.diffusability).eval()
+    x = _images(2, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(ae(x, sample_posterior=False)[0], vae.decode(vae.encode(x).latent_dist.mean).sample)
+    with pytest.raises(UserError, match="diffusability.scale_equivariance.*model.kind 'vq'"):
+        load_config(TINY_VQ, [f"data.path={fake_fashion}", "diffusability.scale_equivariance=0.5"], Config)
+    with pytest.raises(UserError, match="channel_mask_min"):
+        tiny_cfg("diffusability.channel_mask_min=5")  # more than the 4 latent channels
+
+
+def test_a_run_with_every_regulariser_trains_exports_and_loads_in_stock_diffusers(tiny_cfg, tmp_path):
+    cfg = tiny_cfg("train.max_steps=6", "loss.disc_start=3", "diffusability.scale_equivariance=0.5",
+                   "diffusability.equivariance_rotations=true", "diffusability.latent_noise_max=0.3",
+                   "diffusability.channel_mask_prob=0.5", "train.log_every=2")
+    run = train(cfg, tmp_path / "run")
+    assert run.summary["skipped_steps"] == 0 and run.summary["final_logs"]["equivariance"] > 0
+    stock = AutoencoderKL.from_pretrained(tmp_path / "run" / "export")
+    assert stock.config.latent_channels == 4  # the regularisers change training, not the architecture
+
+
+# ==============================================================================================
+# The command, end to end
+# ==============================================================================================
+
+
+def test_diffusability_command_measures_two_models_and_writes_report_and_card(tiny_cache, fake_fashion, tmp_path):
+    from ldm_vae.cli import main
+    from ldm_vae.data.config import DataConfig
+    from ldm_vae.evaluation.features import train_fd_features
+
+    export = tiny_cache.parent / "vae" / "export"
+    other = tmp_path / "eq"
+    train(load_config(TINY_KL, [f"data.path={fake_fashion}", "train.max_steps=6", "loss.disc_start=100",
+                                "diffusability.scale_equivariance=1.0"], Config), other)
+    train_fd_features(DataConfig(source="fashion-mnist", path=str(fake_fashion), resolution=16), tmp_path / "fd.pt",
+                      "shapes", steps=5, batch_size=32)
+    out = tmp_path / "report"
+    args = [str(export), str(other / "export"), "--out", str(out), "--num-images", "32", "--batch-size", "16",
+            "--fd-features", str(tmp_path / "fd.pt"), "--ldm-config", "tiny_ldm", "--ldm-steps", "3",
+            "--ldm-batch-size", "16", "--ldm-width", "16", "--samples-per-class", "2", "--sample-steps", "2",
+            "--update-card"]
+    assert main(["diffusability", *args]) == 0
+    report = json.loads((out / "metrics.json").read_text())
+    assert [r["label"] for r in report["results"]] == ["vae", "eq"]
+    for r in report["results"]:
+        d, g = r["diffusability"], r["generation"]
+        assert 0 < d["high_freq_share"] < 1 and d["latent_shape"] == [4, 8, 8]
+        assert d["num_images"] == r["reconstruction"]["num_images"] == 32  # the same images for every measure
+        assert d["equivariance_decoder_psnr_db"] > 0 and d["equivariance_encoder_rel_error"] > 0
+        assert g["ldm_steps"] == 3 and g["num_samples"] == 20 and 0 <= g["class_accuracy"] <= 1
+        assert g["fd_shapes_samples"] > 0
+        assert g["fd_shapes_ratio_to_reconstructions"] == pytest.approx(
+            g["fd_shapes_samples"] / r["reconstruction"]["fd_shapes"])
+        assert "fid_samples" in g["unavailable"] or g["fid_samples"] > 0  # never a silent number
+        assert "## Diffusability" in (Path(r["model"]) / "README.md").read_text()
+    assert (out / "spectrum.png").is_file() and (out / "vae" / "samples.png").is_file()
+    assert "samples / recon" in (out / "table.md").read_text()
+    assert not (tmp_path / ".work-report").exists()  # the proxy runs are removed once the report is complete
+    assert ProxyRecipe(width=16).unet([4, 8, 8]) == ["model.block_out_channels=[16, 32]", "model.attention_levels=[1]"]
+    # a second run into the same folder is refused; --no-proxy skips the LDM
+    assert main(["diffusability", *args]) == 2
+    report = run_diffusability([str(export)], tmp_path / "spec", DiffusabilityOptions(num_images=16, proxy=None))
+    assert "generation" not in report["results"][0]
