@@ -55,6 +55,7 @@ class ProxyRecipe:
     sample_steps: int = 20
     guidance_scale: float = 3.0
     config: str = "ldm_fashion"  # a bundled LDM config, or a path
+    extra: list[str] = dataclasses.field(default_factory=list)  # more KEY=VALUE overrides of that config
 
     def unet(self, latent_shape: list[int]) -> list[str]:
         """The rule that sizes the UNet to the latents: halve the latent down to 4x4 (one level
@@ -67,7 +68,7 @@ class ProxyRecipe:
     def overrides(self, latent_shape: list[int]) -> list[str]:
         return [f"train.max_steps={self.steps}", f"train.batch_size={self.batch_size}",
                 f"train.checkpoint_every={self.steps}", f"train.image_every={self.steps}",
-                *self.unet(latent_shape)]
+                *self.unet(latent_shape), *self.extra]
 
 
 def proxy_generation(export: Path, work: Path, recipe: ProxyRecipe, real01: torch.Tensor, fd_features: str | None,

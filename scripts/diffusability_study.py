@@ -20,6 +20,7 @@ import dataclasses
 import json
 import logging
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -32,7 +33,8 @@ from ldm_vae.evaluation.latent_space import save_spectrum_plot
 from ldm_vae.evaluation.features import train_fd_features
 from ldm_vae.run.checkpoint import complete_checkpoints
 
-# name -> (what it tests, overrides of the demo's autoencoder recipe)
+# name -> (what it tests, overrides of the demo's autoencoder recipe[, overrides of the proxy
+# LDM's recipe]). Variants with the same autoencoder overrides share one trained autoencoder.
 VARIANTS = {
     "baseline": ("KL-f4, 4 channels, kl_weight 1e-6 (the demo's autoencoder)", []),
     "kl_1e-4": ("a 100x stronger KL term", ["loss.kl_weight=1e-4"]),
@@ -42,6 +44,11 @@ VARIANTS = {
                ["diffusability.scale_equivariance=0.5", "diffusability.equivariance_rotations=true"]),
     "latent_noise": ("decoder on noised latents, tau <= 0.3 (l-DeTok)", ["diffusability.latent_noise_max=0.3"]),
     "channel_mask": ("channel masking p 0.5 (DC-AE 1.5)", ["diffusability.channel_mask_prob=0.5"]),
+    # the LDM recipe, on the baseline autoencoder
+    "ldm_v_cosine": ("LDM: v-prediction, cosine schedule", [],
+                     ["diffusion.prediction_type=v_prediction", "diffusion.beta_schedule=cosine"]),
+    "ldm_wide": ("LDM: UNet width 128", [], ["@width=128"]),
+    "ldm_lr1e-3": ("LDM: lr 1e-3", [], ["train.lr=1e-3"]),
     # the compression sweep of the LDM paper (Rombach et al. 2022, Fig. 6) at 32x32
     "f2c2": ("f2, 2 channels (16x16x2)", ["model.block_out_channels=[32,64]", "model.latent_channels=2"]),
     "f2c4": ("f2, 4 channels (16x16x4)", ["model.block_out_channels=[32,64]", "model.latent_channels=4"]),
@@ -49,6 +56,20 @@ VARIANTS = {
     "f8c8": ("f8, 8 channels (4x4x8)", ["model.block_out_channels=[32,64,128,128]", "model.latent_channels=8"]),
     "f8c16": ("f8, 16 channels (4x4x16)", ["model.block_out_channels=[32,64,128,128]", "model.latent_channels=16"]),
 }
+
+
+def autoencoder_of(name: str) -> str:
+    """The run name of a variant's autoencoder: the first variant with the same overrides."""
+    return next(n for n, v in VARIANTS.items() if v[1] == VARIANTS[name][1])
+
+
+def proxy_of(name: str, base: ProxyRecipe) -> ProxyRecipe:
+    """The proxy LDM recipe of a variant: `@width=W` sets the UNet width, the rest are config overrides."""
+    ldm = VARIANTS[name][2] if len(VARIANTS[name]) > 2 else []
+    width = [int(o.split("=")[1]) for o in ldm if o.startswith("@width=")]
+    return dataclasses.replace(base, width=width[0] if width else base.width,
+                               extra=[o for o in ldm if not o.startswith("@")])
+
 
 COLUMNS = [("psnr_db", "PSNR dB", "reconstruction", "{:.2f}"), ("ssim", "SSIM", "reconstruction", "{:.4f}"),
            ("fd_fashion_mnist", "recon FD", "reconstruction", "{:.4f}"),
@@ -61,14 +82,15 @@ COLUMNS = [("psnr_db", "PSNR dB", "reconstruction", "{:.2f}"), ("ssim", "SSIM", 
            ("ae_train_s", "AE s", "time", "{:.0f}"), ("ldm_train_s", "LDM s", "generation", "{:.0f}")]
 
 
-def train_variant(name: str, seed: int, runs: Path, extra: list[str]) -> dict:
-    """Train (or finish, or reuse) one variant; returns its summary."""
-    run = runs / f"{name}-s{seed}"
+def train_variant(name: str, seed: int, runs: Path, extra: list[str]) -> tuple[Path, dict]:
+    """Train (or finish, or reuse) one variant's autoencoder; returns (run folder, summary)."""
+    run = runs / f"{autoencoder_of(name)}-s{seed}"
     if (run / "summary.json").is_file() and (run / "export" / "config.json").is_file():
-        return json.loads((run / "summary.json").read_text())
+        return run, json.loads((run / "summary.json").read_text())
     cfg = load_config("kl_f4_fashion", [*FULL.vae_overrides, *VARIANTS[name][1], f"seed={seed}", *extra], Config)
     resumable = bool(complete_checkpoints(run))
-    return train(cfg, run, resume="latest" if resumable else None, overwrite=run.exists() and not resumable).summary
+    return run, train(cfg, run, resume="latest" if resumable else None,
+                      overwrite=run.exists() and not resumable).summary
 
 
 def main() -> None:
@@ -99,23 +121,22 @@ def main() -> None:
     recipe = ProxyRecipe(steps=args.ldm_steps, batch_size=args.ldm_batch_size,
                          samples_per_class=args.samples_per_class)
     rows = {}
-    for name in args.only or VARIANTS:
-        for seed in args.seeds:
+    # seeds outermost: an interrupted study already has every variant once
+    for seed in args.seeds:
+        for name in args.only or VARIANTS:
             key = f"{name}-s{seed}"
             measured = out / "measures" / key / "metrics.json"
             if not measured.is_file():
                 t0 = time.perf_counter()
-                summary = train_variant(name, seed, out / "runs", extra)
+                run, summary = train_variant(name, seed, out / "runs", extra)
                 opts = DiffusabilityOptions(num_images=args.num_images, device=device, seed=seed,
-                                            fd_features=str(features), proxy=recipe)
-                report = run_diffusability([str(out / "runs" / key / "export")], measured.parent, opts,
-                                           overwrite=True)
+                                            fd_features=str(features), proxy=proxy_of(name, recipe))
+                report = run_diffusability([str(run / "export")], measured.parent, opts, overwrite=True)
                 report["results"][0]["time"] = {"ae_train_s": summary["wall_time_s"],
                                                 "measure_s": time.perf_counter() - t0 - summary["wall_time_s"]}
                 measured.write_text(json.dumps(report, indent=2))
             rows[key] = json.loads(measured.read_text())["results"][0]
-            logging.info(f"{key}: done")
-    write_study(out, rows, args)
+            write_study(out, rows, args)  # the table so far
 
 
 def write_study(out: Path, rows: dict, args) -> None:
@@ -141,12 +162,12 @@ def write_study(out: Path, rows: dict, args) -> None:
     first = [{**r, "label": key.rsplit("-s", 1)[0]} for key, r in rows.items() if key.endswith(f"-s{args.seeds[0]}")]
     save_spectrum_plot(first, out / "spectrum.png")
     text = (f"# Diffusability study (Fashion-MNIST 32x32)\n\nCommand: `python scripts/diffusability_study.py "
-            f"--out {args.out} --seeds {' '.join(map(str, args.seeds))}`; proxy LDM {args.ldm_steps} steps x batch "
+            f"{' '.join(sys.argv[1:])}`; proxy LDM {args.ldm_steps} steps x batch "
             f"{args.ldm_batch_size}, {args.samples_per_class} samples per class, {args.num_images} test images. "
             f"Mean over seeds (min–max).\n\n" + "\n".join(lines) + "\n\n![spectra](spectrum.png)\n")
     (out / "STUDY.md").write_text(text)
     (out / "study.json").write_text(json.dumps({"table": table, "rows": rows}, indent=2))
-    print(text)
+    logging.info(f"{len(rows)} runs measured; table in {out / 'STUDY.md'}")
 
 
 if __name__ == "__main__":

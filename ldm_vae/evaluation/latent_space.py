@@ -166,7 +166,7 @@ def save_spectrum_plot(results: list[dict], path: Path) -> None:
     s = results[0]["diffusability"]["spectrum"]
     images = torch.tensor(s["images_mean_rgb"])[1:]
     series["images at the latent resolution"] = (s["radius_cycles_per_pixel"][1:], (images / images.sum()).tolist())
-    save_line_plot(series, path, title="radially averaged power spectrum (share of non-DC power per bin)",
+    save_line_plot(series, path, title="radially averaged power spectrum, normalised to sum 1 over the non-DC bins",
                    xlabel="frequency, cycles per latent pixel (0.25 = half Nyquist)", log_y=True)
 
 
