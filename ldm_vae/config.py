@@ -24,7 +24,10 @@ from .errors import UserError
 # Keys that older versions wrote into every saved config and that no longer exist, with the
 # only value they could usefully hold. Saved configs (checkpoints, exports) load with them
 # dropped; a user's YAML that names them gets the usual unknown-key error.
-RETIRED_KEYS = {"model.in_channels": 3, "model.out_channels": 3}
+RETIRED_KEYS = {"model.in_channels": 3, "model.out_channels": 3,
+                # training must sample the posterior as the export does: with diffusers' own
+                # log-variance clamp, [-30, 20] (a tighter one reached training only)
+                "loss.logvar_min": -30.0, "loss.logvar_max": 20.0}
 
 
 # --- rules, called from the dataclasses' __post_init__ ---------------------------------------

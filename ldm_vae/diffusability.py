@@ -23,9 +23,7 @@ from pathlib import Path
 import torch
 
 from .autoencoder.export import training_data
-from .autoencoder.models import load_autoencoder
 from .config import load_config
-from .data.sources import build_dataset
 from .diffusion.config import LDMConfig
 from .diffusion.latents import encode_dataset
 from .diffusion.sample import generate, load_run_pipeline
@@ -34,7 +32,7 @@ from .errors import UserError
 from .evaluation.frechet import build_fid, frechet_distance, frechet_metric, images01, load_fd_features
 from .evaluation import latent_space
 from .evaluation.latent_space import latent_measures, markdown_table, save_spectrum_plot, update_card_section
-from .evaluation.report import EvalOptions, _labels, build_instruments, evaluate_model
+from .evaluation.report import EvalOptions, build_instruments, evaluate_model, load_for_comparison, model_labels
 from .files import atomic_folder, refuse_nonempty, save_image
 from .run.checkpoint import complete_checkpoints
 
@@ -74,7 +72,7 @@ class ProxyRecipe:
 def proxy_generation(export: Path, work: Path, recipe: ProxyRecipe, real01: torch.Tensor, fd_features: str | None,
                      fid_weights: str | None, device: str, seed: int) -> tuple[dict, torch.Tensor]:
     """Train the recipe's LDM on `export`'s latents in `work`, sample every class and measure
-    the samples against `real01`; returns (metrics, the first sample of each class row)."""
+    the samples against `real01`; returns (metrics, 8 rows of samples with one column per class)."""
     data = dataclasses.replace(training_data(export), random_flip=True)
     cache = encode_dataset(export, data, data.train_split, work / "latents", device=device)
     if not cache.get("has_labels"):
@@ -137,15 +135,9 @@ def run_diffusability(models: list[str], out: str | Path, opts: DiffusabilityOpt
     out = Path(out)
     if not overwrite:
         refuse_nonempty(out)
-    paths = [Path(p) for p in models]
-    loaded = [load_autoencoder(p) for p in paths]  # fail on a bad folder before any work
-    data = [training_data(p) for p in paths]
-    if any((d.source, d.path, d.name, d.resolution) != (data[0].source, data[0].path, data[0].name,
-                                                         data[0].resolution) for d in data[1:]):
-        raise UserError("the models were trained on different data or resolutions; compare models of one dataset")
-    dataset = build_dataset(data[0], split, train=False)
+    paths, loaded, _, dataset = load_for_comparison(models, split)
     device = torch.device(opts.device)
-    labels = _labels(paths)
+    labels = model_labels(paths)
     eval_opts = EvalOptions(num_images=opts.num_images, batch_size=opts.batch_size, device=opts.device,
                             fid_weights=opts.fid_weights, fd_features=opts.fd_features, bound_images=16, seed=opts.seed)
     tools = build_instruments(eval_opts)

@@ -80,6 +80,15 @@ def read_card(card: Path) -> tuple[dict, str]:
     return yaml.safe_load(head) or {}, body
 
 
+def put_card_section(body: str, begin: str, end: str, section: str) -> str:
+    """`body` with `section` (which starts with the marker `begin` and ends with `end`) in
+    place of the one between those markers, or appended: a later run replaces its section."""
+    if begin in body:
+        before, rest = body.split(begin, 1)
+        return before + section + rest.split(end, 1)[1]
+    return body.rstrip("\n") + "\n\n" + section + "\n"
+
+
 def write_card(card: Path, metadata: dict, body: str) -> None:
     atomic_write_text(card, "---\n" + yaml.safe_dump(metadata, sort_keys=False) + "---\n" + body)
 

@@ -5,7 +5,7 @@ compute.
     python scripts/diffusability_study.py --out studies/diffusability [--seeds 0 1] [--only baseline scale_eq]
 
 Every variant is the demo's autoencoder recipe (configs/kl_f4_fashion.yaml, shortened as
-`ldm-vae demo` does) with a few overrides, trained for the same steps; each export is then
+`ldm-vae demo` does, without its regulariser) with a few overrides, trained for the same steps; each export is then
 measured by `ldm-vae diffusability` with the same proxy LDM recipe (steps x batch fixed,
 the UNet sized to the latents by one rule) and the same test images. The study resumes:
 a trained variant and a finished measurement are skipped, an interrupted training run
@@ -27,7 +27,7 @@ from pathlib import Path
 from ldm_vae.autoencoder.config import Config
 from ldm_vae.autoencoder.train import train
 from ldm_vae.config import load_config
-from ldm_vae.demo import FULL
+from ldm_vae.demo import FULL, SHORT_RECIPE
 from ldm_vae.diffusability import DiffusabilityOptions, ProxyRecipe, run_diffusability
 from ldm_vae.evaluation.latent_space import save_spectrum_plot
 from ldm_vae.evaluation.features import train_fd_features
@@ -36,13 +36,15 @@ from ldm_vae.run.checkpoint import complete_checkpoints
 # name -> (what it tests, overrides of the demo's autoencoder recipe[, overrides of the proxy
 # LDM's recipe]). Variants with the same autoencoder overrides share one trained autoencoder.
 VARIANTS = {
-    "baseline": ("KL-f4, 4 channels, kl_weight 1e-6 (the demo's autoencoder)", []),
+    "baseline": ("KL-f4, 4 channels, kl_weight 1e-6 (the demo's recipe without a regulariser)", []),
     "kl_1e-4": ("a 100x stronger KL term", ["loss.kl_weight=1e-4"]),
     "kl_1e-3": ("a 1000x stronger KL term", ["loss.kl_weight=1e-3"]),
     "scale_eq": ("scale equivariance 0.5 (Skorokhodov et al. 2025)", ["diffusability.scale_equivariance=0.5"]),
     "eq_vae": ("scale equivariance 0.5 + rotations/flips (EQ-VAE)",
                ["diffusability.scale_equivariance=0.5", "diffusability.equivariance_rotations=true"]),
-    "latent_noise": ("decoder on noised latents, tau <= 0.3 (l-DeTok)", ["diffusability.latent_noise_max=0.3"]),
+    "latent_noise": ("decoder on noised latents, tau <= 0.3 (l-DeTok; the demo's autoencoder)",
+                     ["diffusability.latent_noise_max=0.3"]),
+    "latent_noise_0.1": ("decoder on noised latents, tau <= 0.1", ["diffusability.latent_noise_max=0.1"]),
     "channel_mask": ("channel masking p 0.5 (DC-AE 1.5)", ["diffusability.channel_mask_prob=0.5"]),
     # the LDM recipe, on the baseline autoencoder
     "ldm_v_cosine": ("LDM: v-prediction, cosine schedule", [],
@@ -87,7 +89,7 @@ def train_variant(name: str, seed: int, runs: Path, extra: list[str]) -> tuple[P
     run = runs / f"{autoencoder_of(name)}-s{seed}"
     if (run / "summary.json").is_file() and (run / "export" / "config.json").is_file():
         return run, json.loads((run / "summary.json").read_text())
-    cfg = load_config("kl_f4_fashion", [*FULL.vae_overrides, *VARIANTS[name][1], f"seed={seed}", *extra], Config)
+    cfg = load_config("kl_f4_fashion", [*SHORT_RECIPE, *VARIANTS[name][1], f"seed={seed}", *extra], Config)
     resumable = bool(complete_checkpoints(run))
     return run, train(cfg, run, resume="latest" if resumable else None,
                       overwrite=run.exists() and not resumable).summary
@@ -112,7 +114,7 @@ def main() -> None:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     out = Path(args.out)
     extra = [*([f"data.path={args.data_path}"] if args.data_path else []), *args.overrides]
-    base = load_config("kl_f4_fashion", [*FULL.vae_overrides, *extra], Config)
+    base = load_config("kl_f4_fashion", [*SHORT_RECIPE, *extra], Config)
     features = out / "features.pt"
     if not features.is_file():  # the demo's domain extractor, trained once for the whole study
         out.mkdir(parents=True, exist_ok=True)

@@ -77,7 +77,7 @@ def _images(n=8, size=16):
 def test_an_exactly_equivariant_autoencoder_has_zero_equivariance_loss_and_error():
     x = _images()
     reg = DiffusabilityConfig(scale_equivariance=1.0, equivariance_rotations=True)
-    ae = KLAutoencoder(_Identity(), reg=reg).train()
+    ae = KLAutoencoder(_Identity(), reg).train()
     for _ in range(4):  # several random rotations and flips
         _, latent = ae(x, sample_posterior=False)
         assert latent.equivariance is not None
@@ -91,7 +91,7 @@ def test_an_exactly_equivariant_autoencoder_has_zero_equivariance_loss_and_error
 def test_equivariance_term_is_positive_for_a_real_decoder_and_trains_encoder_and_decoder(tiny_cfg):
     cfg = tiny_cfg("diffusability.scale_equivariance=1.0")
     vae = build_autoencoder(cfg.model, cfg.data.resolution)
-    ae = KLAutoencoder(vae, reg=cfg.diffusability).train()
+    ae = KLAutoencoder(vae, cfg.diffusability).train()
     x = _images(4, 16)
     recon, latent = ae(x)
     assert latent.equivariance.decoded.shape == latent.equivariance.target.shape == (4, 3, 8, 8)
@@ -139,7 +139,7 @@ def test_channel_mask_keeps_the_first_k_channels_and_zeroes_the_rest():
 def test_regularisers_only_act_in_training_mode_and_are_kl_only(tiny_cfg, fake_fashion):
     cfg = tiny_cfg("diffusability.latent_noise_max=0.5", "diffusability.channel_mask_prob=1.0")
     vae = build_autoencoder(cfg.model, cfg.data.resolution)
-    ae = KLAutoencoder(vae, reg=cfg.diffusability).eval()
+    ae = KLAutoencoder(vae, cfg.diffusability).eval()
     x = _images(2, 16)
     with torch.no_grad():
         torch.testing.assert_close(ae(x, sample_posterior=False)[0], vae.decode(vae.encode(x).latent_dist.mean).sample)
@@ -157,6 +157,35 @@ def test_a_run_with_every_regulariser_trains_exports_and_loads_in_stock_diffuser
     assert run.summary["skipped_steps"] == 0 and run.summary["final_logs"]["equivariance"] > 0
     stock = AutoencoderKL.from_pretrained(tmp_path / "run" / "export")
     assert stock.config.latent_channels == 4  # the regularisers change training, not the architecture
+
+
+# ==============================================================================================
+# Diagnostics that say what they show
+# ==============================================================================================
+
+
+def test_training_samples_the_posterior_exactly_as_diffusers_does(tiny_cfg, fake_fashion):
+    """One posterior for training, the export, the latent cache and eval: diffusers' (its
+    log-variance clamp), so a training sample is `latent_dist.mean + latent_dist.std * eps`."""
+    cfg = tiny_cfg()
+    vae = build_autoencoder(cfg.model, cfg.data.resolution)
+    ae = KLAutoencoder(vae).train()
+    x = _images(2, 16)
+    with torch.no_grad():
+        torch.manual_seed(3)
+        recon, _ = ae(x)
+        torch.manual_seed(3)
+        dist = vae.encode(x).latent_dist
+        expected = vae.decode(dist.mean + dist.std * torch.randn(dist.mean.shape)).sample
+    torch.testing.assert_close(recon, expected, rtol=0, atol=0)
+    # the retired clamp: a saved config holding diffusers' values loads, a user's setting is refused
+    from ldm_vae.config import load_saved_config, to_dict
+
+    saved = to_dict(cfg)
+    saved["loss"].update(logvar_min=-30.0, logvar_max=20.0)
+    assert load_saved_config(saved, "old run", Config) == cfg
+    with pytest.raises(UserError, match="unknown key 'loss.logvar_min'"):
+        load_config(TINY_KL, [f"data.path={fake_fashion}", "loss.logvar_min=-10"], Config)
 
 
 # ==============================================================================================
@@ -195,6 +224,7 @@ def test_diffusability_command_measures_two_models_and_writes_report_and_card(ti
         assert "fid_samples" in g["unavailable"] or g["fid_samples"] > 0  # never a silent number
         assert "## Diffusability" in (Path(r["model"]) / "README.md").read_text()
     assert (out / "spectrum.png").is_file() and (out / "vae" / "samples.png").is_file()
+    assert (out / "vae" / "prior_samples.png").is_file() and (out / "vae" / "aggregate_gaussian_samples.png").is_file()
     assert "samples / recon" in (out / "table.md").read_text()
     assert not (tmp_path / ".work-report").exists()  # the proxy runs are removed once the report is complete
     assert ProxyRecipe(width=16).unet([4, 8, 8]) == ["model.block_out_channels=[16, 32]", "model.attention_levels=[1]"]

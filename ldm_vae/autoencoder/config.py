@@ -109,9 +109,6 @@ class LossConfig:
     # free bits (Kingma et al. 2016, arXiv:1606.04934): per-channel KL floor in nats per
     # latent position; 0 disables
     free_bits: float = 0.0
-    # log-variance clamp of the posterior (diffusers clamps to [-30, 20] as well)
-    logvar_min: float = -30.0
-    logvar_max: float = 20.0
     # PatchGAN (Isola et al. 2017, arXiv:1611.07004), as in taming/LDM
     disc_weight: float = 0.5
     # the step from which the GAN term is in the autoencoder's loss (LDM's meaning)
@@ -142,8 +139,6 @@ class LossConfig:
         non_negative(self, "rec_l1", "rec_l2", "perceptual_weight", "kl_weight", "kl_warmup_steps", "free_bits",
                      "disc_weight", "disc_start", "disc_pretrain_steps", "lecam_weight")
         unit_interval(self, "lecam_decay")
-        if self.logvar_min >= self.logvar_max:
-            raise FieldError("logvar_min", "must be below 'loss.logvar_max'")
 
 
 @dataclass
@@ -202,7 +197,7 @@ class ExportConfig:
 
 # Settings that mean something for one model kind only: setting them for the other kind is
 # an error rather than a silently ignored flag.
-KL_ONLY = ("loss.kl_weight", "loss.kl_warmup_steps", "loss.free_bits", "loss.logvar_min", "loss.logvar_max",
+KL_ONLY = ("loss.kl_weight", "loss.kl_warmup_steps", "loss.free_bits",
            *(f"diffusability.{f.name}" for f in dataclasses.fields(DiffusabilityConfig)))
 VQ_ONLY = ("model.num_vq_embeddings", "model.vq_embed_dim",
            *(f"quantizer.{f.name}" for f in dataclasses.fields(QuantizerConfig)))

@@ -69,7 +69,7 @@ def build_training_model(cfg: Config) -> nn.Module:
     """The autoencoder in its training wrapper (`KLAutoencoder` or `VQAutoencoder`)."""
     vae = build_autoencoder(cfg.model, cfg.data.resolution)
     if cfg.model.kind == "kl":
-        return KLAutoencoder(vae, cfg.loss.logvar_min, cfg.loss.logvar_max, cfg.diffusability)
+        return KLAutoencoder(vae, cfg.diffusability)
     codebook = vae.quantize.embedding.weight
     quantizer = VectorQuantizer(codebook.shape[0], codebook.shape[1], cfg.quantizer, seed=cfg.seed)
     quantizer.prepare_codebook(codebook)
@@ -124,11 +124,9 @@ class KLAutoencoder(nn.Module):
     input, and a second decode of the pooled latent for the equivariance term.
     """
 
-    def __init__(self, vae: AutoencoderKL, logvar_min: float = -30.0, logvar_max: float = 20.0,
-                 reg: DiffusabilityConfig | None = None):
+    def __init__(self, vae: AutoencoderKL, reg: DiffusabilityConfig | None = None):
         super().__init__()
         self.vae = vae
-        self.logvar_min, self.logvar_max = logvar_min, logvar_max
         self.reg = reg or DiffusabilityConfig()
 
     def last_layer(self) -> torch.Tensor:
@@ -137,9 +135,9 @@ class KLAutoencoder(nn.Module):
 
     def forward(self, x: torch.Tensor, sample_posterior: bool = True):
         posterior = self.vae.encode(x).latent_dist
-        mean = posterior.mean
-        # diffusers already clamps to [-30, 20]; the configured clamp may be tighter.
-        logvar = posterior.logvar.clamp(self.logvar_min, self.logvar_max)
+        # diffusers' posterior (log-variance clamped to [-30, 20]): the one the export, the
+        # latent cache and eval sample from, so training samples exactly as they do
+        mean, logvar = posterior.mean, posterior.logvar
         z = mean
         if sample_posterior:
             # randn of the shape, not randn_like: a channels_last `mean` would reorder the draw

@@ -124,11 +124,14 @@ def kl_pictures_and_bounds(vae: AutoencoderKL, dataset, out_dir: Path, generator
     rows = [vae.decode(torch.lerp(za, zb, t)).sample.clamp(-1, 1) for t in ts]  # 8 x [pairs, ...]
     grid = torch.stack(rows, 1).flatten(0, 1)  # one row per pair, t across
     save_image(grid.cpu(), out_dir / "interpolation.png", nrow=len(ts))
-    # prior samples: z ~ N(0, I) mapped to the latent scale the autoencoder expects
+    # prior samples: z ~ N(0, I), the prior of the ELBO below; and z ~ N(shift, 1/scale^2),
+    # the isotropic Gaussian fitted to the aggregate posterior by the export's scaling (what a
+    # diffusion model would produce if it learned only the latents' mean and variance)
     scale, shift = vae.config.scaling_factor, vae.config.shift_factor or 0.0
-    shape = (64, *za.shape[1:])
-    z = torch.randn(shape, generator=generator, device=device) / scale + shift
-    save_image(vae.decode(z).sample.clamp(-1, 1).cpu(), out_dir / "prior_samples.png", nrow=8)
+    noise = torch.randn((64, *za.shape[1:]), generator=generator, device=device)
+    save_image(vae.decode(noise).sample.clamp(-1, 1).cpu(), out_dir / "prior_samples.png", nrow=8)
+    save_image(vae.decode(noise / scale + shift).sample.clamp(-1, 1).cpu(),
+               out_dir / "aggregate_gaussian_samples.png", nrow=8)
     # ELBO and IWAE bounds on a subset
     n = min(bound_images, len(dataset))
     elbo, iwae = [], []

@@ -32,7 +32,7 @@ from diffusers import VQModel
 from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
-from ..files import read_card, save_line_plot, write_card
+from ..files import put_card_section, read_card, save_line_plot, write_card
 from .metrics import psnr
 
 HIGH_FREQUENCY = 0.25  # cycles per latent pixel: half the Nyquist frequency
@@ -219,9 +219,4 @@ def update_card_section(model_dir: Path, result: dict, report: dict) -> None:
     section = (f"{CARD_BEGIN}\n## Diffusability\n\n`ldm-vae diffusability` on {report['dataset']}, "
                f"{report['split']} split, {report['num_images']} images.{proxy}\n\n{markdown_table([result])}\n"
                f"{CARD_END}")
-    if CARD_BEGIN in body:
-        before, rest = body.split(CARD_BEGIN, 1)
-        body = before + section + rest.split(CARD_END, 1)[1]
-    else:
-        body = body.rstrip("\n") + "\n\n" + section + "\n"
-    write_card(card, meta, body)
+    write_card(card, meta, put_card_section(body, CARD_BEGIN, CARD_END, section))

@@ -26,6 +26,7 @@ from ..data.sources import build_dataset
 from ..errors import UserError
 from ..files import (
     atomic_folder,
+    put_card_section,
     read_card,
     refuse_nonempty,
     save_heatmaps,
@@ -209,17 +210,9 @@ def run_eval(models: list[str], out: str | Path, opts: EvalOptions, split: str =
     out = Path(out)
     if not overwrite:
         refuse_nonempty(out)
-    paths = [Path(p) for p in models]
-    loaded = [load_autoencoder(p) for p in paths]  # fail on a bad folder before any work
-    data_cfgs = [training_data(p, source, data_path, data_name, resolution) for p in paths]
-    first = data_cfgs[0]
-    if any((d.source, d.path, d.name, d.resolution) != (first.source, first.path, first.name, first.resolution)
-           for d in data_cfgs[1:]):
-        raise UserError("the models were trained on different data or resolutions; pass --data (and --resolution) "
-                        "to evaluate them on the same images")
-    dataset = build_dataset(first, split, train=False)
+    paths, loaded, first, dataset = load_for_comparison(models, split, source, data_path, data_name, resolution)
     tools = build_instruments(opts)
-    labels = _labels(paths)
+    labels = model_labels(paths)
     results, rows = [], []
     with atomic_folder(out) as tmp:
         for path, label, vae in zip(paths, labels, loaded):
@@ -248,7 +241,23 @@ def run_eval(models: list[str], out: str | Path, opts: EvalOptions, split: str =
     return report
 
 
-def _labels(paths: list[Path]) -> list[str]:
+def load_for_comparison(models: list[str], split: str, source: str | None = None, data_path: str | None = None,
+                        data_name: str | None = None, resolution: int | None = None):
+    """(paths, stock-loaded models, data config, dataset): the exports in `models` and the one
+    split they are all measured on (their training data unless the data options say
+    otherwise); a bad folder or models of different data fail before any work."""
+    paths = [Path(p) for p in models]
+    loaded = [load_autoencoder(p) for p in paths]
+    data_cfgs = [training_data(p, source, data_path, data_name, resolution) for p in paths]
+    first = data_cfgs[0]
+    if any((d.source, d.path, d.name, d.resolution) != (first.source, first.path, first.name, first.resolution)
+           for d in data_cfgs[1:]):
+        raise UserError("the models were trained on different data or resolutions; pass --data (and --resolution) "
+                        "to measure them on the same images")
+    return paths, loaded, first, build_dataset(first, split, train=False)
+
+
+def model_labels(paths: list[Path]) -> list[str]:
     # a training run's export is RUN/export: the run's name says more than "export"
     names = [p.resolve().parent.name if p.name == "export" else p.name for p in paths]
     if len(set(names)) < len(names):
@@ -283,9 +292,4 @@ def update_model_card(model_dir: Path, result: dict, report: dict) -> None:
         "metrics": metrics}]}]
     section = (f"{CARD_BEGIN}\n## Evaluation\n\n`ldm-vae eval` on {report['dataset']}, {report['split']} split, "
                f"{m['num_images']} images ({m['device']}):\n\n{markdown_table([result])}\n{CARD_END}")
-    if CARD_BEGIN in body:
-        before, rest = body.split(CARD_BEGIN, 1)
-        body = before + section + rest.split(CARD_END, 1)[1]
-    else:
-        body = body.rstrip("\n") + "\n\n" + section + "\n"
-    write_card(card, meta, body)
+    write_card(card, meta, put_card_section(body, CARD_BEGIN, CARD_END, section))
