@@ -35,12 +35,12 @@ def _recon_l1(vae, x):
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, fake_fashion):
-    """One 60-step run shared by the tests below (GAN on from step 40)."""
+    """One 60-step run shared by the tests below (GAN on from step 40, checkpoints every 20)."""
     from ldm_vae.autoencoder.config import Config
     from ldm_vae.config import load_config
 
     cfg = load_config(TINY_KL, [f"data.path={fake_fashion}", "train.max_steps=60", "loss.disc_start=40",
-                                "loss.disc_pretrain_steps=10", "train.checkpoint_every=30"], Config)
+                                "loss.disc_pretrain_steps=10", "train.checkpoint_every=20"], Config)
     out = tmp_path_factory.mktemp("run") / "kl"
     run = train(cfg, out)
     return cfg, out, run
@@ -83,21 +83,23 @@ def test_export_round_trip_matches_ema_weights(trained):
 
 def test_checkpoints_are_complete_and_pruned(trained):
     cfg, out, _ = trained
+    # checkpoints at 20, 40 and 60 with train.checkpoints_total_limit 2: the oldest is pruned
+    assert cfg.train.checkpoints_total_limit == 2
     names = sorted(p.name for p in out.iterdir() if "checkpoint" in p.name)
-    assert names == ["checkpoint-30", "checkpoint-60"]
+    assert names == ["checkpoint-40", "checkpoint-60"]
     assert (out / "checkpoint-60" / "autoencoder" / "diffusion_pytorch_model.safetensors").is_file()
     assert any((out / "samples").glob("recon_*.png")) and any((out / "logs").rglob("events.out.tfevents*"))
 
 
 def test_resume_continues_to_identical_weights(trained, tmp_path):
     cfg, out, run = trained
-    # copy the run as it was at step 30, then resume it to step 60
+    # copy the run as it was at step 40 (the GAN term starts there), then resume it to step 60
     part = tmp_path / "part"
     part.mkdir()
-    shutil.copytree(out / "checkpoint-30", part / "checkpoint-30")
+    shutil.copytree(out / "checkpoint-40", part / "checkpoint-40")
     shutil.copy(out / "config.yaml", part / "config.yaml")
     resumed = train(cfg, part, resume="latest")
-    assert resumed.summary["steps"] == 60 and resumed.summary["steps_this_session"] == 30
+    assert resumed.summary["steps"] == 60 and resumed.summary["steps_this_session"] == 20
     for name in ("autoencoder", "discriminator"):
         a, b = getattr(run, name).state_dict(), getattr(resumed, name).state_dict()
         for k in a:

@@ -146,7 +146,7 @@ class DiffusabilityConfig:
     """Regularisers that shape the latent space for the diffusion model trained on it (KL
     models; all off by default). `ldm-vae diffusability` measures what they change."""
 
-    # scale equivariance (Skorokhodov et al. 2025, arXiv:2502.14831, sec. 4): the decoder also
+    # scale equivariance (Skorokhodov et al. 2025, arXiv:2502.14831): the decoder also
     # turns the 2x2-average-pooled latent into the 2x2-average-pooled image; the weight of that
     # term's L1 (in the reconstruction's units). It damps the latents' high frequencies.
     scale_equivariance: float = 0.0
@@ -167,10 +167,6 @@ class DiffusabilityConfig:
         non_negative(self, "scale_equivariance")
         probability(self, "latent_noise_max", "channel_mask_prob")
         positive(self, "channel_mask_min")
-
-    @property
-    def active(self) -> bool:
-        return self.scale_equivariance > 0 or self.latent_noise_max > 0 or self.channel_mask_prob > 0
 
 
 @dataclass

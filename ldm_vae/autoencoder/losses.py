@@ -51,7 +51,7 @@ def kl_with_free_bits(kl_map: torch.Tensor, free_bits: float) -> torch.Tensor:
 
 def equivariance_loss(decoded: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Mean L1 between the decoding of a transformed latent and the transformed image
-    (Skorokhodov et al. 2025, arXiv:2502.14831, eq. 2): 0 for an equivariant autoencoder."""
+    (Skorokhodov et al. 2025, arXiv:2502.14831): 0 for an equivariant autoencoder."""
     return (decoded.float() - target.float()).abs().mean()
 
 

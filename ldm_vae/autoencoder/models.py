@@ -160,7 +160,7 @@ class KLAutoencoder(nn.Module):
 
 def noised_latent(z: torch.Tensor, tau_max: float) -> torch.Tensor:
     """(1 - tau) z + tau * std(z) * eps with tau ~ U(0, tau_max) per image (l-DeTok's
-    interpolation to noise, arXiv:2507.15856, sec. 3; the noise on the latents' own scale)."""
+    interpolation to noise, arXiv:2507.15856; the noise on the latents' own scale)."""
     tau = torch.rand(len(z), 1, 1, 1, device=z.device, dtype=z.dtype) * tau_max
     eps = torch.randn(z.shape, device=z.device, dtype=z.dtype)
     return (1 - tau) * z + tau * z.detach().std() * eps

@@ -13,7 +13,7 @@ On the same images for every model, this measures:
   frequency (radius > 1/4 cycle per latent pixel). Skorokhodov et al. found that latents
   carry far more high-frequency power than images, and that diffusion models spend their
   capacity there.
-- **Scale equivariance** (Skorokhodov et al. 2025, sec. 4; EQ-VAE, eq. 5), with `down` the
+- **Scale equivariance** (Skorokhodov et al. 2025; EQ-VAE, arXiv:2502.09509), with `down` the
   2x2 average pooling and z the posterior mean (the decoder's input at inference):
   decoder side, PSNR of `D(down(z))` against `down(x)` (an equivariant decoder turns a
   half-size latent into the half-size image); encoder side, the relative error
