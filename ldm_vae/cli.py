@@ -22,9 +22,9 @@ EPILOG = """examples:
   ldm-vae export runs/kl exports/kl
   ldm-vae export runs/vq exports/vq
   ldm-vae eval exports/kl --split test --num-images 10000 --out reports/kl
-  ldm-vae eval exports/kl exports/vq --data fashion-mnist --out reports/compare --fd-features features/fashion.pt
-  ldm-vae train-fd-features --data fashion-mnist --out features/fashion.pt
-  ldm-vae diffusability exports/kl exports/kl_eq --fd-features features/fashion.pt --out reports/diffuse
+  ldm-vae eval exports/kl exports/vq --data fashion-mnist --out reports/compare --fd-features features/fashion
+  ldm-vae train-fd-features --data fashion-mnist --out features/fashion
+  ldm-vae diffusability exports/kl exports/kl_eq --fd-features features/fashion --out reports/diffuse
   ldm-vae encode exports/kl --split train --out latents/kl
   ldm-vae train-ldm configs/ldm_fashion.yaml --latents latents/kl --output-dir runs/ldm
   ldm-vae sample runs/ldm --num-images 64 --class-label 3 --guidance-scale 3 --steps 50 --out samples/
@@ -225,9 +225,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lpips-vgg-weights", metavar="PATH", help="vgg16-397923af.pth (default: torch hub cache)")
     p.add_argument("--lpips-alex-weights", metavar="PATH", help="alexnet-owt-7be5be79.pth (default: torch hub cache)")
     p.add_argument("--fid-weights", metavar="PATH",
-                   help="FID Inception weights pt_inception-2015-12-05-6726825d.pth (default: torch hub cache)")
+                   help="torch-fidelity's FID Inception weights, weights-inception-2015-12-05-6726825d.pth "
+                        "(default: the torch hub cache)")
     p.add_argument("--fd-features", metavar="PATH",
-                   help="TorchScript feature extractor from `ldm-vae train-fd-features`: adds its Frechet distance")
+                   help="feature extractor folder from `ldm-vae train-fd-features`: adds its Frechet distance")
     p.add_argument("--iwae-k", type=int, default=16, help="KL: importance samples of the IWAE bound")
     p.add_argument("--bound-images", type=int, default=256, help="KL: images for the ELBO / IWAE bounds")
     p.add_argument("--likelihood-sigma", type=float, default=0.1,
@@ -339,9 +340,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train-fd-features", help="train a small classifier whose features give a domain "
                                                  "Frechet distance (for --fd-features)",
-                       description="Train a small CNN classifier on a labelled dataset and save its feature layer "
-                                   "as TorchScript, for `ldm-vae eval --fd-features`. Reported as fd_NAME, not FID.")
-    p.add_argument("--out", required=True, help="TorchScript file to write, e.g. features/fashion.pt")
+                       description="Train a small CNN classifier on a labelled dataset and save it (feature "
+                                   "layer and classifier) as a safetensors folder, for `ldm-vae eval --fd-features`. Reported as fd_NAME, not FID.")
+    p.add_argument("--out", required=True, help="folder to write (safetensors + config.json), e.g. features/fashion")
     p.add_argument("--name", help="metric name suffix (default: the data source, e.g. fashion_mnist)")
     p.add_argument("--resolution", type=int, default=32)
     p.add_argument("--steps", type=int, default=2000)

@@ -112,12 +112,12 @@ def run_demo(out: Path, quick: bool = False, overwrite: bool = False, data_path:
     data = dataclasses.replace(vae_cfg.data, random_flip=False, max_images=plan.encode_images)
 
     with stages("train the Fréchet feature extractor"):
-        fd_meta = train_fd_features(dataclasses.replace(vae_cfg.data, max_images=None), out / "features.pt",
+        fd_meta = train_fd_features(dataclasses.replace(vae_cfg.data, max_images=None), out / "features",
                                     "fashion_mnist", steps=plan.fd_steps)
 
     with stages("evaluate the autoencoder on the test split"):
         eval_report = run_eval([str(export)], out / "eval",
-                               EvalOptions(num_images=plan.eval_images, fd_features=str(out / "features.pt"),
+                               EvalOptions(num_images=plan.eval_images, fd_features=str(out / "features"),
                                            bound_images=plan.bound_images),
                                source="fashion-mnist", data_path=data_path, update_card=True)
     recon = eval_report["results"][0]["metrics"]
@@ -140,7 +140,7 @@ def run_demo(out: Path, quick: bool = False, overwrite: bool = False, data_path:
         samples = generate(pipe, plan.fd_samples, labels, plan.sample_steps, plan.guidance_scale, 1, 250)
 
     with stages("Fréchet distances and class accuracy of the samples"):
-        fd_name, extractor = load_fd_features(out / "features.pt")
+        fd_name, extractor = load_fd_features(out / "features")
         real = images01(test_ds, 10_000)
         train_images = images01(build_dataset(dataclasses.replace(vae_cfg.data, max_images=None), "train",
                                              train=False), len(real))

@@ -29,7 +29,15 @@ from .diffusion.latents import encode_dataset
 from .diffusion.sample import generate, load_run_pipeline
 from .diffusion.train import train_ldm
 from .errors import UserError
-from .evaluation.frechet import build_fid, frechet_distance, frechet_metric, images01, load_fd_features
+from .evaluation.frechet import (
+    build_fid,
+    fd_protocol,
+    fid_protocol,
+    frechet_distance,
+    frechet_metric,
+    images01,
+    load_fd_features,
+)
 from .evaluation import latent_space
 from .evaluation.latent_space import latent_measures, markdown_table, save_spectrum_plot, update_card_section
 from .evaluation.report import EvalOptions, build_instruments, evaluate_model, load_for_comparison, model_labels
@@ -95,6 +103,7 @@ def proxy_generation(export: Path, work: Path, recipe: ProxyRecipe, real01: torc
         name, extractor = load_fd_features(fd_features)
         extractor = extractor.to(device)
         m[f"{name}_samples"] = frechet_distance(frechet_metric(extractor).to(device), real01, samples)
+        m["frechet_protocol"] = {name: fd_protocol(fd_features, name, extractor)}
         with torch.no_grad():
             predicted = torch.cat([extractor.module.logits(samples[i:i + 500].to(device) * 2 - 1).argmax(1).cpu()
                                    for i in range(0, len(samples), 500)])
@@ -104,6 +113,7 @@ def proxy_generation(export: Path, work: Path, recipe: ProxyRecipe, real01: torc
     fid, reason = build_fid(fid_weights)
     if fid is not None:
         m["fid_samples"] = frechet_distance(fid.to(device), real01, samples)
+        m.setdefault("frechet_protocol", {})["fid"] = fid_protocol(fid_weights)
     else:
         m["unavailable"]["fid_samples"] = reason
     return m, samples[:num_classes * 8]  # 8 rows, one column per class
@@ -164,7 +174,7 @@ def run_diffusability(models: list[str], out: str | Path, opts: DiffusabilityOpt
             results.append(entry)
         save_spectrum_plot(results, tmp / "spectrum.png")
         report = {"dataset": dataset.description, "split": split, "num_images": results[0]["diffusability"][
-            "num_images"], "definitions": DEFINITIONS,
+            "num_images"], "definitions": DEFINITIONS, "frechet_protocol": tools.protocol,
             "proxy_recipe": dataclasses.asdict(opts.proxy) if opts.proxy else None, "results": results}
         (tmp / "metrics.json").write_text(json.dumps(report, indent=2))
         table = markdown_table(results)

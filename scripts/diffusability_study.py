@@ -115,7 +115,7 @@ def main() -> None:
     out = Path(args.out)
     extra = [*([f"data.path={args.data_path}"] if args.data_path else []), *args.overrides]
     base = load_config("kl_f4_fashion", [*SHORT_RECIPE, *extra], Config)
-    features = out / "features.pt"
+    features = out / "features"
     if not features.is_file():  # the demo's domain extractor, trained once for the whole study
         out.mkdir(parents=True, exist_ok=True)
         train_fd_features(dataclasses.replace(base.data, max_images=None), features, "fashion_mnist",

@@ -18,10 +18,16 @@ python -c "import torch" 2>/dev/null || pip install -q "${TORCH_SPEC:-torch==2.1
 torch_version=$(python -c "import torch; print(torch.__version__.split('+')[0])")
 pip install -q -c <(echo "torch==${torch_version}") -e ".[test]"
 
-# lpips ships the LPIPS linear-head weights that ldm_vae/perceptual.py reads. It declares
-# torchvision, whose PyPI wheels are CUDA builds that fail to import next to a CPU-only
-# torch (and a broken torchvision breaks diffusers and torchmetrics imports); ldm-vae
-# never imports either package, so lpips is installed without its dependencies.
+# A CUDA torch has a matching torchvision on PyPI, which makes rFID (torch-fidelity) and the
+# lpips package installable: every metric works there. Not on a CPU-only torch (below).
+if python -c "import sys, torch; sys.exit(torch.version.cuda is None)"; then
+  pip install -q -c <(echo "torch==${torch_version}") -e ".[eval,test]"
+fi
+
+# lpips: the tests compare ldm_vae's LPIPS with it (ldm_vae reads the same head files from
+# torchmetrics). It declares torchvision, whose PyPI wheels are CUDA builds that fail to
+# import next to a CPU-only torch (and a broken torchvision breaks diffusers and
+# torchmetrics imports); ldm-vae never imports either, so lpips comes without dependencies.
 python -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('lpips') is None)" \
   || pip install -q --no-deps "lpips>=0.1.4"
 

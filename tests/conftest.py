@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from ldm_vae.autoencoder.config import Config
 from ldm_vae.config import load_config
@@ -111,3 +112,50 @@ def _fresh_accelerate_state():
 
     yield
     AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def train_recording(monkeypatch, trainer_module, run) -> dict:
+    """Call `run()` (a training run) and record, for every optimizer that the trainer in
+    `trainer_module` builds: "start" and "end" (its parameters flattened before and after the
+    run) and "first_grad" (their gradient at its first step, flattened)."""
+    optimizers, real = [], trainer_module.make_adamw
+
+    def spy(params, *args, **kwargs):
+        params = list(params)
+        opt = real(params, *args, **kwargs)
+        record = {"params": params, "start": _flat(params)}
+
+        def first_step(*_):
+            record.setdefault("first_grad", _flat([p.grad for p in params]))
+
+        opt.register_step_pre_hook(first_step)
+        optimizers.append(record)
+        return opt
+
+    monkeypatch.setattr(trainer_module, "make_adamw", spy)
+    try:
+        run()
+    finally:
+        monkeypatch.setattr(trainer_module, "make_adamw", real)
+    return [{**r, "end": _flat(r.pop("params"))} for r in optimizers]
+
+
+def _flat(tensors) -> torch.Tensor:
+    return torch.cat([t.detach().flatten() for t in tensors]).clone()
+
+
+def assert_trains_the_same(plain: list[dict], other: list[dict], what: str, grad_tol: float = 3e-5,
+                           weight_tol: float = 2e-3) -> None:
+    """Two runs' records (train_recording) from the same initial weights: every optimizer's
+    first gradient agrees to `grad_tol` (relative norm: the step computes the same thing),
+    and the weights end within `weight_tol` of the distance they moved, a real distance (> 1%
+    of their norm). Float noise alone measures about 1e-6 and 1e-4 on the tiny configs."""
+    assert len(plain) == len(other)
+    for k, (a, b) in enumerate(zip(plain, other)):
+        assert torch.equal(a["start"], b["start"]), f"{what}, optimizer {k}: another initialisation"
+        grad_error = ((b["first_grad"] - a["first_grad"]).norm() / a["first_grad"].norm()).item()
+        assert grad_error <= grad_tol, f"{what}, optimizer {k}: first gradient differs by {grad_error:.2e} (relative)"
+        moved = (a["end"] - a["start"]).norm()
+        assert moved > 0.01 * a["start"].norm(), f"{what}, optimizer {k}: the weights hardly moved ({moved:.3g})"
+        drift = ((b["end"] - a["end"]).norm() / moved).item()
+        assert drift <= weight_tol, f"{what}, optimizer {k}: ended {drift:.2e} of the training movement away"

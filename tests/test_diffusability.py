@@ -202,11 +202,11 @@ def test_diffusability_command_measures_two_models_and_writes_report_and_card(ti
     other = tmp_path / "eq"
     train(load_config(TINY_KL, [f"data.path={fake_fashion}", "train.max_steps=6", "loss.disc_start=100",
                                 "diffusability.scale_equivariance=1.0"], Config), other)
-    train_fd_features(DataConfig(source="fashion-mnist", path=str(fake_fashion), resolution=16), tmp_path / "fd.pt",
+    train_fd_features(DataConfig(source="fashion-mnist", path=str(fake_fashion), resolution=16), tmp_path / "fd",
                       "shapes", steps=5, batch_size=32)
     out = tmp_path / "report"
     args = [str(export), str(other / "export"), "--out", str(out), "--num-images", "32", "--batch-size", "16",
-            "--fd-features", str(tmp_path / "fd.pt"), "--ldm-config", "tiny_ldm", "--ldm-steps", "3",
+            "--fd-features", str(tmp_path / "fd"), "--ldm-config", "tiny_ldm", "--ldm-steps", "3",
             "--ldm-batch-size", "16", "--ldm-width", "16", "--samples-per-class", "2", "--sample-steps", "2",
             "--update-card"]
     assert main(["diffusability", *args]) == 0

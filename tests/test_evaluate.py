@@ -3,22 +3,35 @@ likelihood bounds, the CLI's files and the model card update."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import subprocess
 import sys
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 import yaml
 from torch import nn
 
 from ldm_vae.autoencoder.train import train
+from ldm_vae.errors import UserError
 from ldm_vae.evaluation.diagnostics import KLDiagnostics
-from ldm_vae.evaluation.frechet import _Features, frechet_metric, load_fd_features
+from ldm_vae.evaluation.features import FeatureExtractor
+from ldm_vae.evaluation.frechet import (
+    INCEPTION_FILE,
+    RoundedFID,
+    _Features,
+    exact_uint8,
+    fid_protocol,
+    frechet_distance,
+    frechet_metric,
+    load_fd_features,
+)
 from ldm_vae.evaluation.metrics import bits_per_dim, likelihood_bounds, psnr, ssim
-from ldm_vae.evaluation.report import EvalOptions, run_eval
+from ldm_vae.evaluation.report import EvalOptions, load_for_comparison, run_eval
 
 from .test_train import _offline_hub
 
@@ -34,6 +47,39 @@ def test_psnr_and_ssim_known_values():
     assert (ssim(x, noisy) < 0.9).all()
 
 
+def _ssim_reference(x: np.ndarray, y: np.ndarray) -> float:
+    """SSIM (Wang et al. 2004) of two [C, H, W] images in [0, 1], written out in float64:
+    11 x 11 Gaussian window with sigma 1.5, C1 = (0.01 L)^2, C2 = (0.03 L)^2, L = 1, biased local
+    (co)variances, mean of the SSIM map over channels and pixels. Borders as torchmetrics >= 2024-09
+    (Lightning-AI/torchmetrics#2721) does them: reflect-pad by 5, the map over the whole image
+    (not MATLAB's / skimage's 'valid' crop)."""
+    t = np.arange(11) - 5.0
+    g = np.exp(-t ** 2 / (2 * 1.5 ** 2))
+    w = np.outer(g, g) / g.sum() ** 2
+
+    def blur(a):
+        windows = np.lib.stride_tricks.sliding_window_view(np.pad(a, ((0, 0), (5, 5), (5, 5)), mode="reflect"),
+                                                           (11, 11), axis=(1, 2))
+        return np.einsum("chwij,ij->chw", windows, w)
+
+    c1, c2 = 0.01 ** 2, 0.03 ** 2
+    mx, my = blur(x), blur(y)
+    vx, vy, cxy = blur(x * x) - mx ** 2, blur(y * y) - my ** 2, blur(x * y) - mx * my
+    return float((((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx ** 2 + my ** 2 + c1) * (vx + vy + c2))).mean())
+
+
+def test_ssim_matches_an_independent_gaussian_11_sigma_1_5_implementation():
+    """The README's SSIM convention (Gaussian window 11 / sigma 1.5, data_range 1) to 1e-5 on a
+    textured pair; a 9-tap sigma-1.0 or uniform window, other constants or a 'valid' crop miss by >1e-3."""
+    g = torch.Generator().manual_seed(0)
+    yy, xx = torch.meshgrid(torch.arange(20.0), torch.arange(24.0), indexing="ij")
+    x = (0.5 + 0.3 * torch.sin(xx / 2) * torch.cos(yy / 3) + 0.15 * torch.rand(2, 3, 20, 24, generator=g)).clamp(0, 1)
+    y = (0.9 * x + 0.05 + 0.1 * torch.randn(2, 3, 20, 24, generator=g)).clamp(0, 1)
+    reference = [_ssim_reference(a.double().numpy(), b.double().numpy()) for a, b in zip(x, y)]
+    assert all(0.3 < r < 0.95 for r in reference), reference  # neither trivial nor saturated
+    torch.testing.assert_close(ssim(x, y).double(), torch.tensor(reference, dtype=torch.float64), atol=1e-5, rtol=0)
+
+
 def test_frechet_distance_is_zero_on_itself_and_positive_when_shifted():
     torch.manual_seed(0)
     stand_in = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
@@ -45,6 +91,89 @@ def test_frechet_distance_is_zero_on_itself_and_positive_when_shifted():
         metric.update(other, real=False)
         values.append(metric.compute().item())
     assert abs(values[0]) < 1e-4 and values[1] > 1e-3, values
+
+
+def _with_exact_moments(mean: torch.Tensor, cov: torch.Tensor, n: int, seed: int) -> torch.Tensor:
+    """n float64 samples whose sample mean and UNBIASED sample covariance (what the Fréchet
+    metric estimates) are exactly `mean` and `cov`: whitened Gaussian draws, recoloured."""
+    w = torch.randn(n, len(mean), generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    w = w - w.mean(0)
+    w = w @ torch.linalg.inv(torch.linalg.cholesky(w.T @ w / (n - 1))).T
+    return mean + w @ torch.linalg.cholesky(cov).T
+
+
+def test_frechet_distance_of_two_gaussians_has_the_closed_form_value():
+    """d^2 = |mu1 - mu2|^2 + tr(S1 + S2 - 2 (S1 S2)^1/2). With S1 = R diag(a) R^T, S2 = R diag(b) R^T
+    (commuting, not diagonal), the trace is sum_i (sqrt a_i - sqrt b_i)^2 = (0.1-0.3)^2 + 0 + (0.3-0.05)^2
+    = 0.1025, and |mu1 - mu2|^2 = 0.3^2 + 0.4^2 = 0.25: d^2 = 0.3525 exactly. Features are the pixels
+    of 1x3 "images" through `_Features` (x01 * 2 - 1, so the features are given directly), in
+    uneven batches through `frechet_distance`."""
+    rotation, _ = torch.linalg.qr(torch.tensor([[1.0, 2.0, 0.5], [-1.0, 0.5, 1.0], [0.3, -0.2, 2.0]],
+                                               dtype=torch.float64))
+    cov1 = rotation @ torch.diag(torch.tensor([0.1, 0.2, 0.3], dtype=torch.float64) ** 2) @ rotation.T
+    cov2 = rotation @ torch.diag(torch.tensor([0.3, 0.2, 0.05], dtype=torch.float64) ** 2) @ rotation.T
+    f1 = _with_exact_moments(torch.zeros(3, dtype=torch.float64), cov1, 250, seed=0)
+    f2 = _with_exact_moments(torch.tensor([0.3, -0.4, 0.0], dtype=torch.float64), cov2, 250, seed=1)
+
+    def as_images(f):  # 1 x 3 images whose features 2 x - 1 are f
+        return ((f + 1) / 2).float().reshape(-1, 1, 1, 3)
+
+    metric = frechet_metric(_Features(nn.Flatten(), resolution=3, num_features=3))
+    assert frechet_distance(metric, as_images(f1), as_images(f2), batch_size=100) == pytest.approx(0.3525, rel=1e-5)
+    # the metric is reset per call (reused metrics are how eval and diffusability run)
+    assert frechet_distance(metric, as_images(f1), as_images(f1), batch_size=100) == pytest.approx(0.0, abs=1e-5)
+
+
+def test_rfid_sees_the_datasets_exact_pixels():
+    """A dataset pixel k (stored as k / 127.5 - 1, handed to Fréchet metrics as (x + 1) / 2)
+    reaches the FID network as the uint8 k, for every k; torchmetrics' normalize=True
+    (`(x * 255).byte()`) turns 63 of them into k - 1."""
+    k = torch.arange(256)
+    x01 = (k.float() / 127.5 - 1 + 1) / 2
+    assert torch.equal(exact_uint8(x01), k.to(torch.uint8))
+    assert ((x01 * 255).byte() != k).sum() == 63  # what the truncation did
+
+    class Spy(nn.Module):  # a stand-in for Inception: what does the network receive?
+        num_features = 3
+
+        def forward(self, x):
+            self.seen = x
+            return x.float().mean((2, 3))
+
+    spy = Spy()
+    RoundedFID(feature=spy).update(x01.reshape(1, 1, 16, 16).expand(2, 3, 16, 16), real=True)
+    assert spy.seen.dtype == torch.uint8 and torch.equal(spy.seen[1, 2].flatten(), k.to(torch.uint8))
+
+
+def test_fid_protocol_names_the_weights_by_hash(tmp_path, monkeypatch):
+    """metrics.json's protocol: torch-fidelity's file in the hub cache by default, its sha256
+    when it is there (None when not: the metric is then unavailable anyway)."""
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    default = fid_protocol(None)
+    assert default["weights"] == str(tmp_path / "hub" / "checkpoints" / INCEPTION_FILE)
+    assert default["weights_sha256"] is None
+    given = tmp_path / "inception.pth"
+    given.write_bytes(b"stand-in weights")
+    assert fid_protocol(str(given))["weights_sha256"] == hashlib.sha256(b"stand-in weights").hexdigest()
+
+
+def test_fd_extractor_is_a_safetensors_folder_and_single_files_are_refused(tmp_path):
+    """train-fd-features writes config.json + model.safetensors (PyTorchModelHubMixin); the
+    loader rebuilds the same network; old single-file (TorchScript) extractors get a message."""
+    torch.manual_seed(0)
+    model = FeatureExtractor("shapes", resolution=16, num_classes=10).eval()
+    model.save_pretrained(tmp_path / "fd")
+    assert json.loads((tmp_path / "fd" / "config.json").read_text()) == {"name": "shapes", "resolution": 16,
+                                                                       "num_classes": 10, "width": 32}
+    name, extractor = load_fd_features(tmp_path / "fd")
+    x01 = torch.rand(2, 3, 16, 16)
+    assert name == "fd_shapes" and torch.equal(extractor(x01), model(x01 * 2 - 1))
+    assert torch.equal(extractor.module.logits(x01), model.logits(x01))
+    (tmp_path / "old.pt").write_bytes(b"PK\x03\x04 a TorchScript archive")
+    with pytest.raises(UserError, match="is a file: extractors are now folders"):
+        load_fd_features(tmp_path / "old.pt")
+    with pytest.raises(UserError, match="no config.json"):
+        load_fd_features(tmp_path)
 
 
 def test_bits_per_dim_of_a_uniform_density_is_8():
@@ -88,6 +217,69 @@ def test_iwae_bound_is_tighter_than_the_elbo(exports):
     assert torch.isfinite(elbo).all() and (iwae >= elbo - 1e-3 * elbo.abs()).all()
 
 
+class _StubVAE:
+    """What `likelihood_bounds` uses of a VAE: encode(x).latent_dist (mean, std, logvar) and decode(z).sample."""
+
+    def __init__(self, mean: float, std: float, decode, latent_shape=(2, 2, 2)):
+        self.mean, self.std, self.latent_shape, self._decode = mean, std, latent_shape, decode
+
+    def encode(self, x):
+        mean = torch.full((len(x), *self.latent_shape), self.mean)
+        logvar = torch.full_like(mean, 2 * math.log(self.std))
+        return SimpleNamespace(latent_dist=SimpleNamespace(mean=mean, std=(0.5 * logvar).exp(), logvar=logvar))
+
+    def decode(self, z):
+        return SimpleNamespace(sample=self._decode(z))
+
+
+def _decode_from_z(z):  # a decoder whose output depends on z: 3 x 4 x 4 images
+    return torch.tanh(z).mean(1, keepdim=True).repeat_interleave(2, 2).repeat_interleave(2, 3).expand(-1, 3, -1, -1)
+
+
+def test_iwae_with_one_sample_is_the_elbo_and_is_exact_when_z_carries_nothing():
+    """With q(z|x) = p(z) = N(0, I), KL = 0 and log p(z) - log q(z) = 0 per sample, so IWAE_1 and the
+    ELBO are the same number; with a decoder that also ignores z, log p(x) = log N(x; d, sigma^2 I)
+    and every bound equals it for any k: log((1/k) sum_i p(x)) = log p(x) needs the - log k."""
+    x = torch.rand(3, 3, 4, 4, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    elbo, iwae = likelihood_bounds(_StubVAE(0.0, 1.0, _decode_from_z), x, k=1, sigma=0.1,
+                                   generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(iwae, elbo, atol=1e-9, rtol=0)
+
+    d = torch.linspace(-0.5, 0.5, 48).reshape(1, 3, 4, 4)
+
+    def constant(z):
+        return d.expand(len(z), -1, -1, -1)
+
+    log_px = torch.distributions.Normal(d.double(), 0.1).log_prob(x.double()).flatten(1).sum(1)
+    for k in (1, 5):
+        elbo, iwae = likelihood_bounds(_StubVAE(0.0, 1.0, constant), x, k=k, sigma=0.1,
+                                       generator=torch.Generator().manual_seed(1))
+        torch.testing.assert_close(elbo, log_px, atol=1e-9, rtol=0)
+        torch.testing.assert_close(iwae, log_px, atol=1e-9, rtol=0)
+    # a posterior N(0.5, 0.5^2) off the prior: the ELBO is log p(x) - KL, by hand for 8 latent units
+    kl = 8 * 0.5 * (0.5 ** 2 + 0.5 ** 2 - 1 - math.log(0.5 ** 2))
+    elbo, _ = likelihood_bounds(_StubVAE(0.5, 0.5, constant), x, k=3, sigma=0.1, generator=torch.Generator())
+    torch.testing.assert_close(elbo, log_px - kl, atol=1e-6, rtol=0)
+
+
+def test_iwae_is_the_log_mean_exp_of_the_single_sample_bounds():
+    """IWAE_k = log (1/k) sum_i w_i (Burda et al. eq. 8) = logsumexp(log w) - log k. Each IWAE_1 is one
+    log w_i, and k calls with k = 1 draw the same eps_i from the generator as one call with k (one
+    randn of the latent shape per sample), so the k-sample bound must be the log-mean-exp of those,
+    and the k-sample ELBO the mean of the single-sample ELBOs. Unequal weights (posterior
+    N(0.5, 0.5^2), decoder depends on z): a dropped or wrong log k, or a plain mean, fails."""
+    x = torch.rand(3, 3, 4, 4, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    vae, k = _StubVAE(0.5, 0.5, _decode_from_z), 6
+    g = torch.Generator().manual_seed(1)
+    singles = [likelihood_bounds(vae, x, k=1, sigma=0.3, generator=g) for _ in range(k)]
+    elbo, iwae = likelihood_bounds(vae, x, k=k, sigma=0.3, generator=torch.Generator().manual_seed(1))
+    log_w = torch.stack([w for _, w in singles])
+    assert (log_w.std(0) > 0.1).all()  # the weights differ: logmeanexp and mean are apart
+    torch.testing.assert_close(iwae, torch.logsumexp(log_w, 0) - math.log(k), atol=1e-9, rtol=0)
+    torch.testing.assert_close(elbo, torch.stack([e for e, _ in singles]).mean(0), atol=1e-9, rtol=0)
+    assert (iwae > log_w.mean(0) + 1e-3).all()  # Jensen, strictly, for unequal weights
+
+
 def test_unavailable_weights_are_reported_not_zero(exports, tmp_path, monkeypatch):
     _offline_hub(monkeypatch, tmp_path)
     report = run_eval([str(exports / "vq" / "export")], tmp_path / "r", EvalOptions(num_images=32))
@@ -101,7 +293,7 @@ def test_unavailable_weights_are_reported_not_zero(exports, tmp_path, monkeypatc
 
 
 def test_cli_eval_writes_all_files_and_updates_the_cards(exports, tmp_path, fake_fashion):
-    features = tmp_path / "features.pt"
+    features = tmp_path / "features"
     def run(*args):
         return subprocess.run([sys.executable, "-m", "ldm_vae", *args], capture_output=True, text=True)
 
@@ -125,9 +317,31 @@ def test_cli_eval_writes_all_files_and_updates_the_cards(exports, tmp_path, fake
     assert report["split"] == "test" and report["num_images"] == 48 and "diffusers" in report["versions"]
     kl_m, vq_m = (r["metrics"] for r in report["results"])
     assert kl_m["fd_shapes"] >= 0 and vq_m["fd_shapes"] >= 0
+    # the protocol names the extractor file by its hash; rFID (unavailable offline) has none
+    protocol = report["frechet_protocol"]
+    assert set(protocol) == {"fd_shapes"} and "rfid" in kl_m["unavailable"]
+    weights = (features / "model.safetensors").read_bytes()
+    assert protocol["fd_shapes"]["weights_sha256"] == hashlib.sha256(weights).hexdigest()
+    assert protocol["fd_shapes"]["resize"].startswith("bilinear with antialias to 16x16")
     assert {"kl_per_channel_nats", "active_units", "elbo_bits_per_dim", "iwae4_bits_per_dim",
             "posterior_std_mean_per_channel", "latent_channel_std", "encode_images_per_s", "device"} <= set(kl_m)
     assert 0 < vq_m["codebook_usage"] <= 1 and len(vq_m["latent_channel_mean"]) == 4
+    # the values are those of the first 48 test images for EVERY model of the call (the same images):
+    # recomputed here from stock-loaded models, KL reconstructing from the posterior mean; and the last
+    # model's domain FD on a fresh metric (the call shares one metric: not reset, it keeps the first's features)
+    _, models, _, dataset = load_for_comparison([str(kl), str(vq)], "test")
+    x01 = (torch.stack([dataset[i]["pixel_values"] for i in range(48)]) + 1) / 2
+    assert kl_m["num_images"] == vq_m["num_images"] == 48
+    for vae, m in zip(models, (kl_m, vq_m)):
+        with torch.no_grad():  # in the call's batches of 16, so the numbers agree to float rounding
+            posteriors = [vae.encode(x * 2 - 1) for x in x01.split(16)]
+            z = [p.latent_dist.mean if hasattr(p, "latent_dist") else p.latents for p in posteriors]
+            r01 = (torch.cat([vae.decode(zi).sample for zi in z]).clamp(-1, 1) + 1) / 2
+        assert m["psnr_db"] == pytest.approx(psnr(x01, r01).mean().item(), abs=1e-4)
+        assert m["ssim"] == pytest.approx(ssim(x01, r01).mean().item(), abs=1e-5)
+    fd = frechet_distance(frechet_metric(load_fd_features(features)[1]), x01, r01, batch_size=16)  # r01: vq's
+    assert vq_m["fd_shapes"] == pytest.approx(fd, rel=1e-3, abs=1e-5)
+    assert abs(kl_m["psnr_db"] - vq_m["psnr_db"]) > 1e-3  # two different models, not one measured twice
     card = (vq / "README.md").read_text()
     meta = yaml.safe_load(card.split("---\n")[1])
     metrics = {m["type"]: m["value"] for m in meta["model-index"][0]["results"][0]["metrics"]}

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 from ldm_vae.autoencoder.config import Config
 from ldm_vae.autoencoder.models import load_autoencoder
@@ -15,6 +18,7 @@ from ldm_vae.diffusion.latents import (
     CACHE_FILE,
     LatentDataset,
     encode_dataset,
+    load_cache_autoencoder,
     read_cache,
 )
 from ldm_vae.errors import UserError
@@ -83,10 +87,26 @@ def test_cache_round_trip_and_scaling_applied_once(exports, tmp_path, fake_fashi
     assert ds[0]["label"].dtype == torch.int64 and meta["num_classes"] >= 2
 
 
+def _nudge_one_weight(model_dir):
+    """Change one weight of an export by 1e-3 in place, as a re-export or a finetune would.
+    Returns the file's original bytes (to put back)."""
+    path = model_dir / "diffusion_pytorch_model.safetensors"
+    original = path.read_bytes()
+    with safe_open(str(path), "pt") as f:
+        metadata = f.metadata()
+    tensors = load_file(str(path))
+    key = min(tensors)
+    tensors[key].view(-1)[0] += 1e-3
+    save_file(tensors, str(path), metadata=metadata)
+    return original
+
+
 def test_cache_is_resumable_idempotent_and_refuses_a_mismatch(exports, tmp_path, fake_fashion, monkeypatch):
     from ldm_vae.diffusion import latents
 
-    kl, vq = exports / "kl" / "export", exports / "vq" / "export"
+    # a copy of the KL export of our own: this test changes its weights (the config stays)
+    kl, vq = tmp_path / "kl", exports / "vq" / "export"
+    shutil.copytree(exports / "kl" / "export", kl)
     out, data = tmp_path / "cache", _data(fake_fashion, flip=False)
     original = latents.save_file
 
@@ -102,6 +122,11 @@ def test_cache_is_resumable_idempotent_and_refuses_a_mismatch(exports, tmp_path,
         read_cache(out)
     stamp = (out / "shard-00000.safetensors").stat().st_mtime_ns
     monkeypatch.undo()
+    # resuming with changed weights would mix two models' latents in one cache: refused
+    weights = _nudge_one_weight(kl)
+    with pytest.raises(UserError, match="unfinished cache of another autoencoder"):
+        encode_dataset(kl, data, "test", out, shard_size=24)
+    (kl / "diffusion_pytorch_model.safetensors").write_bytes(weights)
     # the same command completes it without re-encoding the finished shards
     meta = encode_dataset(kl, data, "test", out, shard_size=24)
     assert (out / "shard-00000.safetensors").stat().st_mtime_ns == stamp and (out / "shard-00002.safetensors").is_file()
@@ -109,9 +134,20 @@ def test_cache_is_resumable_idempotent_and_refuses_a_mismatch(exports, tmp_path,
     # and once more: nothing to do
     assert encode_dataset(kl, data, "test", out, shard_size=24) == meta
     assert (out / "shard-00000.safetensors").stat().st_mtime_ns == stamp
+    read_cache(out, kl)
+    load_cache_autoencoder(meta)
     # another autoencoder: refused without --overwrite, and a cache is checked against its model
     with pytest.raises(UserError, match="another autoencoder"):
         encode_dataset(vq, data, "test", out, shard_size=24)
     with pytest.raises(UserError, match="were made by"):
         read_cache(out, vq)
-    read_cache(out, kl)
+    # the same autoencoder with one weight changed is another autoencoder too: reusing the
+    # cache, checking it against the model and decoding its samples (train-ldm) are refused
+    _nudge_one_weight(kl)
+    with pytest.raises(UserError, match="another autoencoder"):
+        encode_dataset(kl, data, "test", out, shard_size=24)
+    with pytest.raises(UserError, match="were made by"):
+        read_cache(out, kl)
+    with pytest.raises(UserError, match="changed since the latent cache was made"):
+        load_cache_autoencoder(meta)
+    assert (out / "shard-00000.safetensors").stat().st_mtime_ns == stamp  # refused before touching it

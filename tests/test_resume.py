@@ -1,10 +1,11 @@
 """Resume parity under SIGKILL and atomic checkpoints under a kill inside the save, for
-both trainers.
+both trainers and both autoencoder kinds.
 
-A run killed at a random step and resumed with `--resume latest` must end with the same
-weights (autoencoder, discriminator, EMA, LeCam, schedulers; UNet, EMA, schedule) and the
-same logged losses as an uninterrupted run of the same seed: bit-identical on CPU, one
-process and two.
+A run killed in the middle of a training step (a seeded point: the N-th backward pass) and
+resumed with `--resume latest` must continue from its newest complete checkpoint (not
+from step 0) and end with the same weights (autoencoder, codebook and quantizer state,
+discriminator, EMA, LeCam, schedulers; UNet, EMA, schedule) and the same logged losses as
+an uninterrupted run of the same seed: bit-identical on CPU, one process and two.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ import random
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -29,31 +29,41 @@ from ldm_vae.run.checkpoint import (
     find_checkpoint,
 )
 
-from .conftest import ROOT, TINY_KL, TINY_LDM
+from .conftest import ROOT, TINY_KL, TINY_LDM, TINY_VQ
 
-STEPS = 40
+STEPS = 30
 COMMON = [f"train.max_steps={STEPS}", "train.checkpoint_every=5", "train.log_every=5", "train.image_every=20",
           "train.checkpoints_total_limit=20", "train.lr_scheduler=cosine"]
 ENV = dict(os.environ, OMP_NUM_THREADS="1", ACCELERATE_USE_CPU="true")
 
 
-@pytest.fixture(scope="module", params=["train-vae", "train-ldm"])
+@pytest.fixture(scope="module", params=["kl", "vq", "ldm"])
 def trainer(request, fake_fashion, tiny_cache) -> tuple[str, Path, list[str]]:
     """(subcommand, config, overrides) of each trainer, checkpoints every 5 steps, all kept."""
-    if request.param == "train-vae":  # GAN phase and LeCam inside the resumed part
-        return "train-vae", TINY_KL, [f"data.path={fake_fashion}", *COMMON, "loss.disc_start=18",
-                                      "loss.disc_pretrain_steps=4", "loss.lecam_weight=0.1"]
-    return "train-ldm", TINY_LDM, [f"latents={tiny_cache}", *COMMON]
+    gan = ["loss.disc_start=18", "loss.disc_pretrain_steps=4", "loss.lecam_weight=0.1"]  # inside the resumed part
+    return {"kl": ("train-vae", TINY_KL, [f"data.path={fake_fashion}", *COMMON, *gan]),
+            # codes are restarted after the resume point too
+            "vq": ("train-vae", TINY_VQ, [f"data.path={fake_fashion}", *COMMON, *gan, "quantizer.restart_after_steps=3"]),
+            "ldm": ("train-ldm", TINY_LDM, [f"latents={tiny_cache}", *COMMON])}[request.param]
+
+
+def _launcher(processes: int) -> list[str]:
+    if processes == 1:
+        return [sys.executable]
+    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
+            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
 
 
 def _cli(out: Path, trainer, *extra, processes: int = 1) -> list[str]:
     command, config, overrides = trainer
-    launch = [sys.executable, "-m", "ldm_vae"]
-    if processes > 1:
-        launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
-                  str(processes), "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-                  "-m", "ldm_vae"]
-    return [*launch, command, str(config), *overrides, "--output-dir", str(out), *extra]
+    return [*_launcher(processes), "-m", "ldm_vae", command, str(config), *overrides, "--output-dir", str(out), *extra]
+
+
+def _kill(out: Path, trainer, mode: str, at: int, *extra: str, processes: int = 1) -> subprocess.CompletedProcess:
+    """Run tests/kill_worker.py: the run SIGKILLs itself at a reproducible point (see there)."""
+    command, config, overrides = trainer
+    worker = [str(ROOT / "tests" / "kill_worker.py"), mode, str(at), command, str(config), str(out), *overrides, *extra]
+    return subprocess.run([*_launcher(processes), *worker], env=ENV, capture_output=True, text=True)
 
 
 def _state(checkpoint: Path) -> dict:
@@ -87,28 +97,32 @@ def _logged(run: Path) -> dict[int, dict]:
     return out
 
 
-def _assert_same_run(reference: Path, resumed: Path) -> None:
+def _assert_same_run(reference: Path, resumed: Path, where: str = "") -> None:
     ref, res = _state(reference / f"checkpoint-{STEPS}"), _state(resumed / f"checkpoint-{STEPS}")
     assert ref.keys() == res.keys()
     for k in ref:
-        assert torch.equal(ref[k], res[k]), k
-    assert _logged(reference) == _logged(resumed)
+        assert torch.equal(ref[k], res[k]), f"{k} {where}"
+    assert _logged(reference) == _logged(resumed), where
 
 
-def _kill_when_checkpointed(cmd: list[str], out: Path, at_least: int) -> int:
-    """Start `cmd`, SIGKILL its whole process group once a checkpoint >= at_least is complete."""
-    proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        done = complete_checkpoints(out)
-        if done and done[-1][0] >= at_least:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-            return done[-1][0]
-        time.sleep(0.05)
-    proc.kill()
-    pytest.fail(f"the run ended or stalled before a checkpoint >= {at_least} (exit code {proc.poll()})")
+def _kill_mid_step_and_resume(out: Path, trainer, processes: int = 1) -> tuple[str, int]:
+    """Kill the run after a random (reported) number of backward passes, resume it, and check
+    that the resumed session started at the newest complete checkpoint. Returns (the kill
+    point, the step resumed from)."""
+    at = random.randrange(12, STEPS)  # >= 6 steps done (a checkpoint exists), < STEPS (not finished)
+    where = f"killed after backward pass {at} (rerun with that number to reproduce)"
+    proc = _kill(out, trainer, "backward", at, processes=processes)
+    assert proc.returncode != 0 and (out / "config.yaml").exists(), f"{where}: {proc.stderr[-2000:]}"
+    resumed_from = complete_checkpoints(out)[-1][0]
+    assert 5 <= resumed_from < STEPS, where
+    proc = subprocess.run(_cli(out, trainer, "--resume", "latest", processes=processes), env=ENV,
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, f"{where}: {proc.stderr[-2000:]}"
+    # the resumed process ran exactly the missing steps: a silent restart from step 0 would
+    # end with the same weights, but not with this count
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps_this_session"] == STEPS - resumed_from, where
+    return where, resumed_from
 
 
 @pytest.fixture(scope="module")
@@ -118,23 +132,20 @@ def reference(tmp_path_factory, trainer):
     return out
 
 
-def test_sigkill_at_a_random_step_then_resume_equals_the_uninterrupted_run(reference, trainer, tmp_path):
-    seed = random.randrange(10**6)
-    target = random.Random(seed).choice(range(5, STEPS - 5, 5))
-    out = tmp_path / "killed"
-    killed_after = _kill_when_checkpointed(_cli(out, trainer), out, target)
-    assert killed_after < STEPS, f"seed {seed}"
-    proc = subprocess.run(_cli(out, trainer, "--resume", "latest"), env=ENV, capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    _assert_same_run(reference, out)
+# KL's resume parity is checked by the kill inside a save below (the same loop without the quantizer)
+@pytest.mark.parametrize("trainer", ["vq", "ldm"], indirect=True)
+def test_sigkill_mid_step_then_resume_equals_the_uninterrupted_run(reference, trainer, tmp_path):
+    where, resumed_from = _kill_mid_step_and_resume(tmp_path / "killed", trainer)
+    _assert_same_run(reference, tmp_path / "killed", where)
+    if trainer[1] == TINY_VQ:  # codes were restarted after the resume point: the restored state mattered
+        restarts = load_file(reference / f"checkpoint-{STEPS}" / "model.safetensors")["quantizer.last_restart"]
+        assert restarts.max() > resumed_from, where
 
 
+@pytest.mark.parametrize("trainer", ["kl", "ldm"], indirect=True)
 def test_kill_inside_a_checkpoint_save_keeps_the_previous_one(reference, trainer, tmp_path):
     out = tmp_path / "run"
-    command, config, overrides = trainer
-    cmd = [sys.executable, str(ROOT / "tests" / "kill_worker.py"), command, str(config), str(out), "15",
-           *overrides, "train.checkpoints_total_limit=1"]
-    proc = subprocess.run(cmd, env=ENV, capture_output=True, text=True)
+    proc = _kill(out, trainer, "save", 15, "train.checkpoints_total_limit=1")
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     # the half-written save is there, without its marker; the limit pruned nothing for it
     assert (out / ".tmp-checkpoint-15" / "model.safetensors").is_file()
@@ -144,17 +155,15 @@ def test_kill_inside_a_checkpoint_save_keeps_the_previous_one(reference, trainer
     proc = subprocess.run(_cli(out, trainer, "--resume", "latest", "train.checkpoints_total_limit=1"),
                           env=ENV, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads((out / "summary.json").read_text())["steps_this_session"] == STEPS - 10
     assert not (out / ".tmp-checkpoint-15").exists()  # replaced by the complete save of step 15
     _assert_same_run(reference, out)
 
 
+@pytest.mark.parametrize("trainer", ["vq", "ldm"], indirect=True)
 def test_two_process_sigkill_and_resume_equals_the_uninterrupted_run(trainer, tmp_path):
     ref = tmp_path / "reference"
     proc = subprocess.run(_cli(ref, trainer, processes=2), env=ENV, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    out = tmp_path / "killed"
-    _kill_when_checkpointed(_cli(out, trainer, processes=2), out, 20)
-    proc = subprocess.run(_cli(out, trainer, "--resume", "latest", processes=2), env=ENV,
-                          capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    _assert_same_run(ref, out)  # bit-identical with two processes too (CPU, gloo)
+    where, _ = _kill_mid_step_and_resume(tmp_path / "killed", trainer, processes=2)
+    _assert_same_run(ref, tmp_path / "killed", where)  # bit-identical with two processes too (CPU, gloo)

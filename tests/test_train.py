@@ -17,6 +17,7 @@ import sys
 
 import pytest
 import torch
+import yaml
 from diffusers import AutoencoderKL
 from safetensors.torch import load_file
 
@@ -25,7 +26,7 @@ from ldm_vae.autoencoder.train import train
 from ldm_vae.data.sources import build_dataset
 from ldm_vae.errors import UserError
 
-from .conftest import ROOT, TINY_KL
+from .conftest import ROOT, TINY_KL, assert_trains_the_same, train_recording
 
 
 def _recon_l1(vae, x):
@@ -209,19 +210,47 @@ def test_export_without_ema_uses_raw_weights(tiny_cfg, tmp_path):
     assert "raw (EMA off)" in (tmp_path / "run" / "export" / "README.md").read_text()
 
 
-def test_channels_last_and_compile_train_the_same_model(tiny_cfg, tmp_path):
+def test_channels_last_and_compile_each_train_the_same_model(tiny_cfg, tmp_path, monkeypatch):
     """train.channels_last and train.compile change how the step runs, not what it computes:
-    the weights after GAN-phase steps match the plain run's, and the export's keys and
-    layout are the stock ones."""
-    overrides = ("train.max_steps=3", "loss.disc_start=1", "train.log_every=1")
-    plain = train(tiny_cfg(*overrides), tmp_path / "plain")
-    fast = train(tiny_cfg(*overrides, "train.channels_last=true", "train.compile=true"), tmp_path / "fast")
-    assert fast.summary["skipped_steps"] == 0 and fast.summary["final_logs"]["adaptive_weight"] > 0
-    a = AutoencoderKL.from_pretrained(tmp_path / "plain" / "export").state_dict()
-    b = AutoencoderKL.from_pretrained(tmp_path / "fast" / "export").state_dict()
-    assert a.keys() == b.keys()
-    for k in a:
-        torch.testing.assert_close(b[k], a[k], rtol=1e-3, atol=1e-4, msg=k)
-    for name in ("autoencoder", "discriminator"):
-        for (k, p), q in zip(getattr(plain, name).named_parameters(), getattr(fast, name).parameters()):
-            torch.testing.assert_close(q, p, rtol=1e-3, atol=1e-4, msg=f"{name}.{k}")
+    each flag alone ends GAN-phase steps (no warm-up, the weights really move) where the plain
+    run ends, and the export's keys and layout are the stock ones."""
+    import ldm_vae.autoencoder.train as trainer
+
+    # Without LPIPS: its unit-normalised features make its float32 gradient ill-conditioned on
+    # the flat reconstructions of an untrained decoder (3% off float64 at amplitude 1e-4, with
+    # or without these flags), which would hide what the flags do.
+    overrides = ("train.max_steps=3", "loss.disc_start=1", "train.log_every=1", "train.lr_warmup_steps=0",
+                 "loss.perceptual_weight=0")
+    runs = {}
+    for flag in ("plain", "channels_last", "compile"):
+        cfg = tiny_cfg(*overrides, *([f"train.{flag}=true"] if flag != "plain" else []))
+        runs[flag] = train_recording(monkeypatch, trainer, lambda cfg=cfg, flag=flag: train(cfg, tmp_path / flag))
+    for flag in ("channels_last", "compile"):
+        assert_trains_the_same(runs["plain"], runs[flag], flag)
+        summary = json.loads((tmp_path / flag / "summary.json").read_text())
+        assert summary["skipped_steps"] == 0 and summary["final_logs"]["adaptive_weight"] > 0
+        a = AutoencoderKL.from_pretrained(tmp_path / "plain" / "export").state_dict()
+        b = AutoencoderKL.from_pretrained(tmp_path / flag / "export").state_dict()
+        assert a.keys() == b.keys() and all(a[k].shape == b[k].shape and b[k].is_contiguous() for k in a)
+
+
+def test_report_to_chooses_the_trackers_and_logs_the_config(tiny_cfg, tmp_path, monkeypatch):
+    """train.report_to: tensorboard gets the resolved config as hyperparameters; none writes
+    no tracker files (metrics.jsonl stays); a tracker whose package is missing stops the run
+    before it writes anything."""
+    import ldm_vae.run.trainer as run_trainer
+
+    train(tiny_cfg("train.max_steps=2", "train.lr=0.00123"), tmp_path / "tb")
+    logs = tmp_path / "tb" / "logs"
+    hparams = yaml.safe_load(next(logs.rglob("hparams.yml")).read_text())
+    assert hparams["train.lr"] == 0.00123 and hparams["model.block_out_channels"] == "[16, 32]"
+    assert hparams["train.report_to"] == "tensorboard" and list(logs.rglob("events.out.tfevents.*"))
+
+    train(tiny_cfg("train.max_steps=2", "train.image_every=1", "train.report_to=none"), tmp_path / "none")
+    logs = tmp_path / "none" / "logs"
+    assert (logs / "metrics.jsonl").is_file() and not [p for p in logs.rglob("*") if p.name != "metrics.jsonl"]
+
+    monkeypatch.setattr(run_trainer, "get_available_trackers", list)  # as without the wandb package
+    with pytest.raises(UserError, match="pip install wandb"):
+        train(tiny_cfg("train.max_steps=2", "train.report_to=wandb"), tmp_path / "wandb")
+    assert not (tmp_path / "wandb").exists()

@@ -2,8 +2,8 @@
 
 Covers: training lowers the reconstruction error and keeps the codebook in use; the export
 loads in stock diffusers `VQModel` and reproduces the trainer's model exactly; `Tokenizer`
-ids are stock VQModel's codes and decode like stock decode; resume is exact with the
-quantizer's state; two processes end with the same codebook.
+ids are stock VQModel's codes and decode like stock decode; resume refuses another codebook
+update rule (resume parity: tests/test_resume.py); two processes end with the same codebook.
 """
 
 from __future__ import annotations
@@ -109,19 +109,15 @@ def test_tokenizer_ids_are_stock_codes_and_decode_like_stock(vq_run):
         tok.encode(torch.zeros(1, 3, 9, 9))
 
 
-def test_vq_resume_gives_identical_codebook_and_quantizer_state(tmp_path, tiny_vq_cfg):
-    """Restarts, usage counts and the codebook all come back from the checkpoint."""
-    overrides = ("train.max_steps=30", "train.checkpoint_every=15", "loss.disc_start=100",
-                 "quantizer.restart_after_steps=3", "train.ema_decay=0")
-    full = train(tiny_vq_cfg(*overrides), tmp_path / "full").autoencoder.state_dict()
-    train(tiny_vq_cfg(*overrides, "train.max_steps=15"), tmp_path / "part")
-    resumed = train(tiny_vq_cfg(*overrides), tmp_path / "part", resume="latest").autoencoder.state_dict()
-    assert full["quantizer.last_restart"].max() > 15  # restarts happened after the resume point
-    for k in full:
-        assert torch.equal(full[k], resumed[k]), k
-    # switching the codebook's update rule mid-run is refused, not half-loaded
+def test_vq_resume_refuses_another_codebook_update_rule(tmp_path, tiny_vq_cfg):
+    """Switching the codebook's update rule mid-run is refused, not half-loaded. (That a
+    resumed VQ run ends bit-identical, quantizer state included, and continues from its
+    checkpoint: tests/test_resume.py, killed with SIGKILL, one process and two.)"""
+    overrides = ("train.max_steps=2", "train.checkpoint_every=2", "loss.disc_start=100")
+    train(tiny_vq_cfg(*overrides), tmp_path / "part")
     with pytest.raises(UserError, match="quantizer.ema_decay differ"):
-        train(tiny_vq_cfg(*overrides, "quantizer.ema_decay=0.9"), tmp_path / "part", resume="latest")
+        train(tiny_vq_cfg(*overrides, "train.max_steps=4", "quantizer.ema_decay=0.9"), tmp_path / "part",
+              resume="latest")
 
 
 @pytest.mark.parametrize("mode", ["gradient", "ema"])

@@ -7,12 +7,14 @@ Why not just `import lpips`: lpips imports torchvision, and torchvision's PyPI w
 CUDA builds that fail to import against a CPU-only torch; a broken torchvision then also
 breaks diffusers and torchmetrics. So the backbones are rebuilt here with torchvision's
 `features` layer indices, which lets torchvision checkpoints (vgg16-397923af.pth,
-alexnet-owt-7be5be79.pth) load unchanged, and only the small linear-head weight files are
-read from the installed lpips package, found without importing it.
+alexnet-owt-7be5be79.pth) load unchanged, and the small linear-head weight files are read
+from torchmetrics (a dependency), which ships lpips' v0.1 files byte for byte (their sha256
+is checked on load).
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import urllib.error
 from pathlib import Path
@@ -134,18 +136,27 @@ class LPIPS(nn.Module):
         return total.flatten()
 
 
+# sha256 of lpips' weights/v0.1/<net>.pth, which torchmetrics ships unchanged
+HEAD_SHA256 = {"vgg": "a78928a0af1e5f0fcb1f3b9e8f8c3a2a5a3de244d830ad5c1feddc79b8432868",
+               "alex": "df73285e35b22355a2df87cdb6b70b343713b667eddbda73e1977e0c860835c0"}
+
+
 def _head_file(net: str) -> Path:
-    spec = importlib.util.find_spec("lpips")
+    """torchmetrics' copy of lpips' linear heads, found without importing torchmetrics."""
+    spec = importlib.util.find_spec("torchmetrics")
     if spec is None or not spec.submodule_search_locations:
-        raise UserError("LPIPS's linear heads come from the lpips package: pip install --no-deps lpips")
-    path = Path(spec.submodule_search_locations[0]) / "weights" / "v0.1" / f"{net}.pth"
+        raise UserError("LPIPS's linear heads come from the torchmetrics package: pip install torchmetrics")
+    path = Path(spec.submodule_search_locations[0]) / "functional" / "image" / "lpips_models" / f"{net}.pth"
     if not path.is_file():
-        raise UserError(f"the lpips package has no {path}; reinstall it: pip install --no-deps lpips")
+        raise UserError(f"torchmetrics has no {path}; reinstall it: pip install --force-reinstall torchmetrics")
+    if hashlib.sha256(path.read_bytes()).hexdigest() != HEAD_SHA256[net]:
+        raise UserError(f"{path} is not lpips' v0.1 {net} head file (sha256 differs); reinstall torchmetrics: "
+                        f"pip install --force-reinstall torchmetrics")
     return path
 
 
 def build_lpips(net: str = "vgg", weights: str | None = None, random_backbone: bool = False) -> LPIPS:
-    """LPIPS with the package's heads and torchvision ImageNet backbone weights.
+    """LPIPS with lpips' v0.1 heads and torchvision ImageNet backbone weights.
 
     random_backbone=True keeps LPIPS's seed-0 random backbone: for tests only, meaningless as
     a metric. Backbone weights: `weights`, else the torch hub cache, else a download.

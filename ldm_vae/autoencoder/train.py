@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from ..data.sources import build_dataset
 from ..errors import UserError
 from ..files import save_image, save_usage_histogram
-from ..run.trainer import RunResult, Trainer, ema_weights, make_adamw
+from ..run.trainer import RunResult, Trainer, ema_weights, log_images, make_adamw
 from .config import Config
 from .discriminator import PatchDiscriminator
 from .losses import AutoencoderLoss, LeCamEMA
@@ -207,13 +207,14 @@ class AutoencoderTrainer(Trainer):
             vae.train()
             grid = torch.cat([x.float(), recon])
             save_image(grid, out / "samples" / f"recon_{step:07d}.png", nrow=len(x))
-            tb = acc.get_tracker("tensorboard", unwrap=True)
-            tb.add_images("reconstruction (top: input, bottom: EMA recon)", (grid + 1) / 2, step)
+            log_images(acc, "reconstruction (top: input, bottom: EMA recon)", (grid + 1) / 2, step)
             if q is not None:
                 since = (step - 1) // self.tc.image_every * self.tc.image_every + 1  # hist was reset at the last grid
                 save_usage_histogram(q.hist, code_perplexity(q.hist).item(), out / "codebook_usage.png",
                                      f"codebook hits, steps {since}-{step}")
-                tb.add_histogram("codebook hits per code", q.hist.float().cpu(), step)
+                for tracker in acc.trackers:
+                    if tracker.name == "tensorboard":
+                        tracker.writer.add_histogram("codebook hits per code", q.hist.float().cpu(), step)
         if q is not None:
             q.hist.zero_()  # on every rank: the histogram covers one image interval
 

@@ -24,7 +24,7 @@ from diffusers.optimization import get_scheduler
 from ..errors import UserError
 from ..files import save_image
 from ..run.checkpoint import read_state
-from ..run.trainer import RunResult, Trainer, ema_weights, make_adamw
+from ..run.trainer import RunResult, Trainer, ema_weights, log_images, make_adamw
 from .config import LDMConfig
 from .latents import LatentDataset, load_cache_autoencoder, read_cache
 from .networks import build_unet, noise_schedule
@@ -151,8 +151,7 @@ class LDMTrainer(Trainer):
         self.model.train()
         save_image(images * 2 - 1, self.output_dir / "samples" / f"samples_{step:07d}.png",
                    nrow=cfg.sample.per_class)
-        tb = acc.get_tracker("tensorboard", unwrap=True)
-        tb.add_images("EMA samples (one row per class)", images, step)
+        log_images(acc, "EMA samples (one row per class)", images, step)
 
     def checkpoint_info(self) -> dict:
         return {"cache": self.meta}

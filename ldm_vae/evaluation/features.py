@@ -3,19 +3,20 @@
 FID's Inception network was trained on ImageNet photos; on 32x32 grayscale clothes (or
 offline, without its weights) a small classifier trained on the domain's own labels gives
 features that separate what matters there. `ldm-vae train-fd-features` trains one and
-saves its feature layer (and, as `logits`, its classifier) as TorchScript with metadata;
-`ldm-vae eval --fd-features PATH` reports the distance under the extractor's own name
-(`fd_<name>`), never as "FID".
+saves it (feature layer and, as `logits`, its classifier) as a folder of safetensors weights
+and config.json (huggingface_hub's PyTorchModelHubMixin: `FeatureExtractor.from_pretrained`,
+`push_to_hub`); `ldm-vae eval --fd-features PATH` reports the distance under the extractor's
+own name (`fd_<name>`), never as "FID".
 """
 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from huggingface_hub import PyTorchModelHubMixin
 from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
@@ -23,6 +24,7 @@ from tqdm.auto import tqdm
 from ..data.config import DataConfig
 from ..data.sources import build_dataset
 from ..errors import UserError
+from ..files import atomic_folder
 
 
 class FeatureNet(nn.Module):
@@ -46,25 +48,28 @@ class FeatureNet(nn.Module):
         return self.body(x).mean(dim=(2, 3))
 
 
-class ScriptedFeatures(nn.Module):
+class FeatureExtractor(nn.Module, PyTorchModelHubMixin, library_name="ldm-vae", tags=["fd-features"]):
     """What is saved: `forward` gives the features, `logits` the classifier's class scores
-    (the demo uses them to check that samples of a class look like that class)."""
+    (the demo uses them to check that samples of a class look like that class). The init
+    arguments are the saved config.json."""
 
-    def __init__(self, net: FeatureNet, head: nn.Linear):
+    def __init__(self, name: str, resolution: int, num_classes: int, width: int = 32):
         super().__init__()
-        self.net, self.head = net, head
+        self.name, self.resolution = name, resolution
+        self.net = FeatureNet(width)
+        self.head = nn.Linear(self.net.num_features, num_classes)
+        self.num_features = self.net.num_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
 
-    @torch.jit.export
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.net(x))
 
 
 def train_fd_features(data: DataConfig, out: str | Path, name: str, steps: int = 2000, batch_size: int = 128,
                       lr: float = 2e-3, seed: int = 0, device: str = "cpu", overwrite: bool = False) -> dict:
-    """Train FeatureNet + a linear classifier on `data`'s labels; save the FeatureNet as TorchScript."""
+    """Train FeatureNet + a linear classifier on `data`'s labels; save both as the folder `out`."""
     out = Path(out)
     if out.exists() and not overwrite:
         raise UserError(f"{out} exists; choose another --out or pass --overwrite")
@@ -75,10 +80,8 @@ def train_fd_features(data: DataConfig, out: str | Path, name: str, steps: int =
     test_ds = build_dataset(data, data.test_split, train=False)
     num_classes = int(max(train_ds[i]["label"] for i in range(min(len(train_ds), 5000)))) + 1
     torch.manual_seed(seed)
-    net = FeatureNet().to(device)
-    head = nn.Linear(net.num_features, num_classes).to(device)
-    params = [*net.parameters(), *head.parameters()]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
+    model = FeatureExtractor(name, data.resolution, num_classes).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps)
     loader = DataLoader(train_ds, batch_size=batch_size, shuffle=True, drop_last=True,
                         generator=torch.Generator().manual_seed(seed))
@@ -87,7 +90,7 @@ def train_fd_features(data: DataConfig, out: str | Path, name: str, steps: int =
     while step < steps:
         train_ds.set_epoch(epoch)
         for batch in loader:
-            logits = head(net(batch["pixel_values"].to(device)))
+            logits = model.logits(batch["pixel_values"].to(device))
             loss = F.cross_entropy(logits, batch["label"].to(device))
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -102,17 +105,17 @@ def train_fd_features(data: DataConfig, out: str | Path, name: str, steps: int =
         epoch += 1
     progress.close()
 
-    net.eval()
+    model.eval()
     correct = 0
     with torch.no_grad():
         for batch in DataLoader(test_ds, batch_size=500):
-            correct += (head(net(batch["pixel_values"].to(device))).argmax(1).cpu() == batch["label"]).sum().item()
-    meta = {"name": name, "resolution": data.resolution, "num_features": net.num_features,
+            correct += (model.logits(batch["pixel_values"].to(device)).argmax(1).cpu() == batch["label"]).sum().item()
+    meta = {"name": name, "resolution": data.resolution, "num_features": model.num_features,
             "input": "images [N, 3, R, R] in [-1, 1]", "dataset": train_ds.description,
             "steps": steps, "test_accuracy": correct / len(test_ds)}
-    scripted = torch.jit.script(ScriptedFeatures(net, head).cpu().eval())
-    tmp = out.with_name(f".tmp-{out.name}")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    torch.jit.save(scripted, str(tmp), _extra_files={"ldm_vae.json": json.dumps(meta)})
-    os.replace(tmp, out)
+    if out.is_file():  # --overwrite of an extractor in the old single-file (TorchScript) format
+        out.unlink()
+    with atomic_folder(out) as tmp:
+        model.cpu().eval().save_pretrained(tmp)
+        (tmp / "training.json").write_text(json.dumps(meta, indent=2))
     return meta

@@ -7,19 +7,21 @@ never as a number.
 
 from __future__ import annotations
 
-import json
+import hashlib
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Subset
+from torchmetrics.image.fid import FrechetInceptionDistance
 
 from ..errors import UserError
+from .features import FeatureExtractor
 
 
 class _Features(nn.Module):
-    """Adapts a TorchScript extractor (images in [-1, 1] at its resolution) to torchmetrics."""
+    """Adapts a feature extractor (images in [-1, 1] at its resolution) to torchmetrics."""
 
     def __init__(self, module: nn.Module, resolution: int, num_features: int):
         super().__init__()
@@ -34,44 +36,87 @@ class _Features(nn.Module):
 
 
 def load_fd_features(path: str | Path) -> tuple[str, nn.Module]:
-    """(metric name, module) of a TorchScript extractor written by `ldm-vae train-fd-features`."""
+    """(metric name, module) of an extractor folder written by `ldm-vae train-fd-features`."""
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"--fd-features {path} does not exist; train one with `ldm-vae train-fd-features`")
-    extra = {"ldm_vae.json": ""}
+    retrain = "train one with `ldm-vae train-fd-features`"
+    if path.is_file():
+        raise UserError(f"--fd-features {path} is a file: extractors are now folders (safetensors weights + "
+                        f"config.json; the single TorchScript files of earlier versions are not read, as torch "
+                        f"deprecates TorchScript); {retrain}")
+    if not (path / "config.json").is_file():
+        raise UserError(f"--fd-features {path} is not an extractor folder (no config.json); {retrain}")
     try:
-        module = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
-    except Exception as e:  # not a TorchScript archive
-        raise UserError(f"--fd-features {path} is not a TorchScript file ({e.__class__.__name__}); "
-                        f"train one with `ldm-vae train-fd-features`") from None
-    try:
-        meta = json.loads(extra["ldm_vae.json"])
-        name, resolution, dim = meta["name"], int(meta["resolution"]), int(meta["num_features"])
-    except (ValueError, KeyError):
-        raise UserError(f"--fd-features {path} has no ldm_vae.json metadata (name, resolution, "
-                        f"num_features); write it with `ldm-vae train-fd-features`") from None
-    return f"fd_{name}", _Features(module.eval(), resolution, dim)
+        model = FeatureExtractor.from_pretrained(str(path))
+    except Exception as e:  # a config or weights file that does not fit the extractor
+        raise UserError(f"--fd-features {path} could not be loaded ({e.__class__.__name__}: {e}); {retrain}") from None
+    return f"fd_{model.name}", _Features(model.eval(), model.resolution, model.num_features)
+
+
+def exact_uint8(x01: torch.Tensor) -> torch.Tensor:
+    """Images in [0, 1] -> uint8 by rounding, so a dataset pixel k (stored as k / 127.5 - 1)
+    comes back as k. torchmetrics' FID with normalize=True feeds `(x * 255).byte()`, which
+    truncates: 63 of the 256 grey levels land just below k in float32 and become k - 1."""
+    return x01.mul(255).round().clamp(0, 255).to(torch.uint8)
+
+
+class RoundedFID(FrechetInceptionDistance):
+    """torchmetrics' FID taking images in [0, 1] and handing Inception exact uint8 pixels."""
+
+    def update(self, imgs: torch.Tensor, real: bool) -> None:
+        super().update(exact_uint8(imgs), real)
+
+
+# torch-fidelity's Inception weights (the TF1 FID network), as torch hub caches them
+INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
+
+
+def inception_weights_path(weights: str | None = None) -> Path:
+    return Path(weights) if weights else Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_FILE
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def fid_protocol(weights: str | None) -> dict:
+    """How rFID is made here, for metrics.json: two runs are comparable when these agree."""
+    path = inception_weights_path(weights)
+    return {"network": "torch-fidelity InceptionV3 (TF1 FID graph), 2048-d pool features",
+            "weights": str(path), "weights_sha256": file_sha256(path) if path.is_file() else None,
+            "input": "uint8, rounded from [0, 1] (a dataset pixel k is fed as k)",
+            "resize": "299x299 bilinear, TF1-style, antialias off (torch-fidelity)",
+            "statistics": "float64 mean and covariance (torchmetrics FrechetInceptionDistance)"}
+
+
+def fd_protocol(path: str | Path, name: str, extractor: nn.Module) -> dict:
+    return {"network": f"{name} (ldm-vae train-fd-features), {extractor.num_features}-d features",
+            "weights": str(Path(path) / "model.safetensors"),
+            "weights_sha256": file_sha256(Path(path) / "model.safetensors"),
+            "input": "float in [-1, 1]",
+            "resize": f"bilinear with antialias to {extractor.resolution}x{extractor.resolution} where the images "
+                      f"differ",
+            "statistics": "float64 mean and covariance (torchmetrics FrechetInceptionDistance)"}
 
 
 def build_fid(weights: str | None):
     """(torchmetrics FID metric, None) or (None, reason it is unavailable)."""
     try:
-        from torchmetrics.image.fid import FrechetInceptionDistance
-
-        return FrechetInceptionDistance(feature=2048, normalize=True, antialias=False,
-                                        feature_extractor_weights_path=weights), None
+        return RoundedFID(feature=2048, normalize=False, antialias=False,
+                          feature_extractor_weights_path=weights), None
     except ModuleNotFoundError as e:
         return None, (f"torch-fidelity is not installed ({e}); `pip install torch-fidelity` (it needs a working "
                       f"torchvision) to compute rFID")
     except Exception as e:  # the weight download failed (offline) or the file is unreadable
-        where = weights or "the torch hub cache (weights pt_inception-2015-12-05-6726825d.pth)"
+        where = weights or f"the torch hub cache ({inception_weights_path()})"
         return None, (f"FID Inception weights could not be loaded from {where}: {e.__class__.__name__}: {e}; "
                       f"pass --fid-weights PATH")
 
 
 def frechet_metric(extractor: nn.Module):
-    from torchmetrics.image.fid import FrechetInceptionDistance
-
     return FrechetInceptionDistance(feature=extractor, normalize=True)
 
 

@@ -3,13 +3,16 @@
 Conventions:
 - PSNR: per image on [0, 1] pixels with data_range = 1, MSE floored at 1e-10 (so an exact
   reconstruction scores 100 dB, not inf), then averaged over images.
-- SSIM: torchmetrics, Gaussian window 11 / sigma 1.5, data_range = 1, averaged over images.
+- SSIM: torchmetrics (>= 1.5), Gaussian window 11 / sigma 1.5, data_range = 1, borders
+  reflection-padded and included, averaged over images.
 - LPIPS v0.1 (ldm_vae/autoencoder/perceptual.py), VGG and AlexNet backbones, inputs in [-1, 1].
 - rFID: torchmetrics `FrechetInceptionDistance`, 2048 pool features of torch-fidelity's
-  FID Inception, float64 statistics, images resized to 299 x 299 with TensorFlow-1.x-style
-  bilinear interpolation (antialias off, as torch-fidelity and the LDM paper's numbers).
-- Domain Fréchet distance (`--fd-features`): the same statistics on a TorchScript
-  extractor's features, reported under the extractor's own name (e.g. `fd_fashion_mnist`).
+  FID Inception, fed uint8 pixels rounded from [0, 1], float64 statistics, images resized
+  to 299 x 299 with TensorFlow-1.x-style bilinear interpolation (antialias off, as
+  torch-fidelity and the LDM paper's numbers).
+- Domain Fréchet distance (`--fd-features`): the same statistics on a domain extractor's
+  features (`ldm-vae train-fd-features`), reported under the extractor's own name (e.g.
+  `fd_fashion_mnist`). `frechet_protocol` names each network's weights by sha256.
 """
 
 from __future__ import annotations

@@ -35,7 +35,13 @@ from ..files import (
 )
 from . import metrics as metrics_module
 from .diagnostics import Sums, diagnostics_for
-from .frechet import build_fid, frechet_metric, load_fd_features
+from .frechet import (
+    build_fid,
+    fd_protocol,
+    fid_protocol,
+    frechet_metric,
+    load_fd_features,
+)
 from .metrics import clock, device_name, psnr, ssim
 
 GRID_IMAGES = 16
@@ -63,6 +69,7 @@ class Instruments:
     fid: object | None  # torchmetrics FID, or None
     fd: tuple | None  # (metric name, torchmetrics Fréchet metric on the domain extractor), or None
     unavailable: dict  # metric -> reason
+    protocol: dict  # Fréchet metric -> how it is made (network, weights and their sha256, input, resize)
 
 
 def build_instruments(opts: EvalOptions) -> Instruments:
@@ -75,13 +82,17 @@ def build_instruments(opts: EvalOptions) -> Instruments:
                 f"the pretrained {net} backbone weights ({BACKBONE_FILES[net][0]}) are not in the torch hub cache and "
                 f"could not be downloaded; pass --lpips-{net}-weights PATH")
     fid, reason = build_fid(opts.fid_weights)
+    protocol = {}
     if fid is None:
         unavailable_metrics["rfid"] = reason
+    else:
+        protocol["rfid"] = fid_protocol(opts.fid_weights)
     fd = None
     if opts.fd_features:
         name, extractor = load_fd_features(opts.fd_features)
         fd = (name, frechet_metric(extractor))
-    return Instruments(lpips, fid, fd, unavailable_metrics)
+        protocol[name] = fd_protocol(opts.fd_features, name, extractor)
+    return Instruments(lpips, fid, fd, unavailable_metrics, protocol)
 
 
 def evaluate_model(vae, dataset, opts: EvalOptions, out_dir: Path, tools: Instruments, label: str):
@@ -227,6 +238,7 @@ def run_eval(models: list[str], out: str | Path, opts: EvalOptions, split: str =
             "dataset": dataset.description, "dataset_id": dataset.dataset_id, "split": split,
             "num_images": results[0]["metrics"]["num_images"], "resolution": first.resolution,
             "conventions": metrics_module.__doc__.split("Conventions:\n")[1].strip(),
+            "frechet_protocol": tools.protocol,
             "grid": "comparison_grid.png: originals, then one row of reconstructions per model, same images",
             "versions": versions(), "results": results,
         }

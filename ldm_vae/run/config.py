@@ -8,6 +8,9 @@ from ..config import non_negative, one_of, positive, unit_interval
 
 MIXED_PRECISION = ("no", "bf16", "fp16")
 LR_SCHEDULERS = ("constant_with_warmup", "cosine", "linear")
+# accelerate's trackers (accelerate.utils.LoggerType), every installed one, or none
+REPORT_TO = ("tensorboard", "wandb", "mlflow", "comet_ml", "aim", "clearml", "dvclive", "swanlab", "trackio", "all",
+             "none")
 
 
 @dataclass
@@ -41,6 +44,9 @@ class OptimConfig:
     # unchanged); the first steps are slow while it compiles. No gain on CPU (BENCHMARKS.md).
     compile: bool = False
     log_every: int = 10
+    # where losses, pictures and the resolved config (as hyperparameters) also go, besides
+    # logs/metrics.jsonl (always written): an accelerate tracker, "all" installed ones, "none"
+    report_to: str = "tensorboard"
     # a picture (reconstructions / samples) every N steps
     image_every: int = 500
     checkpoint_every: int = 500
@@ -49,6 +55,7 @@ class OptimConfig:
     def __post_init__(self):
         one_of(self, "mixed_precision", MIXED_PRECISION)
         one_of(self, "lr_scheduler", LR_SCHEDULERS)
+        one_of(self, "report_to", REPORT_TO)
         positive(self, "batch_size", "max_steps", "grad_accum_steps", "max_consecutive_skips", "lr", "log_every",
                  "image_every", "checkpoint_every", "checkpoints_total_limit")
         non_negative(self, "weight_decay", "lr_warmup_steps", "max_grad_norm")

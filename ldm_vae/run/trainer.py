@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from accelerate import Accelerator, DataLoaderConfiguration
 from accelerate.logging import get_logger
+from accelerate.tracking import get_available_trackers
 from accelerate.utils import ProjectConfiguration, set_seed
 from diffusers.training_utils import EMAModel
 from torch.utils.data import DataLoader
@@ -165,7 +166,7 @@ class Trainer:
         start_run_dir(acc, out, cfg, self.overwrite)
         if acc.is_main_process:
             self.log_start()
-        acc.init_trackers(self.name.replace("-", "_"))
+        acc.init_trackers(self.name.replace("-", "_"), config=tracker_config(cfg))
         self.images_per_step = per_step * tc.grad_accum_steps
 
         self.guard = NonFiniteGuard(acc, tc.max_consecutive_skips)
@@ -266,14 +267,41 @@ def check_output_dir(output_dir: Path, resume: str | None, overwrite: bool) -> N
 
 
 def make_accelerator(tc: OptimConfig, output_dir: Path) -> Accelerator:
+    # accelerate drops a tracker whose package is missing with a debug line: say so instead
+    if tc.report_to not in ("all", "none") and tc.report_to not in map(str, get_available_trackers()):
+        raise UserError(f"train.report_to={tc.report_to}, but the {tc.report_to} package is not installed: "
+                        f"pip install {tc.report_to}, or choose train.report_to=tensorboard or none")
     return Accelerator(
         gradient_accumulation_steps=tc.grad_accum_steps,
         mixed_precision=tc.mixed_precision,
-        log_with="tensorboard",
+        log_with=None if tc.report_to == "none" else tc.report_to,
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
         # the sampler's order depends only on (seed, epoch): resume can replay it exactly
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
     )
+
+
+def tracker_config(cfg: Any) -> dict:
+    """The resolved config as the flat `section.key` values trackers take (bool, int, float,
+    str; lists and None as their text)."""
+    flat = {}
+
+    def walk(prefix: str, values: dict) -> None:
+        for key, value in values.items():
+            if isinstance(value, dict):
+                walk(f"{prefix}{key}.", value)
+            else:
+                flat[f"{prefix}{key}"] = value if isinstance(value, (bool, int, float, str)) else str(value)
+
+    walk("", config_lib.to_dict(cfg))
+    return flat
+
+
+def log_images(accelerator: Accelerator, tag: str, images01: torch.Tensor, step: int) -> None:
+    """Images in [0, 1] (N, C, H, W) to every tracker that takes pictures."""
+    for tracker in accelerator.trackers:
+        if hasattr(tracker, "log_images"):
+            tracker.log_images({tag: images01}, step=step)
 
 
 def start_run_dir(accelerator: Accelerator, output_dir: Path, cfg: Any, overwrite: bool) -> None:
