@@ -11,7 +11,7 @@ import logging
 import sys
 from pathlib import Path
 
-from .errors import UserError
+from .errors import EXIT_PREEMPTED, Preempted, UserError
 
 EPILOG = """examples:
   ldm-vae train-vae configs/kl_f4_fashion.yaml --output-dir runs/kl
@@ -370,4 +370,7 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"ldm-vae: error: {e}", file=sys.stderr)
         return 2
+    except Preempted as e:
+        print(f"ldm-vae: {e}", file=sys.stderr)
+        return EXIT_PREEMPTED
     return 0

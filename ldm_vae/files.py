@@ -6,6 +6,8 @@ folders that appear only when complete, refusal of non-empty outputs, and model 
 from __future__ import annotations
 
 import contextlib
+import errno
+import hashlib
 import importlib.resources
 import math
 import os
@@ -35,7 +37,8 @@ def refuse_nonempty(path: str | Path, flag: str = "--overwrite", what: str = "")
 @contextlib.contextmanager
 def atomic_folder(out_dir: str | Path):
     """Yields a temporary sibling folder that replaces `out_dir` only once it is complete;
-    an exception inside leaves `out_dir` as it was (and removes the temporary folder)."""
+    an exception inside leaves `out_dir` as it was (and removes the temporary folder); a
+    full disk becomes a UserError that says so."""
     out_dir = Path(out_dir)
     tmp = out_dir.parent / f".tmp-{out_dir.name}"
     if tmp.exists():
@@ -43,12 +46,53 @@ def atomic_folder(out_dir: str | Path):
     tmp.mkdir(parents=True)
     try:
         yield tmp
-    except BaseException:
+    except BaseException as err:
+        full = disk_full(err, tmp)  # before the clean-up gives the space back
         shutil.rmtree(tmp, ignore_errors=True)
+        if full:
+            raise write_failed(out_dir, err, f"{out_dir} was left as it was; free space and run the command "
+                                             f"again") from err
         raise
     if out_dir.exists():
         shutil.rmtree(out_dir)
     os.replace(tmp, out_dir)
+
+
+def _existing(path: str | Path) -> Path:
+    where = Path(path).absolute()
+    while not where.exists() and where != where.parent:
+        where = where.parent
+    return where
+
+
+def disk_full(err: BaseException, path: str | Path) -> bool:
+    """Did a write to `path` fail for lack of space (or quota), not for a mistake in the input?
+    By errno where there is one; torch.save and safetensors report a full disk as a
+    RuntimeError / SafetensorError, so otherwise by their text or the space left there."""
+    if isinstance(err, OSError) and err.errno is not None:
+        return err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+    if not isinstance(err, Exception):  # KeyboardInterrupt and the like
+        return False
+    text = str(err)
+    return (any(s in text for s in ("No space left on device", "StorageFull", "Disk quota exceeded"))
+            or shutil.disk_usage(_existing(path)).free < 64 * 2**20)
+
+
+def write_failed(path: str | Path, err: BaseException, then: str) -> UserError:
+    """The error for a write that a full disk stopped: the path, the free space, what was kept."""
+    free = shutil.disk_usage(_existing(path)).free / 2**30
+    reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err).strip().splitlines()[0][:200]
+    return UserError(f"could not write {path}: {reason} ({free:.2f} GiB free on that filesystem); {then}")
+
+
+def sha256(*paths: str | Path) -> str:
+    """sha256 of the files' bytes, read in order (one file: its usual checksum)."""
+    h = hashlib.sha256()
+    for path in paths:
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:

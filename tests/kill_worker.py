@@ -1,15 +1,18 @@
-"""Train a config in a child process that SIGKILLs itself at a chosen, reproducible point.
+"""Run `ldm-vae train-vae|train-ldm` in a process that is signalled at a chosen, reproducible point.
 
-    python tests/kill_worker.py save|backward AT train-vae|train-ldm CONFIG OUTPUT_DIR [KEY=VALUE ...]
+    python tests/kill_worker.py save|backward|sigterm AT train-vae|train-ldm CONFIG OUTPUT_DIR [KEY=VALUE ...]
 
-save AT:     in the middle of the checkpoint save of step AT: accelerate's save_state has
-             written the models and optimizers into .tmp-checkpoint-AT; the marker file
+save AT:     SIGKILL in the middle of the checkpoint save of step AT: accelerate's save_state
+             has written the models and optimizers into .tmp-checkpoint-AT; the marker file
              and the rename never happen.
-backward AT: right after this process's AT-th backward pass, i.e. in the middle of a
+backward AT: SIGKILL right after this process's AT-th backward pass, i.e. in the middle of a
              training step, before its optimizer step (counted per process, so every rank
              of a multi-process run dies at the same point).
+sigterm AT:  SIGTERM (a preemption notice) right after the AT-th backward pass, on the last
+             rank only: the run must stop every rank at its next log step with a checkpoint.
 
-Run it directly or as the script of `accelerate launch`. Used by tests/test_resume.py.
+Run it directly or as the script of `accelerate launch`; exits with the CLI's code. Used by
+tests/test_resume.py.
 """
 
 import os
@@ -18,18 +21,15 @@ import sys
 
 from accelerate import Accelerator
 
-from ldm_vae.autoencoder.config import Config
-from ldm_vae.autoencoder.train import train
-from ldm_vae.config import load_config
-from ldm_vae.diffusion.config import LDMConfig
-from ldm_vae.diffusion.train import train_ldm
+from ldm_vae.cli import main
 
 mode, at, trainer, config, output_dir, *overrides = sys.argv[1:]
 at = int(at)
+last_rank = os.environ.get("RANK", "0") == str(int(os.environ.get("WORLD_SIZE", "1")) - 1)
 
 
-def die() -> None:
-    os.kill(os.getpid(), signal.SIGKILL)
+def signal_self(sig: signal.Signals) -> None:
+    os.kill(os.getpid(), sig)
 
 
 if mode == "save":
@@ -38,22 +38,23 @@ if mode == "save":
     def save_state(self, output_dir=None, **kwargs):
         out = original_save(self, output_dir, **kwargs)
         if str(output_dir).endswith(f".tmp-checkpoint-{at}"):
-            die()
+            signal_self(signal.SIGKILL)
         return out
 
     Accelerator.save_state = save_state
-elif mode == "backward":
+elif mode in ("backward", "sigterm"):
     original_backward, calls = Accelerator.backward, [0]
 
     def backward(self, loss, **kwargs):
         original_backward(self, loss, **kwargs)
         calls[0] += 1
-        if calls[0] == at:
-            die()
+        if calls[0] == at and mode == "backward":
+            signal_self(signal.SIGKILL)
+        if calls[0] == at and mode == "sigterm" and last_rank:
+            signal_self(signal.SIGTERM)
 
     Accelerator.backward = backward
 else:
-    sys.exit(f"unknown mode {mode!r}: save or backward")
+    sys.exit(f"unknown mode {mode!r}: save, backward or sigterm")
 
-run, schema = {"train-vae": (train, Config), "train-ldm": (train_ldm, LDMConfig)}[trainer]
-run(load_config(config, overrides, schema), output_dir)
+sys.exit(main([trainer, config, *overrides, "--output-dir", output_dir]))

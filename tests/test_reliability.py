@@ -4,10 +4,15 @@ checkpoints loaded without unpickling code."""
 from __future__ import annotations
 
 import copy
+import errno
 import json
 import math
 import os
 import shutil
+import signal
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -17,7 +22,8 @@ from ldm_vae.autoencoder.losses import AutoencoderLoss
 from ldm_vae.autoencoder.train import train
 from ldm_vae.diffusion.train import train_ldm
 from ldm_vae.errors import UserError
-from ldm_vae.run.checkpoint import EXTRA_FILE, complete_checkpoints
+from ldm_vae.run.checkpoint import EXTRA_FILE, STATE_FILE, checksums, complete_checkpoints
+from ldm_vae.run.lock import LOCK_FILE, _start_time
 
 from .conftest import TINY_KL, TINY_LDM
 from .test_train import _run_two_processes
@@ -156,6 +162,14 @@ class _RunsCode:
         return (os.system, (f"touch {self.marker}",))
 
 
+def _reseal(checkpoint: Path) -> None:
+    """Record the altered files' sha256 in the marker, as a crafted checkpoint would (the
+    checksums catch rot, not an attacker who controls the folder): the loaders' own checks
+    must refuse it."""
+    marker = checkpoint / STATE_FILE
+    marker.write_text(json.dumps({**json.loads(marker.read_text()), "checksums": checksums(checkpoint)}))
+
+
 @pytest.mark.parametrize("target", [EXTRA_FILE, "optimizer.bin", "random_states_0.pkl"])
 def test_crafted_pickle_in_a_checkpoint_is_refused(tiny_cfg, tmp_path, target):
     cfg = tiny_cfg("train.max_steps=4", "train.checkpoint_every=2")
@@ -163,6 +177,7 @@ def test_crafted_pickle_in_a_checkpoint_is_refused(tiny_cfg, tmp_path, target):
     marker = tmp_path / "pwned"
     # a checkpoint file replaced by a pickle that would run a command when loaded
     torch.save({"state": _RunsCode(marker)}, tmp_path / "run" / "checkpoint-4" / target)
+    _reseal(tmp_path / "run" / "checkpoint-4")
     with pytest.raises(UserError, match="refusing to load"):
         train(tiny_cfg("train.max_steps=6", "train.checkpoint_every=2"), tmp_path / "run", resume="latest")
     assert not marker.exists()
@@ -173,6 +188,7 @@ def test_crafted_pickle_in_an_ldm_checkpoint_is_refused(tiny_ldm_cfg, tmp_path, 
     train_ldm(tiny_ldm_cfg("train.max_steps=4", "train.checkpoint_every=2"), tmp_path / "run")
     marker = tmp_path / "pwned"
     torch.save({"state": _RunsCode(marker)}, tmp_path / "run" / "checkpoint-4" / target)
+    _reseal(tmp_path / "run" / "checkpoint-4")
     with pytest.raises(UserError, match="refusing to load"):
         train_ldm(tiny_ldm_cfg("train.max_steps=6", "train.checkpoint_every=2"), tmp_path / "run", resume="latest")
     assert not marker.exists()
@@ -194,6 +210,7 @@ def test_an_rng_file_that_cannot_be_restored_stops_the_resume(tiny_cfg, tmp_path
         states = load(rng_file)  # weights_only, numpy's RNG state allowed
         states["torch_manual_seed"] = "not a state"
         torch.save(states, rng_file)
+    _reseal(rng_file.parent)
     with pytest.raises(UserError, match="random_states_0.pkl"):
         train(tiny_cfg("train.max_steps=6", "train.checkpoint_every=2", "loss.disc_start=100"), tmp_path / "run",
               resume="latest")
@@ -245,3 +262,172 @@ def test_a_skip_decided_on_the_device_changes_nothing():
     assert all(torch.equal(a, b) for a, b in zip(after[2], before[2]))
     assert guard.check(2, Path("unused")) == 1
     assert step(1.0) and not torch.equal(net.weight, before[0]["weight"])
+
+
+def _lock_for(folder: Path, pid: int, host: str | None = None, start: str | None = "auto") -> None:
+    """A lock as a run with `pid` (on `host`, default this one) would have written it."""
+    start = _start_time(pid) if start == "auto" else start
+    (folder / LOCK_FILE).write_text(json.dumps({"host": host or socket.gethostname(), "pid": pid, "start": start,
+                                                "since": "earlier"}))
+
+
+def test_one_run_per_folder_a_live_lock_refuses_and_a_stale_one_is_taken_over(tiny_cfg, tmp_path, monkeypatch):
+    import ldm_vae.run.trainer as run_trainer
+
+    run, lock = tmp_path / "run", tmp_path / "run" / LOCK_FILE
+    held, save = [], run_trainer.save_checkpoint
+    monkeypatch.setattr(run_trainer, "save_checkpoint",
+                        lambda *a, **k: held.append(json.loads(lock.read_text())) or save(*a, **k))
+    train(tiny_cfg("train.max_steps=2"), run)
+    assert held[0]["pid"] == os.getpid() and held[0]["host"] == socket.gethostname() and not lock.exists()
+
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        _lock_for(run, other.pid)
+        before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+        for resume, overwrite in (("latest", False), (None, True)):  # neither continues nor deletes a live run
+            with pytest.raises(UserError, match=f"being written by a running ldm-vae run .*pid {other.pid}"):
+                train(tiny_cfg("train.max_steps=4"), run, resume=resume, overwrite=overwrite)
+            assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+        _lock_for(run, other.pid, start="1")  # the same pid, but another process since: stale
+        assert train(tiny_cfg("train.max_steps=3"), run, resume="latest").summary["steps_this_session"] == 1
+        _lock_for(run, other.pid, host="elsewhere")  # cannot be checked from here
+        with pytest.raises(UserError, match=f"locked by a run on host elsewhere .*delete {lock}"):
+            train(tiny_cfg("train.max_steps=4"), run, resume="latest")
+    finally:
+        other.kill()
+        other.wait()
+    _lock_for(run, other.pid)  # left by a killed run: taken over
+    assert train(tiny_cfg("train.max_steps=4"), run, resume="latest").summary["steps_this_session"] == 1
+    assert not lock.exists()
+
+
+def _flip_a_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def test_a_corrupt_checkpoint_is_skipped_on_resume_and_refused_elsewhere(tiny_cfg, tmp_path, caplog):
+    """Every checkpoint records the sha256 of its files. --resume latest passes over one whose
+    files changed (a flipped bit, a truncated file) and continues from the newest intact one;
+    export, and a checkpoint named explicitly, refuse it."""
+    from ldm_vae.autoencoder.export import export_run
+    from ldm_vae.run.checkpoint import find_checkpoint, read_state
+
+    run = tmp_path / "run"
+    cfg = ("train.checkpoint_every=2", "train.checkpoints_total_limit=5")
+    train(tiny_cfg("train.max_steps=4", *cfg), run)
+    recorded = read_state(run / "checkpoint-4")["checksums"]
+    assert {"model.safetensors", "optimizer.bin", EXTRA_FILE, "autoencoder/config.json"} <= set(recorded)
+    _flip_a_byte(run / "checkpoint-4" / "model.safetensors")
+    with pytest.raises(UserError, match="checkpoint-4 is corrupt: model.safetensors changed"):
+        export_run(run, tmp_path / "export")
+    with pytest.raises(UserError, match="checkpoint-4 is corrupt"):
+        find_checkpoint(run, str(run / "checkpoint-4"))
+    with caplog.at_level("WARNING"):
+        summary = train(tiny_cfg("train.max_steps=6", *cfg), run, resume="latest").summary
+    assert summary["steps_this_session"] == 4  # from checkpoint-2: checkpoint-4 was passed over
+    assert "skipping" in caplog.text and "checkpoint-4" in caplog.text
+    # a truncated file is caught the same way; with every checkpoint corrupt, nothing to resume
+    for _, path in complete_checkpoints(run):
+        (path / "optimizer.bin").write_bytes((path / "optimizer.bin").read_bytes()[:100])
+    with pytest.raises(UserError, match="every checkpoint in .* is corrupt"):
+        train(tiny_cfg("train.max_steps=8", *cfg), run, resume="latest")
+
+
+def test_a_corrupt_latent_shard_is_refused(tiny_cache, tmp_path):
+    from ldm_vae.diffusion.latents import LatentDataset
+
+    cache = tmp_path / "cache"
+    shutil.copytree(tiny_cache, cache)
+    assert len(json.loads((cache / "cache.json").read_text())["shard_sha256"]) == 1
+    LatentDataset(cache)
+    _flip_a_byte(cache / "shard-00000.safetensors")
+    with pytest.raises(UserError, match="shard-00000.safetensors is corrupt"):
+        LatentDataset(cache)
+
+
+def test_a_stop_signal_ends_the_run_with_a_checkpoint_and_exit_code_75(tiny_ldm_cfg, tiny_cache, tmp_path,
+                                                                        monkeypatch):
+    """SIGTERM (a scheduler's preemption notice) during step 7: the run finishes its step, stops
+    at the next log step (10) with a checkpoint there (none was due), and the CLI exits with 75;
+    train.stop_signals=[] leaves the signal to Python (tests/test_resume.py: resume, two processes)."""
+    from accelerate import Accelerator
+
+    from ldm_vae.cli import main
+    from ldm_vae.errors import EXIT_PREEMPTED
+
+    backward, calls = Accelerator.backward, [0]
+
+    def backward_then_signal(self, loss, **kwargs):
+        backward(self, loss, **kwargs)
+        calls[0] += 1
+        if calls[0] == 7:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(Accelerator, "backward", backward_then_signal)
+    previous = signal.getsignal(signal.SIGTERM)
+    code = main(["train-ldm", str(TINY_LDM), f"latents={tiny_cache}", "train.max_steps=20", "train.log_every=5",
+                 "train.checkpoint_every=100", "--output-dir", str(tmp_path / "run")])
+    assert code == EXIT_PREEMPTED and [s for s, _ in complete_checkpoints(tmp_path / "run")] == [10]
+    assert signal.getsignal(signal.SIGTERM) is previous  # the handler is the run's only
+    with pytest.raises(UserError, match="not a signal a process can catch"):
+        train_ldm(tiny_ldm_cfg("train.stop_signals=[SIGKILL]"), tmp_path / "other")
+
+
+def _no_space(*args, **kwargs):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_a_full_disk_keeps_the_previous_checkpoint_and_says_so(tiny_cfg, tmp_path, monkeypatch):
+    """ENOSPC in the middle of the checkpoint-4 save (the models written, the optimizer not):
+    a clear error with the path and the free space, no half-written folder left, checkpoint-2
+    kept; after space is freed, --resume latest continues from it."""
+    from accelerate import Accelerator
+
+    save_state = Accelerator.save_state
+
+    def save_then_fail(self, output_dir=None, **kwargs):
+        if str(output_dir).endswith("checkpoint-4"):
+            self.save_model(self._models[0], output_dir)  # part of it is on disk
+            _no_space()
+        return save_state(self, output_dir, **kwargs)
+
+    monkeypatch.setattr(Accelerator, "save_state", save_then_fail)
+    run, cfg = tmp_path / "run", ("train.checkpoint_every=2", "train.checkpoints_total_limit=5")
+    with pytest.raises(UserError, match=r"could not write .*\.tmp-checkpoint-4: No space left on device "
+                                        r"\(.* GiB free on that filesystem\); .*checkpoint-2 is kept"):
+        train(tiny_cfg("train.max_steps=6", *cfg), run)
+    assert [s for s, _ in complete_checkpoints(run)] == [2] and not (run / ".tmp-checkpoint-4").exists()
+    monkeypatch.setattr(Accelerator, "save_state", save_state)  # space freed
+    assert train(tiny_cfg("train.max_steps=6", *cfg), run, resume="latest").summary["steps_this_session"] == 4
+
+
+def test_a_full_disk_during_export_and_encode_keeps_what_was_there(tiny_cfg, tmp_path, monkeypatch, fake_fashion):
+    from diffusers import AutoencoderKL
+
+    from ldm_vae.autoencoder.export import export_run
+    from ldm_vae.data.config import DataConfig
+    from ldm_vae.diffusion import latents
+
+    train(tiny_cfg("train.max_steps=2"), tmp_path / "run")
+    with monkeypatch.context() as m:
+        m.setattr(AutoencoderKL, "save_pretrained", _no_space)
+        with pytest.raises(UserError, match=r"could not write .*export2: No space left on device .*left as it was"):
+            export_run(tmp_path / "run", tmp_path / "export2")
+    assert not (tmp_path / "export2").exists() and not (tmp_path / ".tmp-export2").exists()
+    data, save_file, shards = DataConfig(source="fashion-mnist", path=str(fake_fashion), resolution=16), \
+        latents.save_file, []
+
+    def first_shard_fits(*args, **kwargs):
+        shards.append(args[1])
+        return save_file(*args, **kwargs) if len(shards) == 1 else _no_space()
+
+    with monkeypatch.context() as m:
+        m.setattr(latents, "save_file", first_shard_fits)
+        with pytest.raises(UserError, match=r"shard-00001.safetensors: No space left .*finished shards are kept"):
+            latents.encode_dataset(tmp_path / "run" / "export", data, "test", tmp_path / "cache", shard_size=24)
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == [latents.PARTIAL_FILE, "shard-00000.safetensors"]
+    meta = latents.encode_dataset(tmp_path / "run" / "export", data, "test", tmp_path / "cache", shard_size=24)
+    assert len(meta["shards"]) == 3

@@ -14,7 +14,6 @@ is checked on load).
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import urllib.error
 from pathlib import Path
@@ -24,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UserError
+from ..files import sha256
 
 BACKBONE_FILES = {
     "vgg": ("vgg16-397923af.pth", "https://download.pytorch.org/models/vgg16-397923af.pth"),
@@ -149,7 +149,7 @@ def _head_file(net: str) -> Path:
     path = Path(spec.submodule_search_locations[0]) / "functional" / "image" / "lpips_models" / f"{net}.pth"
     if not path.is_file():
         raise UserError(f"torchmetrics has no {path}; reinstall it: pip install --force-reinstall torchmetrics")
-    if hashlib.sha256(path.read_bytes()).hexdigest() != HEAD_SHA256[net]:
+    if sha256(path) != HEAD_SHA256[net]:
         raise UserError(f"{path} is not lpips' v0.1 {net} head file (sha256 differs); reinstall torchmetrics: "
                         f"pip install --force-reinstall torchmetrics")
     return path

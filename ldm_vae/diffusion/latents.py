@@ -19,7 +19,6 @@ Latents are stored UNSCALED; `LatentDataset` applies `(z - shift) * scale` exact
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -34,6 +33,7 @@ from ..autoencoder.models import load_autoencoder
 from ..data.config import DataConfig
 from ..data.sources import build_dataset
 from ..errors import UserError
+from ..files import disk_full, sha256, write_failed
 
 CACHE_FILE = "cache.json"
 PARTIAL_FILE = "cache.partial.json"
@@ -41,12 +41,7 @@ PARTIAL_FILE = "cache.partial.json"
 
 def fingerprint(model_dir: str | Path) -> str:
     """sha256 of an export's config.json and weights: a cache belongs to exactly these."""
-    h = hashlib.sha256()
-    for name in ("config.json", "diffusion_pytorch_model.safetensors"):
-        with open(Path(model_dir) / name, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-    return h.hexdigest()
+    return sha256(Path(model_dir) / "config.json", Path(model_dir) / "diffusion_pytorch_model.safetensors")
 
 
 def _shard_path(out: Path, i: int) -> Path:
@@ -99,7 +94,15 @@ def encode_dataset(model_dir: str | Path, data: DataConfig, split: str, out: str
                 tensors.setdefault("labels", []).append(batch["label"])
             progress.update(len(x))
         tmp = out / f".tmp-{_shard_path(out, i).name}"
-        save_file({k: torch.cat(v).contiguous() for k, v in tensors.items()}, str(tmp))
+        try:
+            save_file({k: torch.cat(v).contiguous() for k, v in tensors.items()}, str(tmp))
+        except Exception as err:
+            full = disk_full(err, tmp)
+            tmp.unlink(missing_ok=True)
+            if full:
+                raise write_failed(_shard_path(out, i), err, "the finished shards are kept; free space and run the "
+                                                             "same `ldm-vae encode` to continue") from err
+            raise
         os.replace(tmp, _shard_path(out, i))
     progress.close()
     first = load_file(str(_shard_path(out, 0)))
@@ -108,6 +111,7 @@ def encode_dataset(model_dir: str | Path, data: DataConfig, split: str, out: str
         meta["num_classes"] = int(max(int(load_file(str(_shard_path(out, i)))["labels"].max())
                                       for i in range(num_shards))) + 1
     meta["shards"] = [_shard_path(out, i).name for i in range(num_shards)]
+    meta["shard_sha256"] = [sha256(_shard_path(out, i)) for i in range(num_shards)]  # checked when read
     tmp = out / f".tmp-{CACHE_FILE}"
     tmp.write_text(json.dumps(meta, indent=2))
     os.replace(tmp, out / CACHE_FILE)  # the cache is complete from here on
@@ -155,6 +159,19 @@ def load_cache_autoencoder(meta: dict):
     return load_autoencoder(model_dir)
 
 
+def _verified_shard(cache_dir: Path, meta: dict, i: int) -> Path:
+    """Shard i, refused when it is not the file the cache recorded (caches written before
+    checksums were recorded are read unverified)."""
+    path = cache_dir / meta["shards"][i]
+    if not path.is_file():
+        raise UserError(f"{path} is missing: the latent cache is incomplete; re-encode it with `ldm-vae encode ... "
+                        f"--overwrite`")
+    if "shard_sha256" in meta and sha256(path) != meta["shard_sha256"][i]:
+        raise UserError(f"{path} is corrupt (its sha256 is not the one recorded in {CACHE_FILE} when it was "
+                        f"written); re-encode the cache with `ldm-vae encode ... --overwrite`")
+    return path
+
+
 class LatentDataset(Dataset):
     """Items {"latents": scaled latent [C, h, w], "label": int64} from a latent cache.
 
@@ -165,7 +182,8 @@ class LatentDataset(Dataset):
 
     def __init__(self, cache_dir: str | Path, seed: int = 0):
         self.meta = read_cache(cache_dir)
-        shards = [load_file(str(Path(cache_dir) / name)) for name in self.meta["shards"]]
+        shards = [load_file(str(_verified_shard(Path(cache_dir), self.meta, i)))
+                  for i in range(len(self.meta["shards"]))]
         self.tensors = {k: torch.cat([s[k] for s in shards]) for k in shards[0]}
         self.scale = self.meta["scaling_factor"]
         self.shift = self.meta["shift_factor"] or 0.0

@@ -7,7 +7,6 @@ never as a number.
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import torch
@@ -17,6 +16,7 @@ from torch.utils.data import DataLoader, Subset
 from torchmetrics.image.fid import FrechetInceptionDistance
 
 from ..errors import UserError
+from ..files import sha256
 from .features import FeatureExtractor
 
 
@@ -74,19 +74,11 @@ def inception_weights_path(weights: str | None = None) -> Path:
     return Path(weights) if weights else Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_FILE
 
 
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def fid_protocol(weights: str | None) -> dict:
     """How rFID is made here, for metrics.json: two runs are comparable when these agree."""
     path = inception_weights_path(weights)
     return {"network": "torch-fidelity InceptionV3 (TF1 FID graph), 2048-d pool features",
-            "weights": str(path), "weights_sha256": file_sha256(path) if path.is_file() else None,
+            "weights": str(path), "weights_sha256": sha256(path) if path.is_file() else None,
             "input": "uint8, rounded from [0, 1] (a dataset pixel k is fed as k)",
             "resize": "299x299 bilinear, TF1-style, antialias off (torch-fidelity)",
             "statistics": "float64 mean and covariance (torchmetrics FrechetInceptionDistance)"}
@@ -95,7 +87,7 @@ def fid_protocol(weights: str | None) -> dict:
 def fd_protocol(path: str | Path, name: str, extractor: nn.Module) -> dict:
     return {"network": f"{name} (ldm-vae train-fd-features), {extractor.num_features}-d features",
             "weights": str(Path(path) / "model.safetensors"),
-            "weights_sha256": file_sha256(Path(path) / "model.safetensors"),
+            "weights_sha256": sha256(Path(path) / "model.safetensors"),
             "input": "float in [-1, 1]",
             "resize": f"bilinear with antialias to {extractor.resolution}x{extractor.resolution} where the images "
                       f"differ",

@@ -13,11 +13,17 @@ objects registered with `register_for_checkpointing` with `weights_only=False`.
 accelerate reads each process's RNG file inside `try/except Exception` and goes on
 silently when it cannot (a tampered, truncated or missing file): the resume would no
 longer be identical. We refuse that instead (`_check_rng_restored`).
+
+Files rot: the marker records the sha256 of every file of the checkpoint. `--resume latest`
+skips a checkpoint whose files no longer match (with a warning) and takes the newest intact
+one; a checkpoint named explicitly, and the one `export` and `sample` read, is refused.
+Checkpoints from before the checksums load unverified.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import pickle
 import random
@@ -31,7 +37,9 @@ from accelerate import Accelerator
 from accelerate.utils import load as accelerate_load
 
 from ..errors import UserError
+from ..files import disk_full, sha256, write_failed
 
+logger = logging.getLogger(__name__)
 STATE_FILE = "trainer_state.json"
 EXTRA_FILE = "trainer_extra.pt"
 _NAME = re.compile(r"^checkpoint-(\d+)$")
@@ -50,19 +58,60 @@ def complete_checkpoints(output_dir: str | Path) -> list[tuple[int, Path]]:
     return sorted(out)
 
 
-def find_checkpoint(output_dir: str | Path, which: str) -> Path:
-    """`which` is 'latest' or a checkpoint folder; returns a complete checkpoint folder."""
+def find_checkpoint(output_dir: str | Path, which: str, skip_corrupt: bool = False) -> Path:
+    """`which` is 'latest' or a checkpoint folder; returns a complete checkpoint folder whose
+    files match their checksums. A corrupt one is refused, or, for 'latest' with
+    `skip_corrupt` (resuming), passed over with a warning for the newest intact one."""
     if which != "latest":
         path = Path(which)
         if not (path / STATE_FILE).is_file():
             raise UserError(f"{path} is not a complete checkpoint (no {STATE_FILE}); "
                             f"use --resume latest or a checkpoint-<step> folder of the run")
+        _refuse_corrupt(path)
         return path
     found = complete_checkpoints(output_dir)
     if not found:
         raise UserError(f"no complete checkpoint in {output_dir} to resume from "
                         f"(start a new run without --resume, or point --output-dir at the run)")
-    return found[-1][1]
+    if not skip_corrupt:
+        _refuse_corrupt(found[-1][1])
+        return found[-1][1]
+    for _, path in reversed(found):
+        problem = corruption(path)
+        if problem is None:
+            return path
+        logger.warning(f"skipping {path}: {problem}")
+    raise UserError(f"every checkpoint in {output_dir} is corrupt (see the warnings above); restore one from a "
+                    f"backup or start a new run")
+
+
+def checksums(folder: Path) -> dict[str, str]:
+    """sha256 of every file under `folder` (but the marker), by relative path."""
+    return {p.relative_to(folder).as_posix(): sha256(p) for p in sorted(folder.rglob("*"))
+            if p.is_file() and p.name != STATE_FILE}
+
+
+def corruption(checkpoint: Path) -> str | None:
+    """What is wrong with the checkpoint's files (missing, or not the bytes that were saved),
+    or None (also for checkpoints written before checksums were recorded)."""
+    try:
+        recorded = read_state(checkpoint).get("checksums")
+    except (OSError, ValueError) as err:
+        return f"its {STATE_FILE} is unreadable ({err.__class__.__name__})"
+    if recorded is None:
+        return None
+    missing = [name for name in recorded if not (checkpoint / name).is_file()]
+    if missing:
+        return f"{', '.join(missing)} missing"
+    changed = [name for name, digest in recorded.items() if sha256(checkpoint / name) != digest]
+    return f"{', '.join(changed)} changed since it was saved (truncated or corrupt)" if changed else None
+
+
+def _refuse_corrupt(checkpoint: Path) -> None:
+    problem = corruption(checkpoint)
+    if problem is not None:
+        raise UserError(f"{checkpoint} is corrupt: {problem}; use an earlier checkpoint-<step> folder of the run "
+                        f"(or --resume latest, which skips corrupt ones)")
 
 
 def read_state(checkpoint: str | Path) -> dict:
@@ -139,16 +188,25 @@ def save_checkpoint(accelerator: Accelerator, output_dir: str | Path, step: int,
     if accelerator.is_main_process and tmp.exists():
         shutil.rmtree(tmp)  # left by a crash during an earlier save of this step
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))  # models, optimizers, schedulers, RNG of every process
-    accelerator.wait_for_everyone()
+    try:
+        accelerator.save_state(str(tmp))  # models, optimizers, schedulers, RNG of every process
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            torch.save({name: obj.state_dict() for name, obj in objects.items()}, tmp / EXTRA_FILE)
+            write_extra(tmp)
+            marker = tmp / STATE_FILE
+            with open(marker, "w") as f:
+                json.dump({**state, "checksums": checksums(tmp)}, f, indent=2)
+                f.flush()
+                os.fsync(f.fileno())
+    except Exception as err:
+        if not disk_full(err, tmp):
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)  # without its marker it is never picked, but it holds space
+        kept = complete_checkpoints(root)
+        raise write_failed(tmp, err, f"{kept[-1][1] if kept else 'no earlier checkpoint'} is kept; free space, then "
+                                     f"continue with --resume latest") from err
     if accelerator.is_main_process:
-        torch.save({name: obj.state_dict() for name, obj in objects.items()}, tmp / EXTRA_FILE)
-        write_extra(tmp)
-        marker = tmp / STATE_FILE
-        with open(marker, "w") as f:
-            json.dump(state, f, indent=2)
-            f.flush()
-            os.fsync(f.fileno())
         if final.exists():  # the same step saved again (e.g. the end of a resumed run)
             shutil.rmtree(final)
         os.replace(tmp, final)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import signal
+from dataclasses import dataclass, field
 
 from ..config import non_negative, one_of, positive, unit_interval
+from ..errors import UserError
 
 MIXED_PRECISION = ("no", "bf16", "fp16")
 LR_SCHEDULERS = ("constant_with_warmup", "cosine", "linear")
@@ -51,11 +53,18 @@ class OptimConfig:
     image_every: int = 500
     checkpoint_every: int = 500
     checkpoints_total_limit: int = 2
+    # signals (a scheduler's preemption notice) that stop the run at the next log step with a
+    # checkpoint, exit code 75; continue with --resume latest. [] leaves them to Python.
+    stop_signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])
 
     def __post_init__(self):
         one_of(self, "mixed_precision", MIXED_PRECISION)
         one_of(self, "lr_scheduler", LR_SCHEDULERS)
         one_of(self, "report_to", REPORT_TO)
+        for name in self.stop_signals:
+            if name not in signal.Signals.__members__ or name in ("SIGKILL", "SIGSTOP"):
+                raise UserError(f"train.stop_signals: {name!r} is not a signal a process can catch (e.g. SIGTERM, "
+                                f"SIGUSR1, SIGINT)")
         positive(self, "batch_size", "max_steps", "grad_accum_steps", "max_consecutive_skips", "lr", "log_every",
                  "image_every", "checkpoint_every", "checkpoints_total_limit")
         non_negative(self, "weight_decay", "lr_warmup_steps", "max_grad_norm")

@@ -1,11 +1,12 @@
 """The run skeleton both trainers share, and the parts of a step whose behaviour must be the
 same in both: the non-finite step guard, the weight EMA and the metric log.
 
-`Trainer.fit()` is the shape of every run, top to bottom: refuse a folder that holds a
-run, check the inputs, build the Accelerator, check the checkpoint to resume, seed, build
-and prepare the models, EMA, load the checkpoint, write the run folder, then the loop
-(epochs replayed from the step count, one optimizer step per `train_step`, EMA, logs,
-pictures and checkpoints at their cadence) and the summary. A trainer subclasses it and
+`Trainer.fit()` is the shape of every run, top to bottom: build the Accelerator, take the
+folder's lock (run/lock.py) and the stop signals, refuse a folder that holds a run, check
+the inputs, check the checkpoint to resume, seed, build and prepare the models, EMA, load
+the checkpoint, write the run folder, then the loop (epochs replayed from the step count,
+one optimizer step per `train_step`, EMA, logs, pictures and checkpoints at their cadence,
+a stop signal honoured at a log step) and the summary. A trainer subclasses it and
 supplies what is its own: `build()` (datasets, models, optimizers, schedulers),
 `train_step()` (one batch, its maths in plain view) and `preview()` (its picture); a few
 hooks with empty defaults cover the rest (torchtitan's `Trainer.train()` / `train_step`).
@@ -19,6 +20,8 @@ from __future__ import annotations
 import contextlib
 import json
 import shutil
+import signal
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +37,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from .. import config as config_lib
-from ..errors import UserError
+from ..errors import Preempted, UserError
 from .checkpoint import (
     complete_checkpoints,
     find_checkpoint,
@@ -43,6 +46,7 @@ from .checkpoint import (
     save_checkpoint,
 )
 from .config import OptimConfig
+from .lock import LOCK_FILE, RunLock
 
 logger = get_logger(__name__)
 
@@ -133,11 +137,17 @@ class Trainer:
     # --- the shape of a run ----------------------------------------------------------------------
 
     def fit(self) -> RunResult:
-        cfg, tc, out = self.cfg, self.tc, self.output_dir
+        self.accelerator = make_accelerator(self.tc, self.output_dir)  # writes nothing yet
+        # one run per folder (run/lock.py); a stop signal sets a flag instead of ending the process
+        with RunLock(self.output_dir, self.accelerator.is_main_process), stop_requests(self.tc.stop_signals) as stop:
+            self.stop_signalled = stop
+            return self._fit()
+
+    def _fit(self) -> RunResult:
+        cfg, tc, out, acc = self.cfg, self.tc, self.output_dir, self.accelerator
         check_output_dir(out, self.resume, self.overwrite)
-        self.accelerator = acc = make_accelerator(tc, out)  # writes nothing yet
         self.check_inputs()
-        checkpoint = find_checkpoint(out, self.resume) if self.resume else None
+        checkpoint = find_checkpoint(out, self.resume, skip_corrupt=True) if self.resume else None
         if checkpoint is not None:
             check_resume_compatible(cfg, checkpoint, self.resume_keys)
             self.check_resume(checkpoint)
@@ -175,7 +185,8 @@ class Trainer:
         progress = tqdm(total=tc.max_steps, initial=step, desc=self.name, disable=not acc.is_local_main_process)
         # the data order depends only on (seed, epoch): skip what the resumed steps consumed
         epoch, skip = divmod(step * tc.grad_accum_steps, len(self.loader))
-        while step < tc.max_steps:
+        stop = False
+        while step < tc.max_steps and not stop:
             self.loader.set_epoch(epoch)
             self.dataset.set_epoch(epoch)
             for batch in acc.skip_first_batches(self.loader, skip) if skip else self.loader:
@@ -193,15 +204,21 @@ class Trainer:
                     last_logs = metrics.flush(step, {**self.log_extras(step),
                                                      "skipped_steps": self.guard.check(step, out)})
                     progress.set_postfix({k: f"{last_logs[k]:.4g}" for k in self.postfix_keys if k in last_logs})
+                    # a stop signal (preemption) on any process stops every process here, together
+                    stop = bool(acc.reduce(torch.tensor(int(self.stop_signalled[0]), device=acc.device), "sum") > 0)
                 if step % tc.image_every == 0 or step == tc.max_steps:
                     self.preview(step)
-                if step % tc.checkpoint_every == 0 or step == tc.max_steps:
+                if step % tc.checkpoint_every == 0 or step == tc.max_steps or stop:
                     self.guard.check(step, out)  # never checkpoint past a run of non-finite steps
                     self.save(step, last_logs)
-                if step >= tc.max_steps:
+                if step >= tc.max_steps or stop:
                     break
             epoch, skip = epoch + 1, 0
         progress.close()
+        if step < tc.max_steps:  # stopped by a signal, with a checkpoint of this step
+            acc.end_training()
+            raise Preempted(f"stopped by a signal at step {step} of {tc.max_steps}; {out / f'checkpoint-{step}'} is "
+                            f"saved; continue with --resume latest")
 
         summary = {
             "steps": step,
@@ -245,6 +262,32 @@ class Trainer:
         # draw must not come from the global RNG (it would shift the noise stream on resume).
         return DataLoader(dataset, batch_size=self.tc.batch_size, shuffle=True, drop_last=True,
                           num_workers=num_workers, pin_memory=torch.cuda.is_available(), generator=torch.Generator())
+
+
+# ==============================================================================================
+# Preemption
+# ==============================================================================================
+
+@contextlib.contextmanager
+def stop_requests(names: list[str]):
+    """While inside, the named signals (a scheduler's preemption notice: SLURM, Kubernetes
+    send SIGTERM or SIGUSR1 before killing) only set the yielded flag; the loop stops at the
+    next log step, where every process agrees. Outside the main thread signals cannot be
+    handled, and they keep their default."""
+    flag = [False]
+    if threading.current_thread() is not threading.main_thread():
+        yield flag
+        return
+
+    def request_stop(signum, frame):
+        flag[0] = True
+
+    previous = {sig: signal.signal(sig, request_stop) for sig in (signal.Signals[n] for n in names)}
+    try:
+        yield flag
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 # ==============================================================================================
@@ -310,7 +353,9 @@ def start_run_dir(accelerator: Accelerator, output_dir: Path, cfg: Any, overwrit
     if not accelerator.is_main_process:
         return
     if overwrite and output_dir.exists():
-        shutil.rmtree(output_dir)
+        for item in output_dir.iterdir():
+            if item.name != LOCK_FILE:  # this run's own lock stays
+                shutil.rmtree(item) if item.is_dir() and not item.is_symlink() else item.unlink()
         logger.info(f"--overwrite: deleted the previous run in {output_dir}")
     (output_dir / "logs").mkdir(parents=True, exist_ok=True)
     (output_dir / "config.yaml").write_text(config_lib.to_yaml(cfg))
