@@ -51,6 +51,10 @@ def _cases(tmp, fashion, cache):
         "unknown noise schedule": ([*ldm, "--latents", str(cache), "diffusion.beta_schedule=quadratic"],
                                    "'diffusion.beta_schedule' must be one of"),
         "sample of a non-run": (["sample", str(empty), "--out", str(tmp / "e")], "no complete checkpoint"),
+        "run folder locked on another host": ([*run, str(tmp / "locked"), "--resume", "latest"],
+                                              "is locked by a run on host elsewhere"),
+        "a stop signal that cannot be caught": ([*run, str(tmp / "r"), "train.stop_signals=[SIGKILL]"],
+                                                "not a signal a process can catch"),
     }
 
 
@@ -60,6 +64,8 @@ CASE_NAMES = list(_cases(Path("/unused"), "/unused", "/unused"))
 @pytest.mark.parametrize("case", CASE_NAMES)
 def test_user_mistakes_give_one_clear_line(case, tmp_path, fake_fashion, tiny_cache):
     (tmp_path / "empty").mkdir()
+    (tmp_path / "locked").mkdir()  # a run on another machine holds it (run/lock.py)
+    (tmp_path / "locked" / ".lock").write_text(json.dumps({"host": "elsewhere", "pid": 1, "since": "earlier"}))
     # a cache whose autoencoder was re-exported since (its fingerprint no longer matches)
     shutil.copytree(tiny_cache, tmp_path / "stale-cache")
     meta = json.loads((tmp_path / "stale-cache" / "cache.json").read_text())
