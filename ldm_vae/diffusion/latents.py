@@ -19,12 +19,14 @@ Latents are stored UNSCALED; `LatentDataset` applies `(z - shift) * scale` exact
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 from pathlib import Path
 
 import torch
 from diffusers import VQModel
+from safetensors.torch import load as load_safetensors
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
@@ -159,17 +161,19 @@ def load_cache_autoencoder(meta: dict):
     return load_autoencoder(model_dir)
 
 
-def _verified_shard(cache_dir: Path, meta: dict, i: int) -> Path:
-    """Shard i, refused when it is not the file the cache recorded (caches written before
-    checksums were recorded are read unverified)."""
+def _verified_shard(cache_dir: Path, meta: dict, i: int) -> dict[str, torch.Tensor]:
+    """Shard i's tensors, refused when the file is not the one the cache recorded (caches
+    written before checksums were recorded are read unverified). Read once: hashed and
+    loaded from the same bytes."""
     path = cache_dir / meta["shards"][i]
     if not path.is_file():
         raise UserError(f"{path} is missing: the latent cache is incomplete; re-encode it with `ldm-vae encode ... "
                         f"--overwrite`")
-    if "shard_sha256" in meta and sha256(path) != meta["shard_sha256"][i]:
+    data = path.read_bytes()
+    if "shard_sha256" in meta and hashlib.sha256(data).hexdigest() != meta["shard_sha256"][i]:
         raise UserError(f"{path} is corrupt (its sha256 is not the one recorded in {CACHE_FILE} when it was "
                         f"written); re-encode the cache with `ldm-vae encode ... --overwrite`")
-    return path
+    return load_safetensors(data)
 
 
 class LatentDataset(Dataset):
@@ -182,8 +186,7 @@ class LatentDataset(Dataset):
 
     def __init__(self, cache_dir: str | Path, seed: int = 0):
         self.meta = read_cache(cache_dir)
-        shards = [load_file(str(_verified_shard(Path(cache_dir), self.meta, i)))
-                  for i in range(len(self.meta["shards"]))]
+        shards = [_verified_shard(Path(cache_dir), self.meta, i) for i in range(len(self.meta["shards"]))]
         self.tensors = {k: torch.cat([s[k] for s in shards]) for k in shards[0]}
         self.scale = self.meta["scaling_factor"]
         self.shift = self.meta["shift_factor"] or 0.0
