@@ -35,7 +35,7 @@ from .diffusion.latents import encode_dataset
 from .diffusion.sample import generate, load_run_pipeline
 from .diffusion.train import train_ldm
 from .evaluation.features import train_fd_features
-from .evaluation.frechet import frechet_distance, frechet_metric, images01, load_fd_features
+from .evaluation.frechet import frechet_result, images01, load_fd_features
 from .evaluation.report import EvalOptions, run_eval
 from .files import refuse_nonempty, save_image
 
@@ -140,14 +140,16 @@ def run_demo(out: Path, quick: bool = False, overwrite: bool = False, data_path:
         samples = generate(pipe, plan.fd_samples, labels, plan.sample_steps, plan.guidance_scale, 1, 250)
 
     with stages("Fréchet distances and class accuracy of the samples"):
-        fd_name, extractor = load_fd_features(out / "features")
+        fd = load_fd_features(out / "features")
+        fd_name = fd.name
         real = images01(test_ds, 10_000)
         train_images = images01(build_dataset(dataclasses.replace(vae_cfg.data, max_images=None), "train",
                                              train=False), len(real))
-        fd_samples = frechet_distance(frechet_metric(extractor), real, samples)
-        fd_train = frechet_distance(frechet_metric(extractor), real, train_images)
+        real_features = fd.features(real)
+        fd_samples = frechet_result(real_features, fd.features(samples), bootstrap=100)
+        fd_train = frechet_result(real_features, fd.features(train_images), bootstrap=100)
         with torch.no_grad():
-            predicted = torch.cat([extractor.module.logits(samples[i:i + 500] * 2 - 1).argmax(1)
+            predicted = torch.cat([fd.network.module.logits(samples[i:i + 500] * 2 - 1).argmax(1)
                                    for i in range(0, len(samples), 500)])
         wanted = torch.tensor(labels)
         per_class = [(predicted[wanted == c] == c).float().mean().item() for c in range(num_classes)]
@@ -174,6 +176,7 @@ def run_demo(out: Path, quick: bool = False, overwrite: bool = False, data_path:
                    f"{'cuda' if torch.cuda.is_available() else 'cpu'}",
         "autoencoder": {"steps": vae_summary["steps"], "perceptual": vae_summary["perceptual"],
                         "psnr_db": recon["psnr_db"], "ssim": recon["ssim"], fd_name: recon.get(fd_name),
+                        "ci95": recon.get("ci95", {}).get(fd_name),
                         "num_images": recon["num_images"], "unavailable": recon.get("unavailable", {})},
         "fd_features": {"steps": plan.fd_steps, "test_accuracy": fd_meta["test_accuracy"]},
         "latents": {"num": cache["num_images"], "shape": cache["latent_shape"],
@@ -181,8 +184,9 @@ def run_demo(out: Path, quick: bool = False, overwrite: bool = False, data_path:
         "ldm": {"steps": ldm_summary["steps"], "final_loss": ldm_summary["final_logs"].get("loss"),
                 "train_s": ldm_summary["wall_time_s"]},
         "samples": {"num": len(samples), "solver": "dpm++", "steps": plan.sample_steps,
-                    "guidance_scale": plan.guidance_scale, f"{fd_name}_samples": fd_samples,
-                    f"{fd_name}_train_images": fd_train, "class_accuracy": sum(per_class) / len(per_class),
+                    "guidance_scale": plan.guidance_scale, f"{fd_name}_samples": fd_samples["value"],
+                    f"{fd_name}_train_images": fd_train["value"],
+                    "ci95": {f"{fd_name}_samples": fd_samples["ci95"], f"{fd_name}_train_images": fd_train["ci95"]}, "class_accuracy": sum(per_class) / len(per_class),
                     "class_accuracy_per_class": dict(zip(names, per_class))},
         "stock_diffusers_max_abs_diff": stock_diff,
     }
@@ -190,6 +194,10 @@ def run_demo(out: Path, quick: bool = False, overwrite: bool = False, data_path:
     report = out / "REPORT.md"
     report.write_text(_report(results, fd_name, names, plan, len(real)))
     return report
+
+
+def _interval(ci: list | None) -> str:
+    return "–" if ci is None else f"[{ci[0]:.4f}, {ci[1]:.4f}]"
 
 
 def _report(r: dict, fd_name: str, names: list[str], plan: Plan, num_real: int) -> str:
@@ -230,11 +238,14 @@ Samples: DPM-Solver++ {s['steps']} steps, guidance scale {s['guidance_scale']:g}
 
 ![samples](samples_grid.png)
 
-| Fréchet distance in the `{fd_name}` feature space (to {num_real} test images) | value |
-|---|---|
-| {s['num']} LDM samples ({s['num'] // len(names)} per class) | {s[f'{fd_name}_samples']:.4f} |
-| the autoencoder's reconstructions of the test images | {ae[fd_name]:.4f} |
-| {num_real} real train images (the floor) | {s[f'{fd_name}_train_images']:.4f} |
+| Fréchet distance in the `{fd_name}` feature space (to {num_real} test images) | value | 95% interval |
+|---|---|---|
+| {s['num']} LDM samples ({s['num'] // len(names)} per class) | {s[f'{fd_name}_samples']:.4f} | {_interval(s['ci95'][f'{fd_name}_samples'])} |
+| the autoencoder's reconstructions of the test images | {ae[fd_name]:.4f} | {_interval(ae['ci95'])} |
+| {num_real} real train images (the floor) | {s[f'{fd_name}_train_images']:.4f} | {_interval(s['ci95'][f'{fd_name}_train_images'])} |
+
+The intervals are basic bootstrap intervals (100 resamples of both image sets): they bracket
+the distance between the distributions, which a distance on finite sets overestimates.
 
 The feature extractor is a small classifier trained here for {r['fd_features']['steps']} steps
 (test accuracy {100 * r['fd_features']['test_accuracy']:.1f}%); the distances are `{fd_name}`, not FID.

@@ -29,18 +29,18 @@ from .diffusion.latents import encode_dataset
 from .diffusion.sample import generate, load_run_pipeline
 from .diffusion.train import train_ldm
 from .errors import UserError
-from .evaluation.frechet import (
-    build_fid,
-    fd_protocol,
-    fid_protocol,
-    frechet_distance,
-    frechet_metric,
-    images01,
-    load_fd_features,
-)
+from .evaluation.frechet import frechet_result, images01
 from .evaluation import latent_space
 from .evaluation.latent_space import latent_measures, markdown_table, save_spectrum_plot, update_card_section
-from .evaluation.report import EvalOptions, build_instruments, evaluate_model, load_for_comparison, model_labels
+from .evaluation.report import (
+    EvalOptions,
+    Instruments,
+    build_instruments,
+    evaluate_model,
+    images_key,
+    load_for_comparison,
+    model_labels,
+)
 from .files import atomic_folder, refuse_nonempty, save_image
 from .run.checkpoint import complete_checkpoints
 
@@ -77,10 +77,12 @@ class ProxyRecipe:
                 *self.unet(latent_shape), *self.extra]
 
 
-def proxy_generation(export: Path, work: Path, recipe: ProxyRecipe, real01: torch.Tensor, fd_features: str | None,
-                     fid_weights: str | None, device: str, seed: int) -> tuple[dict, torch.Tensor]:
+def proxy_generation(export: Path, work: Path, recipe: ProxyRecipe, real: dict, tools: Instruments,
+                     opts: EvalOptions) -> tuple[dict, torch.Tensor]:
     """Train the recipe's LDM on `export`'s latents in `work`, sample every class and measure
-    the samples against `real01`; returns (metrics, 8 rows of samples with one column per class)."""
+    the samples against the real images (`real`: Fréchet metric name -> their features);
+    returns (metrics, 8 rows of samples with one column per class)."""
+    device, seed = opts.device, opts.seed
     data = dataclasses.replace(training_data(export), random_flip=True)
     cache = encode_dataset(export, data, data.train_split, work / "latents", device=device)
     if not cache.get("has_labels"):
@@ -99,23 +101,22 @@ def proxy_generation(export: Path, work: Path, recipe: ProxyRecipe, real01: torc
     m = {"ldm_steps": summary["steps"], "ldm_batch": recipe.batch_size, "ldm_final_loss":
          summary["final_logs"].get("loss"), "ldm_train_s": summary["wall_time_s"], "num_samples": len(samples),
          "unet": recipe.unet(cache["latent_shape"]), "unavailable": {}}
-    if fd_features:
-        name, extractor = load_fd_features(fd_features)
-        extractor = extractor.to(device)
-        m[f"{name}_samples"] = frechet_distance(frechet_metric(extractor).to(device), real01, samples)
-        m["frechet_protocol"] = {name: fd_protocol(fd_features, name, extractor)}
+    m["ci95"] = {}
+    for f in tools.frechet:  # rfid -> fid_samples: the samples are no reconstructions
+        key = "fid_samples" if f.name == "rfid" else f"{f.name}_samples"
+        result = frechet_result(real[f.name], f.features(samples), opts.bootstrap, seed)
+        m[key], m["ci95"][key] = result["value"], result["ci95"]
+    if "rfid" in tools.unavailable:
+        m["unavailable"]["fid_samples"] = tools.unavailable["rfid"]
+    domain = [f for f in tools.frechet if f.name.startswith("fd_")]
+    if domain:
+        classifier = domain[0].network.module
         with torch.no_grad():
-            predicted = torch.cat([extractor.module.logits(samples[i:i + 500].to(device) * 2 - 1).argmax(1).cpu()
+            predicted = torch.cat([classifier.logits(samples[i:i + 500].to(device) * 2 - 1).argmax(1).cpu()
                                    for i in range(0, len(samples), 500)])
         m["class_accuracy"] = (predicted == torch.tensor(labels)).float().mean().item()
     else:
         m["unavailable"]["fd_samples"] = m["unavailable"]["class_accuracy"] = "no --fd-features extractor given"
-    fid, reason = build_fid(fid_weights)
-    if fid is not None:
-        m["fid_samples"] = frechet_distance(fid.to(device), real01, samples)
-        m.setdefault("frechet_protocol", {})["fid"] = fid_protocol(fid_weights)
-    else:
-        m["unavailable"]["fid_samples"] = reason
     return m, samples[:num_classes * 8]  # 8 rows, one column per class
 
 
@@ -136,6 +137,7 @@ class DiffusabilityOptions:
     seed: int = 0
     fd_features: str | None = None
     fid_weights: str | None = None
+    bootstrap: int = 100  # resamples for each Fréchet distance's interval; 0: none
     proxy: ProxyRecipe | None = dataclasses.field(default_factory=ProxyRecipe)  # None: skip the proxy LDM
 
 
@@ -145,26 +147,28 @@ def run_diffusability(models: list[str], out: str | Path, opts: DiffusabilityOpt
     out = Path(out)
     if not overwrite:
         refuse_nonempty(out)
-    paths, loaded, _, dataset = load_for_comparison(models, split)
+    paths, loaded, data, dataset = load_for_comparison(models, split)
     device = torch.device(opts.device)
     labels = model_labels(paths)
     eval_opts = EvalOptions(num_images=opts.num_images, batch_size=opts.batch_size, device=opts.device,
-                            fid_weights=opts.fid_weights, fd_features=opts.fd_features, bound_images=16, seed=opts.seed)
+                            fid_weights=opts.fid_weights, fd_features=opts.fd_features, bound_images=16, seed=opts.seed,
+                            bootstrap=opts.bootstrap)
     tools = build_instruments(eval_opts)
-    real01 = images01(dataset, opts.num_images) if opts.proxy else None
+    if opts.proxy:  # the samples are measured against the test images' features
+        real01 = images01(dataset, opts.num_images)
+        real = {f.name: f.to(device).features(real01) for f in tools.frechet}
     work = out.parent / f".work-{out.name}"  # the proxy LDMs' latents and runs, resumable
     results = []
     with atomic_folder(out) as tmp:
         for path, label, vae in zip(paths, labels, loaded):
             folder = tmp / label
             folder.mkdir(parents=True, exist_ok=True)
-            recon, _, _ = evaluate_model(vae, dataset, eval_opts, folder, tools, label)
+            recon, _, _ = evaluate_model(vae, dataset, eval_opts, folder, tools, label, images_key(data, split))
             d = latent_measures(vae, dataset, opts.num_images, opts.batch_size, device, opts.seed)
             entry = {"model": str(path), "label": label, "kind": type(vae).__name__, "reconstruction": recon,
                      "diffusability": d}
             if opts.proxy is not None:
-                gen, grid = proxy_generation(path, work / label, opts.proxy, real01,
-                                             opts.fd_features, opts.fid_weights, opts.device, opts.seed)
+                gen, grid = proxy_generation(path, work / label, opts.proxy, real, tools, eval_opts)
                 fd_keys = [k for k in recon if k.startswith("fd_")]
                 for key in fd_keys:
                     if gen.get(f"{key}_samples") is not None and recon[key] > 0:

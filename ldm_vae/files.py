@@ -1,6 +1,6 @@
 """What every stage writes, written one way: image grids and small plots (Pillow only),
 folders that appear only when complete, refusal of non-empty outputs, and model cards
-(YAML metadata + a template that ships inside the package).
+(huggingface_hub `ModelCard`: `ModelCardData` metadata + a template that ships inside the package).
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 import yaml
+from huggingface_hub import ModelCard, ModelCardData
 from PIL import Image, ImageDraw
 
 from .errors import UserError
@@ -108,20 +109,33 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 # ==============================================================================================
 
 
-def render_card(template: str, metadata: dict, fields: dict) -> str:
-    """A README.md model card: `metadata` as the YAML front matter, `fields` substituted into
-    the packaged template `model_cards/<template>` ($name placeholders)."""
+def render_card(template: str, metadata: ModelCardData, fields: dict) -> ModelCard:
+    """A README.md model card: `metadata` as its YAML block, then the packaged template
+    `model_cards/<template>` with `fields` substituted ($name placeholders)."""
     text = importlib.resources.files("ldm_vae").joinpath("model_cards", template).read_text()
-    return string.Template(text).substitute(metadata=yaml.safe_dump(metadata, sort_keys=False).strip(), **fields)
+    return model_card(metadata, "\n" + string.Template(text).substitute(**fields))
+
+
+def model_card(metadata: ModelCardData | dict, body: str) -> ModelCard:
+    """The card of `metadata` and a Markdown `body`; ModelCardData checks the metadata (a
+    `model-index` it cannot read fails here, not on the Hub)."""
+    data = metadata if isinstance(metadata, ModelCardData) else ModelCardData(**metadata)
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n{body}")
 
 
 def read_card(card: Path) -> tuple[dict, str]:
     """(metadata, body) of a model card; a missing card is empty."""
-    text = card.read_text() if card.is_file() else "---\n---\n"
+    if not card.is_file():
+        return {}, ""
+    text = card.read_text()
     if not text.startswith("---\n") or "\n---\n" not in text[3:]:
         raise UserError(f"{card} has no YAML metadata block; cannot add to it")
-    head, body = text[4:].split("\n---\n", 1)
-    return yaml.safe_load(head) or {}, body
+    try:
+        parsed = ModelCard(text)
+    except (ValueError, yaml.YAMLError) as e:  # YAML syntax, or a model-index ModelCardData cannot read
+        reason = str(e).strip().splitlines()[0][:200]
+        raise UserError(f"{card}: its YAML metadata cannot be read ({reason}); fix or remove it") from None
+    return parsed.data.to_dict(), parsed.text
 
 
 def put_card_section(body: str, begin: str, end: str, section: str) -> str:
@@ -134,7 +148,8 @@ def put_card_section(body: str, begin: str, end: str, section: str) -> str:
 
 
 def write_card(card: Path, metadata: dict, body: str) -> None:
-    atomic_write_text(card, "---\n" + yaml.safe_dump(metadata, sort_keys=False) + "---\n" + body)
+    """Replace a card with `metadata` and `body` in one rename."""
+    atomic_write_text(card, str(model_card(metadata, body)))
 
 
 # ==============================================================================================

@@ -16,12 +16,12 @@ python -c "import torch" 2>/dev/null || pip install -q "${TORCH_SPEC:-torch==2.1
 
 # A constraint keeps whatever torch is installed: no dependency may replace it.
 torch_version=$(python -c "import torch; print(torch.__version__.split('+')[0])")
-pip install -q -c <(echo "torch==${torch_version}") -e ".[test]"
+pip install -q -c <(echo "torch==${torch_version}") -e ".[test,photos]"
 
 # A CUDA torch has a matching torchvision on PyPI, which makes rFID (torch-fidelity) and the
 # lpips package installable: every metric works there. Not on a CPU-only torch (below).
 if python -c "import sys, torch; sys.exit(torch.version.cuda is None)"; then
-  pip install -q -c <(echo "torch==${torch_version}") -e ".[eval,test]"
+  pip install -q -c <(echo "torch==${torch_version}") -e ".[eval,test,photos]"
 fi
 
 # lpips: the tests compare ldm_vae's LPIPS with it (ldm_vae reads the same head files from

@@ -114,6 +114,50 @@ def _fresh_accelerate_state():
     AcceleratorState._reset_state(reset_partial_state=True)
 
 
+def fake_hub(monkeypatch, error: Exception | None = None) -> list[tuple[str, str, dict]]:
+    """Replace `HfApi.create_repo` and `HfApi.upload_folder` (nothing goes online): the calls, as
+    (method, repo_id, keyword arguments), an upload also with the list of its folder's files;
+    with `error`, create_repo raises it instead."""
+    from huggingface_hub import HfApi
+
+    calls = []
+
+    def create_repo(self, repo_id, **kwargs):
+        if error is not None:
+            raise error
+        calls.append(("create_repo", repo_id, kwargs))
+        return f"https://huggingface.co/{repo_id}"
+
+    def upload_folder(self, *, repo_id, folder_path, **kwargs):
+        calls.append(("upload_folder", repo_id, {"folder_path": Path(folder_path), "files": files_in(folder_path),
+                                                 **kwargs}))
+
+    monkeypatch.setattr(HfApi, "create_repo", create_repo)
+    monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
+    return calls
+
+
+def files_in(folder: Path) -> list[str]:
+    """The files below `folder`, relative to it, sorted."""
+    return sorted(str(p.relative_to(folder)) for p in Path(folder).rglob("*") if p.is_file())
+
+
+def pushed_card(calls: list, folder: Path, repo_id: str, private: bool = False):
+    """After a push to `fake_hub`: the repo was created (exist_ok, `private`) and exactly the files
+    of `folder` were uploaded to it. Returns the folder's ModelCard, which must read back as
+    written and name neither the local folder (its snippets load from the repo) nor PyPI."""
+    from huggingface_hub import ModelCard
+
+    assert [(c[0], c[1]) for c in calls] == [("create_repo", repo_id), ("upload_folder", repo_id)]
+    assert calls[0][2] == {"exist_ok": True, "private": private}
+    assert calls[1][2]["folder_path"] == folder and calls[1][2]["files"] == files_in(folder)
+    text = (folder / "README.md").read_text()
+    card = ModelCard.load(folder / "README.md")
+    assert str(card) == text  # the metadata block reads back as written
+    assert str(folder) not in card.text and "pypi.org" not in text
+    return card
+
+
 def train_recording(monkeypatch, trainer_module, run) -> dict:
     """Call `run()` (a training run) and record, for every optimizer that the trainer in
     `trainer_module` builds: "start" and "end" (its parameters flattened before and after the
@@ -159,3 +203,17 @@ def assert_trains_the_same(plain: list[dict], other: list[dict], what: str, grad
         assert moved > 0.01 * a["start"].norm(), f"{what}, optimizer {k}: the weights hardly moved ({moved:.3g})"
         drift = ((b["end"] - a["end"]).norm() / moved).item()
         assert drift <= weight_tol, f"{what}, optimizer {k}: ended {drift:.2e} of the training movement away"
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _reference_cache(tmp_path_factory):
+    """Cached Fréchet reference features go to a temporary folder, never the user's ~/.cache."""
+    import os
+
+    old = os.environ.get("LDM_VAE_CACHE")
+    os.environ["LDM_VAE_CACHE"] = str(tmp_path_factory.mktemp("ldm-vae-cache"))
+    yield
+    if old is None:
+        os.environ.pop("LDM_VAE_CACHE")
+    else:
+        os.environ["LDM_VAE_CACHE"] = old

@@ -2,6 +2,7 @@
 
 import gzip
 import struct
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -42,7 +43,7 @@ def fm_cfg(path, **kw):
 
 def test_fashion_mnist_items(fmnist):
     ds = build_dataset(fm_cfg(fmnist), "train", train=False)
-    assert len(ds) == 20 and ds.has_labels and ds.dataset_id == "fashion_mnist"
+    assert len(ds) == 20 and ds.has_labels and ds.dataset_id == "zalando-datasets/fashion_mnist"
     assert "train" in ds.description and "20 images" in ds.description and "32x32" in ds.description
     item = ds[3]
     x = item["pixel_values"]
@@ -218,6 +219,22 @@ def test_photos():
     assert len(build_dataset(DataConfig(source="photos", max_images=3), "test", False)) == 3
     with pytest.raises(UserError, match="train, test"):
         build_dataset(cfg, "validation", train=False)
+
+
+def test_photos_without_scikit_image_name_the_extra(monkeypatch):
+    monkeypatch.setattr(data, "_PHOTOS", [])  # nothing loaded yet
+    for name in ("skimage", "skimage.data"):  # `import skimage.data` raises ImportError
+        monkeypatch.setitem(sys.modules, name, None)
+    with pytest.raises(UserError, match=r'data.source=photos needs scikit-image .*pip install "ldm-vae\[photos\]"'):
+        build_dataset(DataConfig(source="photos", resolution=32), "train", train=True)
+
+
+def test_hub_dataset_ids_for_model_cards():
+    """A card's `datasets:` holds Hub ids: Fashion-MNIST's (also read from local idx files), a
+    hub source's name; the photos and local image folders have none."""
+    assert data.hub_dataset_id("fashion-mnist") == data.FASHION_MNIST_HUB == "zalando-datasets/fashion_mnist"
+    assert data.hub_dataset_id("hub", "someone/pics") == "someone/pics"
+    assert data.hub_dataset_id("photos") is None and data.hub_dataset_id("imagefolder", None) is None
 
 
 def test_make_grid_and_save_image(tmp_path):

@@ -218,14 +218,17 @@ def test_diffusability_command_measures_two_models_and_writes_report_and_card(ti
         assert d["num_images"] == r["reconstruction"]["num_images"] == 32  # the same images for every measure
         assert d["equivariance_decoder_psnr_db"] > 0 and d["equivariance_encoder_rel_error"] > 0
         assert g["ldm_steps"] == 3 and g["num_samples"] == 20 and 0 <= g["class_accuracy"] <= 1
-        assert g["fd_shapes_samples"] > 0
+        low, high = g["ci95"]["fd_shapes_samples"]  # every Fréchet distance has its interval
+        assert g["fd_shapes_samples"] > 0 and 0 <= low < high
+        assert r["reconstruction"]["ci95"]["fd_shapes"][0] < r["reconstruction"]["ci95"]["fd_shapes"][1]
         assert g["fd_shapes_ratio_to_reconstructions"] == pytest.approx(
             g["fd_shapes_samples"] / r["reconstruction"]["fd_shapes"])
         assert "fid_samples" in g["unavailable"] or g["fid_samples"] > 0  # never a silent number
         assert "## Diffusability" in (Path(r["model"]) / "README.md").read_text()
     assert (out / "spectrum.png").is_file() and (out / "vae" / "samples.png").is_file()
     assert (out / "vae" / "prior_samples.png").is_file() and (out / "vae" / "aggregate_gaussian_samples.png").is_file()
-    assert "samples / recon" in (out / "table.md").read_text()
+    table = (out / "table.md").read_text()
+    assert "samples / recon" in table and f"[{low:.4f}, {high:.4f}]" in table
     assert not (tmp_path / ".work-report").exists()  # the proxy runs are removed once the report is complete
     assert ProxyRecipe(width=16).unet([4, 8, 8]) == ["model.block_out_channels=[16, 32]", "model.attention_levels=[1]"]
     # a second run into the same folder is refused; --no-proxy skips the LDM

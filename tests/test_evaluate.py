@@ -6,8 +6,10 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import subprocess
 import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -15,6 +17,7 @@ import pytest
 import torch
 import yaml
 from torch import nn
+from torchmetrics.image.fid import FrechetInceptionDistance
 
 from ldm_vae.autoencoder.train import train
 from ldm_vae.errors import UserError
@@ -22,12 +25,14 @@ from ldm_vae.evaluation.diagnostics import KLDiagnostics
 from ldm_vae.evaluation.features import FeatureExtractor
 from ldm_vae.evaluation.frechet import (
     INCEPTION_FILE,
-    RoundedFID,
+    Frechet,
+    ReferenceFeatures,
     _Features,
+    _Uint8,
     exact_uint8,
     fid_protocol,
     frechet_distance,
-    frechet_metric,
+    frechet_result,
     load_fd_features,
 )
 from ldm_vae.evaluation.metrics import bits_per_dim, likelihood_bounds, psnr, ssim
@@ -84,12 +89,8 @@ def test_frechet_distance_is_zero_on_itself_and_positive_when_shifted():
     torch.manual_seed(0)
     stand_in = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
     real = torch.rand(200, 3, 16, 16)
-    values = []
-    for other in (real, (real + 0.3).clamp(0, 1)):
-        metric = frechet_metric(_Features(stand_in, 16, 8))
-        metric.update(real, real=True)
-        metric.update(other, real=False)
-        values.append(metric.compute().item())
+    metric = Frechet("fd_x", _Features(stand_in, 16, 8), {})
+    values = [frechet_distance(metric, real, other)["value"] for other in (real, (real + 0.3).clamp(0, 1))]
     assert abs(values[0]) < 1e-4 and values[1] > 1e-3, values
 
 
@@ -118,10 +119,75 @@ def test_frechet_distance_of_two_gaussians_has_the_closed_form_value():
     def as_images(f):  # 1 x 3 images whose features 2 x - 1 are f
         return ((f + 1) / 2).float().reshape(-1, 1, 1, 3)
 
-    metric = frechet_metric(_Features(nn.Flatten(), resolution=3, num_features=3))
-    assert frechet_distance(metric, as_images(f1), as_images(f2), batch_size=100) == pytest.approx(0.3525, rel=1e-5)
-    # the metric is reset per call (reused metrics are how eval and diffusability run)
-    assert frechet_distance(metric, as_images(f1), as_images(f1), batch_size=100) == pytest.approx(0.0, abs=1e-5)
+    network = _Features(nn.Flatten(), resolution=3, num_features=3)
+    metric = Frechet("fd_x", network, {})
+    assert metric.features(as_images(f1), batch_size=100).shape == (250, 3)
+    assert frechet_distance(metric, as_images(f1), as_images(f2))["value"] == pytest.approx(0.3525, rel=1e-5)
+    assert frechet_distance(metric, as_images(f1), as_images(f1))["value"] == pytest.approx(0.0, abs=1e-5)
+    # the number torchmetrics' FID gives on the same features
+    tm = FrechetInceptionDistance(feature=network, normalize=True)
+    tm.update(as_images(f1), real=True)
+    tm.update(as_images(f2), real=False)
+    assert tm.compute().item() == pytest.approx(0.3525, rel=1e-5)
+
+
+def test_bootstrap_interval_brackets_the_distributions_distance_and_narrows_with_more_images():
+    """Real N(0, I_8), fake N(0.3 * 1, I_8): the distributions are 8 * 0.3^2 = 0.72 apart. FD on n
+    images overestimates that (by about tr(2 S) / n); the basic bootstrap interval shifts back by
+    the resamples' own excess, so it brackets 0.72 for small and large n, and narrows with n."""
+    g = torch.Generator().manual_seed(0)
+    results = {}
+    for n in (300, 3000):
+        real = torch.randn(n, 8, generator=g, dtype=torch.float64)
+        fake = torch.randn(n, 8, generator=g, dtype=torch.float64) + 0.3
+        results[n] = frechet_result(real, fake, bootstrap=200, seed=1)
+        low, high = results[n]["ci95"]
+        assert low < 0.72 < high, (n, results[n])
+    assert results[300]["value"] > 0.72 + 0.02  # the finite-set excess the interval corrects for
+    width = {n: r["ci95"][1] - r["ci95"][0] for n, r in results.items()}
+    assert width[3000] < width[300] / 2.5, width  # ~ 1 / sqrt(n)
+    assert frechet_result(real, fake, bootstrap=0)["ci95"] is None
+    # seeded: the same interval again
+    assert frechet_result(real, fake, bootstrap=200, seed=1) == results[3000]
+
+
+def test_reference_features_are_cached_per_images_and_network_and_checked_against_the_images(tmp_path, caplog):
+    class Counting(nn.Module):
+        calls = 0
+
+        def forward(self, x01):
+            Counting.calls += 1
+            return x01.flatten(1)[:, :4]
+
+    metric = Frechet("fd_x", Counting(), {"weights_sha256": "a"})
+    images = torch.rand(10, 3, 4, 4)
+    key = {"images": {"source": "folder", "split": "test"}, "num_images": 10}
+
+    def stream(ref, x):
+        for batch in x.split(4):
+            ref.add(batch)
+        return ref.finish(lambda: iter(x.split(4)))
+
+    first = ReferenceFeatures(metric, key, tmp_path)
+    features = stream(first, images)
+    assert first.source == "computed" and Counting.calls == 3 and first.path.is_file()
+    again = ReferenceFeatures(metric, key, tmp_path)
+    assert torch.equal(stream(again, images), features) and again.source == "cached"
+    assert Counting.calls == 3  # the network never ran on the real images again
+    assert again.record()["images_sha256"] == first.record()["images_sha256"]
+    # same settings, other images (the data changed on disk): recomputed from the images, never the old file
+    changed = images.flip(0)
+    stale = ReferenceFeatures(metric, key, tmp_path)
+    assert torch.equal(stream(stale, changed), changed.flatten(1)[:, :4].double())
+    assert stale.source == "computed" and "of other images" in caplog.text
+    # other weights (protocol) or another image count: another file
+    other = Frechet("fd_x", Counting(), {"weights_sha256": "b"})
+    assert ReferenceFeatures(other, key, tmp_path).path != first.path
+    assert ReferenceFeatures(metric, {**key, "num_images": 9}, tmp_path).path != first.path
+    # an unreadable file costs a recomputation, nothing else
+    first.path.write_bytes(b"truncated")
+    broken = ReferenceFeatures(metric, key, tmp_path)
+    assert torch.equal(stream(broken, images), features) and broken.source == "computed"
 
 
 def test_rfid_sees_the_datasets_exact_pixels():
@@ -141,7 +207,7 @@ def test_rfid_sees_the_datasets_exact_pixels():
             return x.float().mean((2, 3))
 
     spy = Spy()
-    RoundedFID(feature=spy).update(x01.reshape(1, 1, 16, 16).expand(2, 3, 16, 16), real=True)
+    Frechet("rfid", _Uint8(spy), {}).features(x01.reshape(1, 1, 16, 16).expand(2, 3, 16, 16))
     assert spy.seen.dtype == torch.uint8 and torch.equal(spy.seen[1, 2].flatten(), k.to(torch.uint8))
 
 
@@ -165,10 +231,10 @@ def test_fd_extractor_is_a_safetensors_folder_and_single_files_are_refused(tmp_p
     model.save_pretrained(tmp_path / "fd")
     assert json.loads((tmp_path / "fd" / "config.json").read_text()) == {"name": "shapes", "resolution": 16,
                                                                        "num_classes": 10, "width": 32}
-    name, extractor = load_fd_features(tmp_path / "fd")
+    metric = load_fd_features(tmp_path / "fd")
     x01 = torch.rand(2, 3, 16, 16)
-    assert name == "fd_shapes" and torch.equal(extractor(x01), model(x01 * 2 - 1))
-    assert torch.equal(extractor.module.logits(x01), model.logits(x01))
+    assert metric.name == "fd_shapes" and torch.equal(metric.network(x01), model(x01 * 2 - 1))
+    assert torch.equal(metric.network.module.logits(x01), model.logits(x01))
     (tmp_path / "old.pt").write_bytes(b"PK\x03\x04 a TorchScript archive")
     with pytest.raises(UserError, match="is a file: extractors are now folders"):
         load_fd_features(tmp_path / "old.pt")
@@ -292,16 +358,69 @@ def test_unavailable_weights_are_reported_not_zero(exports, tmp_path, monkeypatc
     assert saved["results"][0]["metrics"]["unavailable"].keys() == m["unavailable"].keys()
 
 
+def test_with_weights_in_the_hub_cache_eval_computes_every_metric(exports, tmp_path, monkeypatch):
+    """Stand-in weights in a temporary torch hub cache, where users' downloads land: LPIPS (both
+    backbones) is computed and equals our LPIPS built from those files (the lpips package gives the
+    same values: test_perceptual.py), the domain FD with its interval; rFID too where torch-fidelity
+    imports (it needs torchvision, which a CPU-only torch lacks: then it is unavailable, saying so).
+    A second eval of the same images reuses the cached real-image features and gives equal values."""
+    from ldm_vae.autoencoder.perceptual import BACKBONE_FILES, build_lpips
+
+    from .test_perceptual import _torchvision_state
+
+    _offline_hub(monkeypatch, tmp_path)  # nothing may come from the network
+    checkpoints = tmp_path / "hub" / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    for net in ("vgg", "alex"):
+        torch.save(_torchvision_state(net), checkpoints / BACKBONE_FILES[net][0])
+    try:
+        import torch_fidelity.feature_extractor_inceptionv3 as fidelity
+    except (ImportError, RuntimeError):  # not installed, or no working torchvision under it
+        fidelity = None
+    if fidelity is not None:  # a random Inception under torch-fidelity's file name
+        with monkeypatch.context() as patch:  # built without loading (or downloading) weights
+            patch.setattr(fidelity, "load_state_dict_from_url", lambda *args, **kwargs: {})
+            patch.setattr(fidelity.FeatureExtractorInceptionV3, "load_state_dict", lambda *args, **kwargs: None)
+            inception = fidelity.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
+        torch.save(inception.state_dict(), checkpoints / INCEPTION_FILE)
+    torch.manual_seed(0)
+    FeatureExtractor("shapes", resolution=16, num_classes=10).save_pretrained(tmp_path / "fd")
+    opts = EvalOptions(num_images=24, batch_size=8, fd_features=str(tmp_path / "fd"), bootstrap=10,
+                       reference_cache=str(tmp_path / "cache"))
+    vq = str(exports / "vq" / "export")
+    m = run_eval([vq], tmp_path / "r1", opts)["results"][0]["metrics"]
+    expected = {"lpips_vgg", "fd_shapes"} | ({"rfid"} if fidelity else set())
+    assert expected <= set(m) and all(m[k] > 0 for k in expected), m
+    assert set(m["unavailable"]) == {"rfid", "lpips_alex"} - expected
+    # AlexNet's strides leave nothing of a 16 x 16 image at its last tap: unavailable, saying why
+    assert "at least 31x31 pixels; these are 16x16" in m["unavailable"]["lpips_alex"]
+    if "rfid" in m["unavailable"]:
+        assert "torch-fidelity" in m["unavailable"]["rfid"]
+    assert set(m["ci95"]) == expected - {"lpips_vgg"}
+    _, (vae,), _, dataset = load_for_comparison([vq], "test")
+    x = torch.stack([dataset[i]["pixel_values"] for i in range(24)])
+    with torch.no_grad():
+        recon = vae.decode(vae.encode(x).latents).sample.clamp(-1, 1)
+        assert m["lpips_vgg"] == pytest.approx(build_lpips("vgg")(x, recon).mean().item(), rel=1e-4)
+        # at 32 x 32 the AlexNet one is computed from its stand-in file too
+        up = torch.nn.functional.interpolate(torch.cat([x, recon]), size=32)
+        assert build_lpips("alex")(up[:24], up[24:]).min() > 0
+    again = run_eval([vq], tmp_path / "r2", opts)["results"][0]["metrics"]
+    assert {s["source"] for s in again["frechet_reference"].values()} == {"cached"}
+    assert {k: again[k] for k in expected} == {k: m[k] for k in expected}
+
+
 def test_cli_eval_writes_all_files_and_updates_the_cards(exports, tmp_path, fake_fashion):
     features = tmp_path / "features"
+    env = {**os.environ, "LDM_VAE_CACHE": str(tmp_path / "cache")}
+
     def run(*args):
-        return subprocess.run([sys.executable, "-m", "ldm_vae", *args], capture_output=True, text=True)
+        return subprocess.run([sys.executable, "-m", "ldm_vae", *args], capture_output=True, text=True, env=env)
 
     proc = run("train-fd-features", "--data", "fashion-mnist", "--data-path", str(fake_fashion), "--resolution", "16",
                "--steps", "20", "--batch-size", "32", "--name", "shapes", "--out", str(features))
     assert proc.returncode == 0, proc.stderr[-2000:]
-    name, _ = load_fd_features(features)
-    assert name == "fd_shapes"
+    assert load_fd_features(features).name == "fd_shapes"
 
     out = tmp_path / "report"
     kl, vq = exports / "kl" / "export", exports / "vq" / "export"
@@ -339,8 +458,14 @@ def test_cli_eval_writes_all_files_and_updates_the_cards(exports, tmp_path, fake
             r01 = (torch.cat([vae.decode(zi).sample for zi in z]).clamp(-1, 1) + 1) / 2
         assert m["psnr_db"] == pytest.approx(psnr(x01, r01).mean().item(), abs=1e-4)
         assert m["ssim"] == pytest.approx(ssim(x01, r01).mean().item(), abs=1e-5)
-    fd = frechet_distance(frechet_metric(load_fd_features(features)[1]), x01, r01, batch_size=16)  # r01: vq's
-    assert vq_m["fd_shapes"] == pytest.approx(fd, rel=1e-3, abs=1e-5)
+    # vq's distance, its test images' features recomputed here: the call computed them for kl, cached them
+    # (the file it names) and read them back for vq
+    assert [m["frechet_reference"]["fd_shapes"]["source"] for m in (kl_m, vq_m)] == ["computed", "cached"]
+    assert Path(vq_m["frechet_reference"]["fd_shapes"]["file"]).parent == tmp_path / "cache" / "frechet-reference"
+    fd = frechet_distance(load_fd_features(features), x01, r01, bootstrap=20)  # r01: vq's
+    assert vq_m["fd_shapes"] == pytest.approx(fd["value"], rel=1e-3, abs=1e-5)
+    low, high = vq_m["ci95"]["fd_shapes"]
+    assert low < high and f"[{low:.3f}, {high:.3f}]" in proc.stdout  # the table shows the interval
     assert abs(kl_m["psnr_db"] - vq_m["psnr_db"]) > 1e-3  # two different models, not one measured twice
     card = (vq / "README.md").read_text()
     meta = yaml.safe_load(card.split("---\n")[1])

@@ -10,7 +10,7 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "ldm_vae"
 # rank of each top-level part; a module may import parts of its own rank or lower
-RANKS = {"errors": 0, "config": 0, "files": 0, "run": 1, "data": 2, "autoencoder": 3, "evaluation": 4,
+RANKS = {"errors": 0, "config": 0, "files": 0, "hub": 0, "run": 1, "data": 2, "autoencoder": 3, "evaluation": 4,
          "diffusion": 5, "cli": 6, "demo": 6, "diffusability": 6, "__init__": 6, "__main__": 6}
 TRAINERS = {"ldm_vae.autoencoder.train", "ldm_vae.diffusion.train"}
 

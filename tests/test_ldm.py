@@ -16,6 +16,7 @@ from diffusers import DiffusionPipeline
 from PIL import Image
 
 from ldm_vae.autoencoder.models import load_autoencoder
+from ldm_vae.cli import main
 from ldm_vae.diffusion.config import UNetConfig
 from ldm_vae.diffusion.export import export_pipeline
 from ldm_vae.diffusion.networks import build_unet, noise_schedule
@@ -24,7 +25,14 @@ from ldm_vae.diffusion.sample import generate, load_pipeline, sample_labels
 from ldm_vae.diffusion.train import train_ldm
 from ldm_vae.errors import UserError
 
-from .conftest import TINY_LDM, assert_trains_the_same, train_recording
+from .conftest import (
+    TINY_LDM,
+    assert_trains_the_same,
+    fake_hub,
+    files_in,
+    pushed_card,
+    train_recording,
+)
 
 
 @pytest.fixture(scope="module")
@@ -278,6 +286,34 @@ def test_export_pipeline_refuses_to_overwrite(ldm_run, tmp_path):
     with pytest.raises(UserError, match="--overwrite"):
         export_pipeline(out, tmp_path / "pipe")
     assert (tmp_path / "pipe" / "keep.txt").read_text() == "mine"
+
+
+def test_cli_export_pipeline_pushes_the_folder_and_its_card_names_the_repo(ldm_run, tmp_path, monkeypatch,
+                                                                           capsys):
+    """--push-to-hub (the Hub replaced by fakes): exactly the pipeline folder goes to the repo, and
+    the card loads it from there; offline, the error says so and the folder stays complete."""
+    from huggingface_hub.utils import httpx
+
+    out, _ = ldm_run
+    calls = fake_hub(monkeypatch)
+    dest = tmp_path / "pipe"
+    assert main(["export-pipeline", str(out), str(dest), "--push-to-hub", "someone/ldm-tiny"]) == 0
+    files = files_in(dest)
+    assert {"README.md", "pipeline.py", "model_index.json"} <= set(files)
+    card = pushed_card(calls, dest, "someone/ldm-tiny")
+    assert card.data.to_dict() == {"datasets": ["zalando-datasets/fashion_mnist"], "library_name": "diffusers",
+                                   "license": "mit", "pipeline_tag": "unconditional-image-generation",
+                                   "tags": ["ldm-vae", "latent-diffusion", "class-conditional"]}
+    assert 'DiffusionPipeline.from_pretrained("someone/ldm-tiny", trust_remote_code=True)' in card.text
+    # `ldm-vae sample` reads a local folder: the card downloads one first
+    assert "`hf download someone/ldm-tiny --local-dir ldm-tiny`, then `ldm-vae sample ldm-tiny" in card.text
+
+    fake_hub(monkeypatch, error=httpx.ConnectError("[Errno -2] Name or service not known"))
+    assert main(["export-pipeline", str(out), str(dest), "--push-to-hub", "someone/ldm-tiny", "--overwrite"]) == 2
+    err = capsys.readouterr().err
+    assert "(ConnectError: [Errno -2] Name or service not known)" in err
+    assert f"complete at {dest}; push it later with `hf upload someone/ldm-tiny {dest}`" in err
+    assert files_in(dest) == files
 
 
 

@@ -15,12 +15,13 @@ from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, VQModel
+from huggingface_hub import ModelCard, ModelCardData
 from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
 from .. import config as config_lib
 from ..data.config import SOURCE_KEYS, DataConfig
-from ..data.sources import build_dataset
+from ..data.sources import build_dataset, hub_dataset_id
 from ..errors import UserError
 from ..files import atomic_folder, refuse_nonempty, render_card
 from ..run.checkpoint import find_checkpoint, read_state
@@ -77,16 +78,16 @@ def measure_latent_stats(vae: AutoencoderKL | VQModel, dataset, cfg: Config, dev
     return stats
 
 
-def _model_card(cfg: Config, state: dict, stats: dict, vae: AutoencoderKL | VQModel, dataset, out_dir: Path) -> str:
+def _model_card(cfg: Config, state: dict, stats: dict, vae: AutoencoderKL | VQModel, dataset,
+                where: str) -> ModelCard:
+    """The export's README.md; its usage snippets load from `where` (the folder, or the Hub repo it goes to)."""
     factor = cfg.model.downsampling_factor
     res = cfg.data.resolution
     kind_tags = {"kl": ["autoencoder-kl", "latent-diffusion"], "vq": ["vq-vae", "image-tokenizer", "latent-diffusion"]}
-    metadata = {
-        "library_name": "diffusers",
-        "license": cfg.export.license,
-        "tags": ["ldm-vae", "autoencoder", *kind_tags[cfg.model.kind]],
-        "datasets": [dataset.dataset_id],
-    }
+    hub_id = hub_dataset_id(cfg.data.source, cfg.data.name)
+    metadata = ModelCardData(library_name="diffusers", license=cfg.export.license,
+                             tags=["ldm-vae", "autoencoder", *kind_tags[cfg.model.kind]],
+                             datasets=[hub_id] if hub_id else None)  # photos, image folders: on no hub
     needs_notice = state["perceptual"].startswith(("SKIPPED", "RANDOM"))
     logs = state.get("logs") or {}
     losses = "\n".join(["| term | value |", "|---|---|"] + [f"| {k} | {v:.5g} |" for k, v in sorted(logs.items())])
@@ -100,7 +101,7 @@ def _model_card(cfg: Config, state: dict, stats: dict, vae: AutoencoderKL | VQMo
         perceptual=state["perceptual"],
         scaling_factor=f"{stats['scaling_factor']:.6g}", shift_factor=f"{stats['shift_factor']:.6g}",
         num_values=stats["num_values"], num_images=stats["num_images"],
-        path=str(out_dir),
+        path=where,
         losses=losses if logs else "(no step was logged)",
         config=config_lib.to_yaml(cfg).strip(),
     )
@@ -112,7 +113,7 @@ def _model_card(cfg: Config, state: dict, stats: dict, vae: AutoencoderKL | VQMo
         q, codes = cfg.quantizer, vae.config.num_vq_embeddings
         dim = vae.config.vq_embed_dim or vae.config.latent_channels
         if cfg.train.ema_decay > 0:
-            fields["weights"] += "; the codebook is the live one (not averaged, see ldm_vae/models.py)"
+            fields["weights"] += "; the codebook is the live one (not averaged, see ldm_vae/autoencoder/models.py)"
         fields.update(
             title=f"VQ tokenizer f{factor}, {codes} codes x {dim} dims ({dataset.dataset_id})",
             grid=res // factor, tokens_per_image=(res // factor) ** 2, num_codes=codes, code_dim=dim,
@@ -122,8 +123,9 @@ def _model_card(cfg: Config, state: dict, stats: dict, vae: AutoencoderKL | VQMo
     return render_card("autoencoder_kl.md" if cfg.model.kind == "kl" else "vq_model.md", metadata, fields)
 
 
-def export_run(run_dir: str | Path, out_dir: str | Path, replace: bool = False) -> Path:
-    """Write the diffusers folder for `run_dir`'s newest checkpoint to `out_dir` (atomically)."""
+def export_run(run_dir: str | Path, out_dir: str | Path, replace: bool = False, repo_id: str | None = None) -> Path:
+    """Write the diffusers folder for `run_dir`'s newest checkpoint to `out_dir` (atomically);
+    with `repo_id`, the model card's snippets load from that Hub repo (the folder is to be pushed there)."""
     out_dir = Path(out_dir)
     if not replace:
         refuse_nonempty(out_dir)
@@ -142,7 +144,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path, replace: bool = False) 
         info = {"checkpoint": str(checkpoint), "step": state["step"], "perceptual": state["perceptual"],
                 "latent_stats": stats, "final_logs": state.get("logs")}
         (tmp / "ldm_vae.json").write_text(json.dumps(info, indent=2))
-        (tmp / "README.md").write_text(_model_card(cfg, state, stats, vae, dataset, out_dir))
+        _model_card(cfg, state, stats, vae, dataset, repo_id or str(out_dir)).save(tmp / "README.md")
     return out_dir
 
 

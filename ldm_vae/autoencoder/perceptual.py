@@ -33,6 +33,9 @@ BACKBONE_FILES = {
 # (vgg: relu1_2 .. relu5_3; alex: relu1 .. relu5), and the channels there.
 _TAPS = {"vgg": (3, 8, 15, 22, 29), "alex": (1, 4, 7, 9, 11)}
 _CHANNELS = {"vgg": (64, 128, 256, 512, 512), "alex": (64, 192, 384, 256, 256)}
+# The smallest image side each backbone takes up to its last tap: VGG's four 2x2 pools, and
+# AlexNet's stride-4 conv and two 3x3 stride-2 pools, each of which needs 3 pixels left.
+MIN_SIZE = {"vgg": 16, "alex": 31}
 _VGG16 = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"]
 
 

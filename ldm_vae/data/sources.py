@@ -2,7 +2,7 @@
 
 Sources (DataConfig.source): fashion-mnist (local idx files, else the hub copy), imagefolder
 (HF `datasets` "imagefolder"), hub (a dataset name on the Hugging Face hub) and photos
-(random crops of the RGB photos shipped inside scikit-image's wheel).
+(random crops of the RGB photos shipped inside scikit-image's wheel; the `photos` extra).
 
 Augmentation randomness comes from a generator seeded by (seed, epoch, index), never from
 the global RNG: an item is augmented the same way whichever process or worker loads it and
@@ -186,7 +186,7 @@ def _fashion_mnist(cfg: DataConfig, split: str, train: bool) -> TensorImages:
     images, labels = _FMNIST_CACHE[key]
     images, labels = images[: cfg.max_images], labels[: cfg.max_images]
     desc = f"Fashion-MNIST ({split}, {len(images)} images, {where}) at {cfg.resolution}x{cfg.resolution}"
-    ds = TensorImages(images, labels, train, cfg.random_flip, desc, "fashion_mnist")
+    ds = TensorImages(images, labels, train, cfg.random_flip, desc, FASHION_MNIST_HUB)
     ds.class_names = FASHION_MNIST_CLASSES
     return ds
 
@@ -311,7 +311,11 @@ def _load_hf(what: str, hint: str = "", **kwargs):
 
 def _load_photos() -> list[Image.Image]:
     if not _PHOTOS:
-        import skimage.data
+        try:
+            import skimage.data
+        except ImportError as e:
+            raise UserError(f"data.source=photos needs scikit-image ({_first_line(e)}); install it with "
+                            f'pip install "ldm-vae[photos]"') from None
 
         for name in PHOTO_NAMES:
             arr = skimage.data.stereo_motorcycle()[0] if name == "motorcycle" else getattr(skimage.data, name)()
@@ -361,6 +365,12 @@ class Photos(Augmented):
         patch = img.crop((left, top, left + crop, top + crop))
         patch = patch.resize((self.res, self.res), Image.BICUBIC, reducing_gap=3.0)
         return _item(_maybe_flip(pil_to_tensor(patch), self.flip, g), p)
+
+
+def hub_dataset_id(source: str, name: str | None = None) -> str | None:
+    """The Hugging Face Hub id of a source's data (for model cards' `datasets:`), or None:
+    the photos and local image folders are on no hub."""
+    return {"fashion-mnist": FASHION_MNIST_HUB, "hub": name}.get(source)
 
 
 def build_dataset(cfg: DataConfig, split: str, train: bool, seed: int = 0) -> Augmented:

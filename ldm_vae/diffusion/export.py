@@ -12,7 +12,10 @@ import json
 import shutil
 from pathlib import Path
 
+from huggingface_hub import ModelCard, ModelCardData
+
 from .. import config as config_lib
+from ..data.sources import hub_dataset_id
 from ..files import atomic_folder, refuse_nonempty, render_card
 from . import pipeline as pipeline_module
 from .config import LDMConfig
@@ -20,8 +23,10 @@ from .pipeline import LatentDiffusionPipeline
 from .sample import MODEL_INDEX, load_run_pipeline
 
 
-def export_pipeline(run_dir: str | Path, out_dir: str | Path, overwrite: bool = False) -> Path:
-    """Write a run's pipeline as a diffusers folder (atomically)."""
+def export_pipeline(run_dir: str | Path, out_dir: str | Path, overwrite: bool = False,
+                    repo_id: str | None = None) -> Path:
+    """Write a run's pipeline as a diffusers folder (atomically); with `repo_id`, the model
+    card's snippets load from that Hub repo (the folder is to be pushed there)."""
     out_dir = Path(out_dir)
     if not overwrite:
         refuse_nonempty(out_dir)
@@ -39,24 +44,31 @@ def export_pipeline(run_dir: str | Path, out_dir: str | Path, overwrite: bool = 
                   "final_logs": info["logs"]}
         (tmp / "ldm_vae.json").write_text(json.dumps(record, indent=2))
         (tmp / "training_config.yaml").write_text(config_lib.to_yaml(info["config"]))
-        (tmp / "README.md").write_text(_card(pipe, info, out_dir))
+        _card(pipe, info, out_dir, repo_id).save(tmp / "README.md")
     return out_dir
 
 
-def _card(pipe: LatentDiffusionPipeline, info: dict, out_dir: Path) -> str:
+def _card(pipe: LatentDiffusionPipeline, info: dict, out_dir: Path, repo_id: str | None) -> ModelCard:
+    """The pipeline's README.md; its snippets load from `repo_id` if given, else from `out_dir`."""
     cfg: LDMConfig = info["config"]
     cache = info["cache"]
     n = pipe.num_classes
     names = cache.get("class_names") or [str(i) for i in range(n)]
     classes = ", ".join(f"{i} = {name}" for i, name in enumerate(names[:n])) if n else "unconditional"
-    metadata = {"library_name": "diffusers", "license": cfg.export.license,
-                "pipeline_tag": "unconditional-image-generation",
-                "tags": ["ldm-vae", "latent-diffusion", "class-conditional" if n else "unconditional"],
-                "datasets": [cache["dataset_id"]]}
+    data = cache["data"]  # the cache's data options: the source and, for the hub source, its name
+    hub_id = hub_dataset_id(data["source"], data.get("name"))
+    metadata = ModelCardData(library_name="diffusers", license=cfg.export.license,
+                             pipeline_tag="unconditional-image-generation",
+                             tags=["ldm-vae", "latent-diffusion", "class-conditional" if n else "unconditional"],
+                             datasets=[hub_id] if hub_id else None)  # photos, image folders: on no hub
+    # `ldm-vae sample` reads a local folder: from the Hub, download one first
+    local = str(out_dir) if repo_id is None else repo_id.split("/")[-1]
+    sample = f"`ldm-vae sample {local} --num-images 64 --guidance-scale 3 --out samples/`"
     shape = "x".join(str(s) for s in cache["latent_shape"])
     fields = dict(
         title=f"Latent diffusion on {cache['dataset_id']} ({'class-conditional' if n else 'unconditional'})",
-        dataset=cache["dataset"], path=str(out_dir), classes=classes,
+        dataset=cache["dataset"], path=repo_id or str(out_dir), classes=classes,
+        sample_command=sample if repo_id is None else f"`hf download {repo_id} --local-dir {local}`, then {sample}",
         call=("class_labels=[%d] * 8, guidance_scale=%g" % (min(3, n - 1), cfg.sample.guidance_scale)) if n
         else "batch_size=8",
         autoencoder=f"{type(pipe.vae).__name__} from {cache['autoencoder']}", latent_shape=shape,

@@ -1,27 +1,60 @@
 """Fréchet distances: FID on torch-fidelity's Inception, and the same statistics on a domain
 feature extractor (written by `ldm-vae train-fd-features`, evaluation/features.py).
 
+Every distance comes with a bootstrap interval, and the real images' features are cached
+(`ReferenceFeatures`): a later eval of the same images with the same network reuses them.
 A metric whose weights or package are missing is returned as unavailable with the reason,
 never as a number.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.data import DataLoader, Subset
-from torchmetrics.image.fid import FrechetInceptionDistance
+from torchmetrics.image.fid import FrechetInceptionDistance, _compute_fid
 
 from ..errors import UserError
 from ..files import sha256
 from .features import FeatureExtractor
 
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Frechet:
+    """One Fréchet metric: its name in reports, its network (images in [0, 1] -> features)
+    and how it is made (`protocol`, for metrics.json: two runs compare when these agree)."""
+
+    name: str
+    network: nn.Module
+    protocol: dict
+
+    def to(self, device) -> Frechet:
+        self.network.to(device)
+        return self
+
+    @torch.no_grad()
+    def features(self, x01: torch.Tensor, batch_size: int = 500) -> torch.Tensor:
+        """[N, D] float64 features on the CPU, in batches on the network's device."""
+        device = next(self.network.parameters(), torch.empty(0)).device
+        return torch.cat([self.network(x01[i:i + batch_size].to(device)).double().cpu()
+                          for i in range(0, len(x01), batch_size)])
+
 
 class _Features(nn.Module):
-    """Adapts a feature extractor (images in [-1, 1] at its resolution) to torchmetrics."""
+    """A domain extractor (images in [-1, 1] at its resolution) as a network on [0, 1] images."""
 
     def __init__(self, module: nn.Module, resolution: int, num_features: int):
         super().__init__()
@@ -35,8 +68,67 @@ class _Features(nn.Module):
         return self.module(x).float()
 
 
-def load_fd_features(path: str | Path) -> tuple[str, nn.Module]:
-    """(metric name, module) of an extractor folder written by `ldm-vae train-fd-features`."""
+def exact_uint8(x01: torch.Tensor) -> torch.Tensor:
+    """Images in [0, 1] -> uint8 by rounding, so a dataset pixel k (stored as k / 127.5 - 1)
+    comes back as k. torchmetrics' FID with normalize=True feeds `(x * 255).byte()`, which
+    truncates: 63 of the 256 grey levels land just below k in float32 and become k - 1."""
+    return x01.mul(255).round().clamp(0, 255).to(torch.uint8)
+
+
+class _Uint8(nn.Module):
+    """torchmetrics' FID network (torch-fidelity's Inception, which takes uint8 images) on
+    images in [0, 1], handed exact uint8 pixels."""
+
+    def __init__(self, inception: nn.Module):
+        super().__init__()
+        self.inception = inception
+
+    def forward(self, x01: torch.Tensor) -> torch.Tensor:
+        return self.inception(exact_uint8(x01))
+
+
+# torch-fidelity's Inception weights (the TF1 FID network), as torch hub caches them
+INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
+
+
+def inception_weights_path(weights: str | None = None) -> Path:
+    return Path(weights) if weights else Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_FILE
+
+
+STATISTICS = ("float64 mean and covariance (n - 1) of the features, distance as torchmetrics' FID; ci95: basic "
+              "bootstrap interval (2 FD - the 97.5th and 2.5th percentiles of FD over resamples of both image sets "
+              "with replacement): it brackets the distance between the two distributions, which FD on a finite "
+              "set overestimates")
+
+
+def fid_protocol(weights: str | None) -> dict:
+    """How rFID is made here, for metrics.json."""
+    path = inception_weights_path(weights)
+    return {"network": "torch-fidelity InceptionV3 (TF1 FID graph), 2048-d pool features",
+            "weights": str(path), "weights_sha256": sha256(path) if path.is_file() else None,
+            "input": "uint8, rounded from [0, 1] (a dataset pixel k is fed as k)",
+            "resize": "299x299 bilinear, TF1-style, antialias off (torch-fidelity)",
+            "statistics": STATISTICS}
+
+
+def build_fid(weights: str | None):
+    """(the rFID metric, None) or (None, reason it is unavailable)."""
+    try:
+        inception = FrechetInceptionDistance(feature=2048, antialias=False,
+                                             feature_extractor_weights_path=weights).inception
+    except ModuleNotFoundError as e:
+        return None, (f"torch-fidelity is not installed ({e}); `pip install torch-fidelity` (it needs a working "
+                      f"torchvision) to compute rFID")
+    except Exception as e:  # the weight download failed (offline) or the file is unreadable
+        where = weights or f"the torch hub cache ({inception_weights_path()})"
+        return None, (f"FID Inception weights could not be loaded from {where}: {e.__class__.__name__}: {e}; "
+                      f"pass --fid-weights PATH")
+    return Frechet("rfid", _Uint8(inception), fid_protocol(weights)), None
+
+
+def load_fd_features(path: str | Path) -> Frechet:
+    """The domain Fréchet metric `fd_<name>` of an extractor folder written by
+    `ldm-vae train-fd-features`."""
     path = Path(path)
     retrain = "train one with `ldm-vae train-fd-features`"
     if path.is_file():
@@ -49,77 +141,120 @@ def load_fd_features(path: str | Path) -> tuple[str, nn.Module]:
         model = FeatureExtractor.from_pretrained(str(path))
     except Exception as e:  # a config or weights file that does not fit the extractor
         raise UserError(f"--fd-features {path} could not be loaded ({e.__class__.__name__}: {e}); {retrain}") from None
-    return f"fd_{model.name}", _Features(model.eval(), model.resolution, model.num_features)
+    name = f"fd_{model.name}"
+    protocol = {"network": f"{name} (ldm-vae train-fd-features), {model.num_features}-d features",
+                "weights": str(path / "model.safetensors"), "weights_sha256": sha256(path / "model.safetensors"),
+                "input": "float in [-1, 1]",
+                "resize": f"bilinear with antialias to {model.resolution}x{model.resolution} where the images differ",
+                "statistics": STATISTICS}
+    return Frechet(name, _Features(model.eval(), model.resolution, model.num_features), protocol)
 
 
-def exact_uint8(x01: torch.Tensor) -> torch.Tensor:
-    """Images in [0, 1] -> uint8 by rounding, so a dataset pixel k (stored as k / 127.5 - 1)
-    comes back as k. torchmetrics' FID with normalize=True feeds `(x * 255).byte()`, which
-    truncates: 63 of the 256 grey levels land just below k in float32 and become k - 1."""
-    return x01.mul(255).round().clamp(0, 255).to(torch.uint8)
+# ==============================================================================================
+# Distances and their bootstrap intervals
+# ==============================================================================================
 
 
-class RoundedFID(FrechetInceptionDistance):
-    """torchmetrics' FID taking images in [0, 1] and handing Inception exact uint8 pixels."""
-
-    def update(self, imgs: torch.Tensor, real: bool) -> None:
-        super().update(exact_uint8(imgs), real)
-
-
-# torch-fidelity's Inception weights (the TF1 FID network), as torch hub caches them
-INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
+def _gaussian(f: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    mean = f.mean(0)
+    centred = f - mean
+    return mean, centred.T @ centred / (len(f) - 1)
 
 
-def inception_weights_path(weights: str | None = None) -> Path:
-    return Path(weights) if weights else Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_FILE
+def fd_of_features(real: torch.Tensor, fake: torch.Tensor) -> float:
+    """The Fréchet distance between two [N, D] feature sets (float64), as torchmetrics' FID."""
+    return _compute_fid(*_gaussian(real.double()), *_gaussian(fake.double())).item()
 
 
-def fid_protocol(weights: str | None) -> dict:
-    """How rFID is made here, for metrics.json: two runs are comparable when these agree."""
-    path = inception_weights_path(weights)
-    return {"network": "torch-fidelity InceptionV3 (TF1 FID graph), 2048-d pool features",
-            "weights": str(path), "weights_sha256": sha256(path) if path.is_file() else None,
-            "input": "uint8, rounded from [0, 1] (a dataset pixel k is fed as k)",
-            "resize": "299x299 bilinear, TF1-style, antialias off (torch-fidelity)",
-            "statistics": "float64 mean and covariance (torchmetrics FrechetInceptionDistance)"}
+def frechet_result(real: torch.Tensor, fake: torch.Tensor, bootstrap: int, seed: int = 0) -> dict:
+    """{"value": FD, "ci95": [low, high] or None}: the basic bootstrap interval over `bootstrap`
+    resamples of both sets (with replacement), 0 for none."""
+    value = fd_of_features(real, fake)
+    if bootstrap <= 0:
+        return {"value": value, "ci95": None}
+    g = torch.Generator().manual_seed(seed)
+    reps = torch.tensor([fd_of_features(real[torch.randint(len(real), (len(real),), generator=g)],
+                                        fake[torch.randint(len(fake), (len(fake),), generator=g)])
+                         for _ in range(bootstrap)], dtype=torch.float64)
+    low, high = torch.quantile(reps, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
+    return {"value": value, "ci95": [max(2 * value - high, 0.0), 2 * value - low]}
 
 
-def fd_protocol(path: str | Path, name: str, extractor: nn.Module) -> dict:
-    return {"network": f"{name} (ldm-vae train-fd-features), {extractor.num_features}-d features",
-            "weights": str(Path(path) / "model.safetensors"),
-            "weights_sha256": sha256(Path(path) / "model.safetensors"),
-            "input": "float in [-1, 1]",
-            "resize": f"bilinear with antialias to {extractor.resolution}x{extractor.resolution} where the images "
-                      f"differ",
-            "statistics": "float64 mean and covariance (torchmetrics FrechetInceptionDistance)"}
+def frechet_distance(metric: Frechet, real01: torch.Tensor, fake01: torch.Tensor, bootstrap: int = 0,
+                     seed: int = 0) -> dict:
+    """frechet_result of two image sets in [0, 1]."""
+    return frechet_result(metric.features(real01), metric.features(fake01), bootstrap, seed)
 
 
-def build_fid(weights: str | None):
-    """(torchmetrics FID metric, None) or (None, reason it is unavailable)."""
-    try:
-        return RoundedFID(feature=2048, normalize=False, antialias=False,
-                          feature_extractor_weights_path=weights), None
-    except ModuleNotFoundError as e:
-        return None, (f"torch-fidelity is not installed ({e}); `pip install torch-fidelity` (it needs a working "
-                      f"torchvision) to compute rFID")
-    except Exception as e:  # the weight download failed (offline) or the file is unreadable
-        where = weights or f"the torch hub cache ({inception_weights_path()})"
-        return None, (f"FID Inception weights could not be loaded from {where}: {e.__class__.__name__}: {e}; "
-                      f"pass --fid-weights PATH")
+# ==============================================================================================
+# Cached reference features
+# ==============================================================================================
 
 
-def frechet_metric(extractor: nn.Module):
-    return FrechetInceptionDistance(feature=extractor, normalize=True)
+def reference_cache_dir() -> Path:
+    """$LDM_VAE_CACHE, else $XDG_CACHE_HOME/ldm-vae (~/.cache/ldm-vae), + frechet-reference."""
+    root = os.environ.get("LDM_VAE_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache") / "ldm-vae"
+    return Path(root).expanduser() / "frechet-reference"
 
 
-def frechet_distance(metric, real01: torch.Tensor, fake01: torch.Tensor, batch_size: int = 500) -> float:
-    """The Fréchet distance between two image sets in [0, 1] with a torchmetrics FID-style
-    metric (reset first; batches moved to the metric's device)."""
-    metric.reset()
-    for images, real in ((real01, True), (fake01, False)):
-        for i in range(0, len(images), batch_size):
-            metric.update(images[i:i + batch_size].to(metric.device), real=real)
-    return metric.compute().item()
+class ReferenceFeatures:
+    """The real images' features of one Fréchet metric, computed once per (images, network).
+
+    The file is found by `key` (what defines the images: data settings, split, count; and the
+    network's protocol with its weights' sha256). The images themselves are fingerprinted as
+    they stream by (sha256 of their exact uint8 pixels); a cached file whose fingerprint
+    differs (the data changed under the same settings) is recomputed, never used.
+    """
+
+    def __init__(self, metric: Frechet, key: dict, cache_dir: str | Path | None = None):
+        self.metric = metric
+        key = {**key, "metric": metric.name, "protocol": metric.protocol}
+        digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:32]
+        self.path = Path(cache_dir or reference_cache_dir()) / f"{metric.name}-{digest}.safetensors"
+        self.key = key
+        self.cached = None
+        if self.path.is_file():
+            try:
+                self.cached = load_file(self.path)
+            except (OSError, SafetensorError) as e:  # a truncated or foreign file: recompute and replace it
+                logger.warning("ignoring unreadable cached reference %s (%s)", self.path, e)
+        self._fingerprint = hashlib.sha256()
+        self._parts: list[torch.Tensor] = []
+        self.source = None
+
+    def add(self, x01: torch.Tensor) -> None:
+        self._fingerprint.update(exact_uint8(x01).cpu().numpy().tobytes())
+        if self.cached is None:
+            self._parts.append(self.metric.features(x01))
+
+    def finish(self, again: Callable[[], Iterable[torch.Tensor]]) -> torch.Tensor:
+        """The features of every image added; `again` yields the same images once more, for
+        the rare case that a cached file turns out to be of other images."""
+        fingerprint = self._fingerprint.hexdigest()
+        if self.cached is not None:
+            if self.cached["images_sha256"].numpy().tobytes().hex() == fingerprint:
+                self.source = "cached"
+                return self.cached["features"]
+            logger.warning("%s: the cached reference features in %s are of other images (the data changed); "
+                           "recomputing them", self.metric.name, self.path)
+            self._parts = [self.metric.features(x01) for x01 in again()]
+        features = torch.cat(self._parts)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(f".tmp-{os.getpid()}-{self.path.name}")
+        try:
+            save_file({"features": features, "images_sha256": torch.frombuffer(bytearray.fromhex(fingerprint),
+                                                                             dtype=torch.uint8)},
+                      tmp, metadata={"key": json.dumps(self.key, default=str)})
+            os.replace(tmp, self.path)
+        except OSError as e:  # a read-only or full cache costs a recomputation next time, nothing else
+            tmp.unlink(missing_ok=True)
+            logger.warning("could not cache the reference features in %s (%s)", self.path, e)
+        self.source = "computed"
+        return features
+
+    def record(self) -> dict:
+        """What metrics.json says about the reference."""
+        return {"source": self.source, "file": str(self.path), "images_sha256": self._fingerprint.hexdigest()}
 
 
 @torch.no_grad()

@@ -181,8 +181,10 @@ TABLE = [("psnr_db", "PSNR dB", "{:.2f}"), ("ssim", "SSIM", "{:.4f}"),
          ("equivariance_encoder_rel_error", "E equivariance error", "{:.3f}")]
 
 
-def _cell(value, fmt: str) -> str:
-    return "–" if value is None else fmt.format(value)
+def _cell(value, fmt: str, ci: list | None = None) -> str:
+    if value is None:
+        return "–"
+    return fmt.format(value) + (f" [{fmt.format(ci[0])}, {fmt.format(ci[1])}]" if ci else "")
 
 
 def markdown_table(results: list[dict]) -> str:
@@ -197,10 +199,11 @@ def markdown_table(results: list[dict]) -> str:
     lines = ["| model | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
     for r in results:
         merged = {**r["reconstruction"], **r["diffusability"]}
-        cells = [_cell(merged.get(k), f) for k, _, f in cols]
+        cells = [_cell(merged.get(k), f, r["reconstruction"].get("ci95", {}).get(k)) for k, _, f in cols]
         if has_gen:
             g = r.get("generation", {})
-            cells += ["n/a" if k in g.get("unavailable", {}) else _cell(g.get(k), f) for k, _, f in gen_cols]
+            cells += ["n/a" if k in g.get("unavailable", {}) else _cell(g.get(k), f, g.get("ci95", {}).get(k))
+                      for k, _, f in gen_cols]
         lines.append(f"| {r['label']} | " + " | ".join(cells) + " |")
     notes = sorted({f"{k}: {v}" for r in results for k, v in r.get("generation", {}).get("unavailable", {}).items()})
     return "\n".join(lines + (["", "n/a = unavailable:"] + [f"- {n}" for n in notes] if notes else []))

@@ -13,6 +13,9 @@ Conventions:
 - Domain Fréchet distance (`--fd-features`): the same statistics on a domain extractor's
   features (`ldm-vae train-fd-features`), reported under the extractor's own name (e.g.
   `fd_fashion_mnist`). `frechet_protocol` names each network's weights by sha256.
+- Every Fréchet distance has `ci95`, the basic bootstrap interval over resamples of both
+  image sets (with replacement); the real images' features are cached per (images, network)
+  and reused only after the images' uint8 sha256 matches (`frechet_reference`).
 """
 
 from __future__ import annotations

@@ -10,6 +10,7 @@ is reported as unavailable with the reason, never as 0. The conventions are in m
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import platform
 from dataclasses import dataclass, field
@@ -21,7 +22,12 @@ from tqdm.auto import tqdm
 
 from ..autoencoder.export import training_data
 from ..autoencoder.models import load_autoencoder
-from ..autoencoder.perceptual import BACKBONE_FILES, LPIPSWeightsMissing, build_lpips
+from ..autoencoder.perceptual import (
+    BACKBONE_FILES,
+    MIN_SIZE,
+    LPIPSWeightsMissing,
+    build_lpips,
+)
 from ..data.sources import build_dataset
 from ..errors import UserError
 from ..files import (
@@ -35,13 +41,7 @@ from ..files import (
 )
 from . import metrics as metrics_module
 from .diagnostics import Sums, diagnostics_for
-from .frechet import (
-    build_fid,
-    fd_protocol,
-    fid_protocol,
-    frechet_metric,
-    load_fd_features,
-)
+from .frechet import ReferenceFeatures, build_fid, frechet_result, load_fd_features
 from .metrics import clock, device_name, psnr, ssim
 
 GRID_IMAGES = 16
@@ -55,6 +55,8 @@ class EvalOptions:
     lpips_weights: dict = field(default_factory=dict)  # net -> path or None (torch hub cache)
     fid_weights: str | None = None
     fd_features: str | None = None
+    bootstrap: int = 100  # resamples for each Fréchet distance's interval; 0: none
+    reference_cache: str | None = None  # cached real-image features; None: frechet.reference_cache_dir()
     iwae_k: int = 16
     bound_images: int = 256
     likelihood_sigma: float = 0.1
@@ -66,10 +68,13 @@ class Instruments:
     """The metric networks, built once and shared by every model evaluated."""
 
     lpips: dict  # net -> LPIPS module
-    fid: object | None  # torchmetrics FID, or None
-    fd: tuple | None  # (metric name, torchmetrics Fréchet metric on the domain extractor), or None
+    frechet: list  # Fréchet metrics (rFID, the domain extractor's): frechet.Frechet
     unavailable: dict  # metric -> reason
-    protocol: dict  # Fréchet metric -> how it is made (network, weights and their sha256, input, resize)
+
+    @property
+    def protocol(self) -> dict:
+        """Fréchet metric -> how it is made (network, weights and their sha256, input, resize)."""
+        return {f.name: f.protocol for f in self.frechet}
 
 
 def build_instruments(opts: EvalOptions) -> Instruments:
@@ -82,22 +87,18 @@ def build_instruments(opts: EvalOptions) -> Instruments:
                 f"the pretrained {net} backbone weights ({BACKBONE_FILES[net][0]}) are not in the torch hub cache and "
                 f"could not be downloaded; pass --lpips-{net}-weights PATH")
     fid, reason = build_fid(opts.fid_weights)
-    protocol = {}
+    frechet = [fid] if fid is not None else []
     if fid is None:
         unavailable_metrics["rfid"] = reason
-    else:
-        protocol["rfid"] = fid_protocol(opts.fid_weights)
-    fd = None
     if opts.fd_features:
-        name, extractor = load_fd_features(opts.fd_features)
-        fd = (name, frechet_metric(extractor))
-        protocol[name] = fd_protocol(opts.fd_features, name, extractor)
-    return Instruments(lpips, fid, fd, unavailable_metrics, protocol)
+        frechet.append(load_fd_features(opts.fd_features))
+    return Instruments(lpips, frechet, unavailable_metrics)
 
 
-def evaluate_model(vae, dataset, opts: EvalOptions, out_dir: Path, tools: Instruments, label: str):
+def evaluate_model(vae, dataset, opts: EvalOptions, out_dir: Path, tools: Instruments, label: str, images: dict):
     """(metrics, first originals, their reconstructions) of one model on `dataset`; writes its
-    pictures into `out_dir`."""
+    pictures into `out_dir`. `images` says which images `dataset` holds (data settings and
+    split: `images_key`), the key of the cached reference features."""
     device = torch.device(opts.device)
     vae = vae.to(device).eval()
     n = len(dataset) if opts.num_images is None else min(opts.num_images, len(dataset))
@@ -105,13 +106,15 @@ def evaluate_model(vae, dataset, opts: EvalOptions, out_dir: Path, tools: Instru
     generator = torch.Generator(device=device).manual_seed(opts.seed)
     kind = diagnostics_for(vae)
 
-    lpips_nets = {net: model.to(device) for net, model in tools.lpips.items()}
-    fid = tools.fid
-    fd_name, fd = tools.fd or (None, None)
-    for metric in (fid, fd):
-        if metric is not None:
-            metric.reset()
-            metric.to(device)
+    size = min(dataset[0]["pixel_values"].shape[-2:])
+    lpips_nets = {net: model.to(device) for net, model in tools.lpips.items() if size >= MIN_SIZE[net]}
+    too_small = {f"lpips_{net}": f"LPIPS's {net} backbone needs images of at least {MIN_SIZE[net]}x{MIN_SIZE[net]} "
+                                 f"pixels; these are {size}x{size} (eval with --resolution {MIN_SIZE[net]} or more)"
+                 for net in tools.lpips if net not in lpips_nets}
+    frechet = [f.to(device) for f in tools.frechet]
+    key = {"images": images, "num_images": n}
+    references = [ReferenceFeatures(f, key, opts.reference_cache) for f in frechet]
+    fakes = {f.name: [] for f in frechet}
 
     sums = Sums()
     t_enc = t_dec = 0.0
@@ -130,10 +133,9 @@ def evaluate_model(vae, dataset, opts: EvalOptions, out_dir: Path, tools: Instru
         sums.add("ssim", ssim(x01, r01).sum())
         for net, model in lpips_nets.items():
             sums.add(f"lpips_{net}", model(x, recon).sum())
-        for metric in (fid, fd):
-            if metric is not None:
-                metric.update(x01, real=True)
-                metric.update(r01, real=False)
+        for f, reference in zip(frechet, references):
+            reference.add(x01)
+            fakes[f.name].append(f.features(r01))
         # latent statistics per channel: [B, C, h, w] -> [C, B*h*w]
         lat = latents.double().transpose(0, 1).flatten(1)
         sums.add("lat_sum", lat.sum(1))
@@ -146,10 +148,13 @@ def evaluate_model(vae, dataset, opts: EvalOptions, out_dir: Path, tools: Instru
     m = {"num_images": n, "psnr_db": sums.total["psnr"].item() / n, "ssim": sums.total["ssim"].item() / n}
     for net in lpips_nets:
         m[f"lpips_{net}"] = sums.total[f"lpips_{net}"].item() / n
-    if fid is not None:
-        m["rfid"] = fid.compute().item()
-    if fd is not None:
-        m[fd_name] = fd.compute().item()
+    if frechet:
+        m["ci95"], m["frechet_reference"] = {}, {}
+    for f, reference in zip(frechet, references):
+        real = reference.finish(lambda: ((b["pixel_values"].to(device) + 1) / 2 for b in loader))
+        result = frechet_result(real, torch.cat(fakes[f.name]), opts.bootstrap, opts.seed)
+        m[f.name], m["ci95"][f.name] = result["value"], result["ci95"]
+        m["frechet_reference"][f.name] = reference.record()
     count = sums.total["lat_count"]
     lat_mean = sums.total["lat_sum"] / count
     lat_std = (sums.total["lat_sq"] / count - lat_mean.pow(2)).clamp_min(0).sqrt()
@@ -161,7 +166,7 @@ def evaluate_model(vae, dataset, opts: EvalOptions, out_dir: Path, tools: Instru
     m.update(kind.finish(n, dataset, out_dir, generator, opts))
     save_heatmaps(grid_x, grid_r, out_dir / "error_heatmap.png")
     save_image(torch.cat([grid_x, grid_r]), out_dir / "reconstructions.png", nrow=len(grid_x))
-    m["unavailable"] = dict(tools.unavailable)
+    m["unavailable"] = {**tools.unavailable, **too_small}
     return m, grid_x, grid_r
 
 
@@ -191,14 +196,17 @@ def markdown_table(results: list[dict]) -> str:
         m = r["metrics"]
         cells = []
         for key, _, fmt in cols:
+            ci = m.get("ci95", {}).get(key)
             if m.get(key) is not None:
-                cells.append(fmt.format(m[key]))
+                cells.append(fmt.format(m[key]) + (f" [{fmt.format(ci[0])}, {fmt.format(ci[1])}]" if ci else ""))
             else:
                 cells.append(unav if key in m.get("unavailable", {}) else "–")
         lines.append(f"| {r['label']} | " + " | ".join(cells) + " |")
     notes = sorted({f"{k}: {v}" for r in results for k, v in r["metrics"].get("unavailable", {}).items()})
     if notes:
         lines += ["", "n/a = unavailable:"] + [f"- {n}" for n in notes]
+    if any(r["metrics"].get("ci95") for r in results):
+        lines += ["", "[low, high]: 95% bootstrap interval of the Fréchet distance (metrics.json, frechet_protocol)"]
     return "\n".join(lines)
 
 
@@ -229,7 +237,8 @@ def run_eval(models: list[str], out: str | Path, opts: EvalOptions, split: str =
         for path, label, vae in zip(paths, labels, loaded):
             folder = tmp / label if len(paths) > 1 else tmp
             folder.mkdir(parents=True, exist_ok=True)
-            metrics, originals, recon = evaluate_model(vae, dataset, opts, folder, tools, label)
+            metrics, originals, recon = evaluate_model(vae, dataset, opts, folder, tools, label,
+                                                       images_key(first, split))
             results.append({"model": str(path), "label": label, "kind": type(vae).__name__, "metrics": metrics})
             rows.append(recon)
         # the same images for every model: the dataset order is fixed and evaluation starts at 0
@@ -267,6 +276,16 @@ def load_for_comparison(models: list[str], split: str, source: str | None = None
         raise UserError("the models were trained on different data or resolutions; pass --data (and --resolution) "
                         "to measure them on the same images")
     return paths, loaded, first, build_dataset(first, split, train=False)
+
+
+def images_key(data, split: str) -> dict:
+    """What defines a split's images: its data settings (a local path made absolute)."""
+    key = dataclasses.asdict(data)
+    for how_not_what in ("num_workers", "decoded_cache_mb"):
+        key.pop(how_not_what)
+    if key["path"]:
+        key["path"] = str(Path(key["path"]).expanduser().resolve())
+    return {**key, "split": split}
 
 
 def model_labels(paths: list[Path]) -> list[str]:
