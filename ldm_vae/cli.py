@@ -7,6 +7,7 @@ else is a bug and keeps its traceback.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from pathlib import Path
@@ -151,8 +152,10 @@ def _export_pipeline(args) -> None:
 
     check_repo_id(args.push_to_hub, args.private)
     out = export_pipeline(args.run_dir, args.out_dir, overwrite=args.overwrite, repo_id=args.push_to_hub)
-    logging.getLogger("ldm_vae").info(f"exported {args.run_dir} to {out}; load it with "
-                                      f"DiffusionPipeline.from_pretrained('{out}', trust_remote_code=True)")
+    index = json.loads((out / "model_index.json").read_text())
+    load = (f"DiTPipeline.from_pretrained('{out}')" if index["_class_name"] == "DiTPipeline"
+            else f"DiffusionPipeline.from_pretrained('{out}', trust_remote_code=True)")
+    logging.getLogger("ldm_vae").info(f"exported {args.run_dir} to {out}; load it with {load}")
     if args.push_to_hub:
         logging.getLogger("ldm_vae").info(f"pushed {out} to {push_folder(out, args.push_to_hub, args.private)}")
 
@@ -309,8 +312,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_args(p)
     p.set_defaults(func=_encode)
 
-    p = sub.add_parser("train-ldm", help="train a latent diffusion UNet on a latent cache under Accelerate",
-                       description="Train a diffusers UNet2DModel on the latents cached by `ldm-vae encode` (DDPM "
+    p = sub.add_parser("train-ldm", help="train a latent diffusion UNet or DiT on a latent cache under Accelerate",
+                       description="Train a diffusers UNet2DModel (or DiTTransformer2DModel: network=dit) on the "
+                                   "latents cached by `ldm-vae encode` (DDPM "
                                    "noise schedule, epsilon or v prediction, optional class conditioning with label "
                                    "dropout for classifier-free guidance, EMA). Same checkpoints, --resume and logs "
                                    "as train-vae; a sample grid (one row per class) every train.image_every steps "
@@ -320,7 +324,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_train_ldm)
 
     p = sub.add_parser("sample", help="generate images from a train-ldm run or an exported pipeline",
-                       description="Sample with the EMA UNet of a train-ldm run (newest checkpoint) or an exported "
+                       description="Sample with the EMA network of a train-ldm run (newest checkpoint) or an exported "
                                    "pipeline folder; writes OUT/sample_NNNNN.png and OUT/grid.png. Images depend "
                                    "on --seed and --batch-size.")
     p.add_argument("model", metavar="RUN_OR_PIPELINE", help="train-ldm run folder or export-pipeline folder")
@@ -339,10 +343,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_sample)
 
     p = sub.add_parser("export-pipeline", help="write a train-ldm run as a diffusers pipeline folder",
-                       description="Write the newest checkpoint of RUN_DIR (EMA UNet), its autoencoder and a "
-                                   "DPM-Solver++ scheduler as a diffusers pipeline folder with pipeline.py and a "
-                                   "model card. Load: DiffusionPipeline.from_pretrained(OUT_DIR, "
-                                   "trust_remote_code=True).")
+                       description="Write the newest checkpoint of RUN_DIR (EMA network), its autoencoder (its "
+                                   "shift folded into its biases) and a DPM-Solver++ scheduler as a diffusers "
+                                   "pipeline folder with a model card. A DiT run is a stock DiTPipeline: "
+                                   "DiTPipeline.from_pretrained(OUT_DIR). A UNet run comes with pipeline.py: "
+                                   "DiffusionPipeline.from_pretrained(OUT_DIR, trust_remote_code=True).")
     p.add_argument("run_dir")
     p.add_argument("out_dir")
     p.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it already holds files")

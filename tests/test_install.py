@@ -65,7 +65,8 @@ def test_demo_and_export_run_from_a_wheel_outside_the_checkout(wheel_env, tmp_pa
     cli = wheel_env / "ldm-vae"
     _run([cli, "demo", "--quick", "--out", "demo", "--data-path", fake_fashion], cwd=tmp_path)
     report = json.loads((tmp_path / "demo" / "report.json").read_text())
-    assert report["stock_diffusers_max_abs_diff"] == 0.0
+    # the exported autoencoder has the shift folded into its biases: equal up to float rounding
+    assert report["stock_diffusers_max_abs_diff"] < 1e-5
     assert "ldm-vae" in (tmp_path / "demo" / "pipeline" / "README.md").read_text()
 
     _run([cli, "export", "demo/vae", "again"], cwd=tmp_path)

@@ -15,11 +15,11 @@ import torch
 from diffusers import DiffusionPipeline
 from PIL import Image
 
-from ldm_vae.autoencoder.models import load_autoencoder
+from ldm_vae.autoencoder.models import fold_shift, load_autoencoder
 from ldm_vae.cli import main
 from ldm_vae.diffusion.config import UNetConfig
 from ldm_vae.diffusion.export import export_pipeline
-from ldm_vae.diffusion.networks import build_unet, noise_schedule
+from ldm_vae.diffusion.networks import build_unet, noise_schedule, null_label
 from ldm_vae.diffusion.pipeline import LatentDiffusionPipeline, make_scheduler
 from ldm_vae.diffusion.sample import generate, load_pipeline, sample_labels
 from ldm_vae.diffusion.train import train_ldm
@@ -79,6 +79,23 @@ def test_decoding_undoes_the_scaling_once(tiny_cache):
     with torch.no_grad():
         expected = vae.decode(z).sample.clamp(-1, 1)
         torch.testing.assert_close(pipe.decode_latents((z - shift) * scale), expected)
+
+
+def test_folding_the_shift_keeps_the_autoencoders_function(tiny_cache):
+    """The exported pipeline's autoencoder (issue 16: stock pipelines ignore shift_factor) encodes
+    to z - shift and decodes from it, with shift_factor 0; the variance and scale are unchanged."""
+    vae = _tiny_pipeline(tiny_cache).vae
+    shift = vae.config.shift_factor
+    folded = fold_shift(vae)
+    assert folded.config.shift_factor == 0 and vae.config.shift_factor == shift != 0  # a copy, not in place
+    assert folded.config.scaling_factor == vae.config.scaling_factor
+    x, z = torch.rand(2, 3, 16, 16) * 2 - 1, torch.randn(2, 4, 8, 8)
+    with torch.no_grad():
+        ours, theirs = vae.encode(x).latent_dist, folded.encode(x).latent_dist
+        torch.testing.assert_close(theirs.mean, ours.mean - shift, atol=1e-5, rtol=0)
+        torch.testing.assert_close(theirs.std, ours.std)
+        torch.testing.assert_close(folded.decode(z - shift).sample, vae.decode(z).sample, atol=1e-5, rtol=0)
+    assert fold_shift(folded) is folded  # nothing left to fold
 
 
 def test_trainer_loss_drops_and_writes_sample_grids(ldm_run):
@@ -196,7 +213,9 @@ def test_stock_diffusers_generates_the_same_images_as_ldm_vae_sample(ldm_run, tm
     theirs = stock(class_labels=labels, num_inference_steps=5, guidance_scale=3.0,
                    generator=torch.Generator().manual_seed(7), output_type="pt").images
     ours = load_pipeline(out)  # built from the run's checkpoint, not from the export
-    assert torch.equal(generate(ours, 4, labels, 5, 3.0, 7, 4, progress=False), theirs)
+    # the export's autoencoder has the shift folded into its biases: equal up to float rounding
+    assert ours.vae.config.shift_factor != 0 and stock.vae.config.shift_factor == 0
+    torch.testing.assert_close(generate(ours, 4, labels, 5, 3.0, 7, 4, progress=False), theirs, atol=1e-5, rtol=0)
     # the same through the command line, compared as the PNGs it writes
     proc = subprocess.run([sys.executable, "-m", "ldm_vae", "sample", str(out), "--num-images", "4", "--steps", "5",
                            "--seed", "7", "--batch-size", "4", "--out", str(tmp_path / "png"),
@@ -213,6 +232,38 @@ def test_stock_diffusers_generates_the_same_images_as_ldm_vae_sample(ldm_run, tm
     assert type(stock.scheduler).__name__ == "DDIMScheduler" and stock.scheduler.config.clip_sample is False
     card = (tmp_path / "pipe" / "README.md").read_text()
     assert "trust_remote_code=True" in card and "3 = Dress" in card
+
+
+def test_a_dit_run_exports_as_a_stock_dit_pipeline_that_samples_like_ldm_vae_sample(tiny_ldm_cfg, tmp_path):
+    """network: dit trains diffusers' DiTTransformer2DModel on the cache (its loss falls); its
+    null class is DiTPipeline's hard-coded 1000 and only the trainer drops labels; the export
+    is a plain DiTPipeline folder (no pipeline.py, no remote code, the class names as
+    id2label) that generates the images `ldm-vae sample` generates from the run."""
+    from diffusers import DiTPipeline
+
+    cfg = tiny_ldm_cfg("network=dit", "dit.num_layers=2", "dit.num_attention_heads=2", "dit.attention_head_dim=16",
+                       "train.max_steps=40", "train.log_every=10", "train.image_every=40",
+                       "train.checkpoint_every=40")
+    run = train_ldm(cfg, tmp_path / "run")
+    losses = [json.loads(line)["loss"] for line in (tmp_path / "run" / "logs" / "metrics.jsonl").read_text().splitlines()]
+    assert losses[-1] < 0.85 * losses[0], losses
+    assert (tmp_path / "run" / "samples" / "samples_0000040.png").is_file()  # the preview, through DiTPipeline
+    labels_embedding = run.unet.transformer_blocks[0].norm1.emb.class_embedder
+    assert null_label(run.unet) == 1000 and labels_embedding.embedding_table.num_embeddings == 1001
+    assert labels_embedding.dropout_prob == 0  # the trainer's seeded dropout only
+    export_pipeline(tmp_path / "run", tmp_path / "pipe")
+    assert not (tmp_path / "pipe" / "pipeline.py").exists()
+    stock = DiTPipeline.from_pretrained(str(tmp_path / "pipe"))
+    assert type(stock) is DiTPipeline and stock.labels["Dress"] == 3 and stock.vae.config.shift_factor == 0
+    labels = [3, 3, 0, 9]
+    theirs = stock(class_labels=labels, num_inference_steps=5, guidance_scale=3.0,
+                   generator=torch.Generator().manual_seed(7), output_type="pt").images
+    for source in (tmp_path / "run", tmp_path / "pipe"):  # ldm-vae's pipeline of the run, and of the folder
+        ours = generate(load_pipeline(source), 4, labels, 5, 3.0, 7, 4, progress=False)
+        torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)  # the run folds its vae on load: rounding
+    card = (tmp_path / "pipe" / "README.md").read_text()
+    assert 'DiTPipeline.from_pretrained("' in card and "trust_remote_code" not in card
+    assert "DiTTransformer2DModel" in card and "3 = Dress" in card
 
 
 @pytest.mark.parametrize("solver", ["dpm++", "ddim"])

@@ -9,6 +9,7 @@ does, bypasses DDP's gradient synchronisation.
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 from typing import NamedTuple
@@ -41,6 +42,27 @@ def load_autoencoder(path: str | Path) -> AutoencoderKL | VQModel:
     except OSError as e:
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise UserError(f"cannot load {path}: {reason} (ldm-vae reads safetensors weights only)") from None
+
+
+@torch.no_grad()
+def fold_shift(vae):
+    """A copy of an AutoencoderKL whose posterior mean is `mean - shift_factor` and whose
+    decoder takes `z - shift_factor` (its 1x1 `quant_conv` / `post_quant_conv` biases moved),
+    with shift_factor 0; a model without a shift is returned as it is. The posterior's
+    variance, the decoder's output and `scaling_factor` stay the same."""
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    if not shift:
+        return vae
+    if not isinstance(vae, AutoencoderKL) or not (vae.config.use_quant_conv and vae.config.use_post_quant_conv):
+        raise UserError(f"cannot fold shift_factor {shift:g} into this {type(vae).__name__}: it needs the 1x1 "
+                        f"quant_conv and post_quant_conv of an AutoencoderKL")
+    folded = copy.deepcopy(vae)
+    channels = vae.config.latent_channels
+    folded.quant_conv.bias[:channels] -= shift  # the mean's half of the moments (the log-variance follows)
+    # post_quant_conv(z + shift) = W z + (b + shift * sum over W's input channels)
+    folded.post_quant_conv.bias += shift * folded.post_quant_conv.weight.sum(dim=(1, 2, 3))
+    folded.register_to_config(shift_factor=0.0)
+    return folded
 
 
 def build_autoencoder(cfg: ModelConfig, sample_size: int) -> AutoencoderKL | VQModel:

@@ -1,4 +1,4 @@
-"""The latent diffusion config (`ldm-vae train-ldm`): UNet, noise schedule, train, sample."""
+"""The latent diffusion config (`ldm-vae train-ldm`): UNet or DiT, noise schedule, train, sample."""
 
 from __future__ import annotations
 
@@ -41,6 +41,23 @@ class UNetConfig:
         if bad:
             raise FieldError("attention_levels", f"{bad} are not levels of 'model.block_out_channels' "
                              f"(0..{len(self.block_out_channels) - 1})")
+
+
+@dataclass
+class DiTConfig:
+    """diffusers DiTTransformer2DModel on the latents (`network: dit`; Peebles & Xie 2023,
+    arXiv:2212.09748): patches of `patch_size` x `patch_size` latent pixels become tokens of
+    width num_attention_heads x attention_head_dim, through `num_layers` adaLN-Zero blocks."""
+
+    patch_size: int = 2
+    num_layers: int = 6
+    num_attention_heads: int = 4
+    attention_head_dim: int = 32
+    dropout: float = 0.0
+
+    def __post_init__(self):
+        positive(self, "patch_size", "num_layers", "num_attention_heads", "attention_head_dim")
+        non_negative(self, "dropout")
 
 
 @dataclass
@@ -104,13 +121,23 @@ class PipelineExportConfig:
 
 @dataclass
 class LDMConfig:
-    """`ldm-vae train-ldm`: a diffusers UNet2DModel trained on a latent cache."""
+    """`ldm-vae train-ldm`: a diffusers UNet2DModel or DiTTransformer2DModel trained on a latent cache."""
 
     seed: int = 0
     # the latent cache (`ldm-vae encode`); `--latents` sets it
     latents: Optional[str] = None
+    # unet (`model:`, UNet2DModel) | dit (`dit:`, DiTTransformer2DModel; class-conditional only,
+    # exported as a stock DiTPipeline)
+    network: str = "unet"
     model: UNetConfig = field(default_factory=UNetConfig)
+    dit: DiTConfig = field(default_factory=DiTConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     train: LDMTrainConfig = field(default_factory=LDMTrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     export: PipelineExportConfig = field(default_factory=PipelineExportConfig)
+
+    def __post_init__(self):
+        one_of(self, "network", ("unet", "dit"))
+        if self.network == "dit" and not self.diffusion.class_conditional:
+            raise FieldError("network", "dit needs diffusion.class_conditional: true (DiT's adaLN blocks are "
+                             "conditioned on a class; use network: unet for an unconditional model)")

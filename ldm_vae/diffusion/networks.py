@@ -1,12 +1,52 @@
-"""The latent diffusion networks: diffusers `UNet2DModel` built from config, and the training
-noise schedule that samplers are built from (pipeline.make_scheduler)."""
+"""The latent diffusion networks: diffusers `UNet2DModel` or `DiTTransformer2DModel` built from
+config, which label is its "null" class, and the training noise
+schedule that samplers are built from (pipeline.make_scheduler)."""
 
 from __future__ import annotations
 
-from diffusers import DDPMScheduler, UNet2DModel
+from diffusers import DDPMScheduler, DiTTransformer2DModel, UNet2DModel
+from diffusers.models.embeddings import LabelEmbedding
 
 from ..errors import UserError
-from .config import BETA_SCHEDULES, DiffusionConfig, UNetConfig
+from .config import BETA_SCHEDULES, DiffusionConfig, DiTConfig, LDMConfig, UNetConfig
+
+# diffusers' DiTPipeline feeds the hard-coded label 1000 as the unconditional class (ImageNet's
+# DiT has 1000 classes): our DiTs have that many label slots, whatever the dataset's classes,
+# so that the stock pipeline's null label is the one they were trained with.
+DIT_NULL_LABEL = 1000
+
+
+def build_network(cfg: LDMConfig, latent_shape: list[int], num_classes: int | None):
+    """The denoiser `cfg.network` names, for latents of `latent_shape` [C, h, w]."""
+    if cfg.network == "dit":
+        return build_dit(cfg.dit, latent_shape, num_classes)
+    return build_unet(cfg.model, latent_shape, num_classes)
+
+
+def null_label(net) -> int:
+    """The class label that means "no class" (classifier-free guidance) for `net`."""
+    return DIT_NULL_LABEL if isinstance(net, DiTTransformer2DModel) else net.config.num_class_embeds - 1
+
+
+def build_dit(cfg: DiTConfig, latent_shape: list[int], num_classes: int | None) -> DiTTransformer2DModel:
+    """A class-conditional DiT (adaLN-Zero) with DIT_NULL_LABEL + 1 label embeddings, the last the
+    null class; its own random label dropout is switched off: the trainer drops labels itself,
+    from its seeded draw (LabelEmbedding's would draw from the global RNG, and add to ours)."""
+    channels, size = latent_shape[0], latent_shape[1]
+    if size % cfg.patch_size:
+        raise UserError(f"latents of {size}x{size} cannot be cut into dit.patch_size={cfg.patch_size} patches")
+    if not num_classes or num_classes > DIT_NULL_LABEL:
+        raise UserError(f"network: dit needs 1..{DIT_NULL_LABEL} classes (diffusers' DiTPipeline takes label "
+                        f"{DIT_NULL_LABEL} as the null class); this cache has {num_classes or 'no'} classes")
+    net = DiTTransformer2DModel(
+        num_attention_heads=cfg.num_attention_heads, attention_head_dim=cfg.attention_head_dim,
+        in_channels=channels, out_channels=channels, num_layers=cfg.num_layers, dropout=cfg.dropout,
+        sample_size=size, patch_size=cfg.patch_size, num_embeds_ada_norm=DIT_NULL_LABEL,
+    )
+    for module in net.modules():
+        if isinstance(module, LabelEmbedding):
+            module.dropout_prob = 0.0
+    return net
 
 
 def build_unet(cfg: UNetConfig, latent_shape: list[int], num_classes: int | None) -> UNet2DModel:

@@ -14,6 +14,10 @@ once, with the factors in the autoencoder's own config (a VQModel has no shift_f
 A class-conditional UNet has `num_class_embeds = num_classes + 1`: the last class is the
 "null" label the model was trained with for classifier-free guidance (Ho & Salimans 2022,
 arXiv:2207.12598).
+
+`LatentDiTPipeline` is diffusers' stock `DiTPipeline` with the same interface for ldm-vae's
+own commands (`num_classes`, `use_solver`, `batch_size`); a DiT run exports as a plain
+`DiTPipeline` folder, which needs no file of ours.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import torch
 from diffusers import (
     DDIMScheduler,
     DiffusionPipeline,
+    DiTPipeline,
     DPMSolverMultistepScheduler,
     ImagePipelineOutput,
 )
@@ -124,3 +129,30 @@ class LatentDiffusionPipeline(DiffusionPipeline):
                 result = self.numpy_to_pil(result)
         self.maybe_free_model_hooks()
         return ImagePipelineOutput(images=result) if return_dict else (result,)
+
+
+class LatentDiTPipeline(DiTPipeline):
+    """Stock DiTPipeline (null label 1000, guidance where guidance_scale > 1, decoding
+    `latents / scaling_factor`: the exported autoencoder has its shift folded in) with
+    `num_classes` = the number of entries of `id2label` (the dataset's class names)."""
+
+    def __init__(self, transformer, vae, scheduler, id2label: dict | None = None):
+        super().__init__(transformer, vae, scheduler, id2label)
+        self.id2label = {int(k): v for k, v in (id2label or {}).items()}
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.id2label)
+
+    use_solver = LatentDiffusionPipeline.use_solver
+
+    def __call__(self, class_labels=None, batch_size: int | None = None, guidance_scale: float = 3.0, **kwargs):
+        """DiTPipeline's call with LatentDiffusionPipeline's arguments (`batch_size` is the
+        number of labels; `output_type` "pt" gives [0, 1] NCHW tensors)."""
+        if class_labels is None:
+            raise ValueError(f"this pipeline is class-conditional: pass class_labels (0..{self.num_classes - 1})")
+        labels = torch.as_tensor(class_labels).long().reshape(-1)
+        if labels.min() < 0 or labels.max() >= self.num_classes:
+            raise ValueError(f"class_labels must be in 0..{self.num_classes - 1}, got {labels.tolist()}")
+        return super().__call__(labels.tolist(), guidance_scale=guidance_scale, **kwargs)
+

@@ -1,34 +1,50 @@
 """Sampling (`ldm-vae sample`) from a latent diffusion run or an exported pipeline folder.
 
-A run's pipeline is built from its newest checkpoint: the EMA UNet, the autoencoder that
+A run's pipeline is built from its newest checkpoint: the EMA UNet or DiT, the autoencoder that
 made the latent cache (checked by fingerprint) and a sampler built from the training noise
 schedule; export.py writes the same pipeline as a folder.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
-from diffusers import UNet2DModel
-from diffusers.schedulers import SchedulerMixin
+from diffusers import DDPMScheduler, DiTTransformer2DModel, UNet2DModel
 from tqdm.auto import tqdm
 
 from .. import config as config_lib
-from ..autoencoder.models import load_autoencoder
+from ..autoencoder.models import fold_shift, load_autoencoder
 from ..errors import UserError
 from ..files import save_image
 from ..run.checkpoint import find_checkpoint, read_state
 from .config import LDMConfig
 from .latents import load_cache_autoencoder
 from .networks import noise_schedule
-from .pipeline import LatentDiffusionPipeline, make_scheduler
+from .pipeline import LatentDiffusionPipeline, LatentDiTPipeline, make_scheduler
 
 MODEL_INDEX = "model_index.json"
 
 
+def class_names(meta: dict) -> list[str] | None:
+    """The cache's class names (their indices where the data has none); None: unlabelled."""
+    if not meta.get("has_labels"):
+        return None
+    return meta.get("class_names") or [str(i) for i in range(meta["num_classes"])]
+
+
+def run_pipeline(net, vae, scheduler, names: list[str] | None = None):
+    """The pipeline of a denoiser: LatentDiTPipeline for a DiT (the class names as its id2label;
+    the autoencoder's shift folded in, as DiTPipeline decodes `latents / scaling_factor` and
+    ignores a shift), else LatentDiffusionPipeline."""
+    if isinstance(net, DiTTransformer2DModel):
+        return LatentDiTPipeline(net, fold_shift(vae), scheduler, dict(enumerate(names)))
+    return LatentDiffusionPipeline(net, vae, scheduler)
+
+
 def load_run_pipeline(run_dir: str | Path, solver: str | None = None) -> tuple[LatentDiffusionPipeline, dict]:
-    """(pipeline, info) of a train-ldm run's newest complete checkpoint (EMA UNet)."""
+    """(pipeline, info) of a train-ldm run's newest complete checkpoint (EMA network)."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise UserError(f"run folder {run_dir} does not exist")
@@ -39,11 +55,14 @@ def load_run_pipeline(run_dir: str | Path, solver: str | None = None) -> tuple[L
                         f"or an exported pipeline folder)")
     cfg: LDMConfig = config_lib.load_saved_config(state["config"], f"{checkpoint}/trainer_state.json", LDMConfig)
     vae = load_cache_autoencoder(state["cache"])
-    unet = UNet2DModel.from_pretrained(checkpoint / "unet", use_safetensors=True)
+    if cfg.network == "dit":
+        net = DiTTransformer2DModel.from_pretrained(checkpoint / "transformer", use_safetensors=True)
+    else:
+        net = UNet2DModel.from_pretrained(checkpoint / "unet", use_safetensors=True)
     scheduler = make_scheduler(solver or cfg.sample.solver, noise_schedule(cfg.diffusion).config)
     info = {"checkpoint": str(checkpoint), "step": state["step"], "config": cfg, "cache": state["cache"],
             "logs": state.get("logs") or {}}
-    return LatentDiffusionPipeline(unet.eval(), vae.eval(), scheduler), info
+    return run_pipeline(net.eval(), vae.eval(), scheduler, class_names(state["cache"])), info
 
 
 def load_pipeline(path: str | Path, solver: str | None = None) -> LatentDiffusionPipeline:
@@ -51,10 +70,16 @@ def load_pipeline(path: str | Path, solver: str | None = None) -> LatentDiffusio
     path = Path(path)
     if not (path / MODEL_INDEX).is_file():
         return load_run_pipeline(path, solver)[0]
-    unet = UNet2DModel.from_pretrained(path / "unet", use_safetensors=True)
+    index = json.loads((path / MODEL_INDEX).read_text())
+    if index["_class_name"] == "DiTPipeline":
+        net = DiTTransformer2DModel.from_pretrained(path / "transformer", use_safetensors=True)
+    else:
+        net = UNet2DModel.from_pretrained(path / "unet", use_safetensors=True)
     vae = load_autoencoder(path / "vae")
-    scheduler_cfg = SchedulerMixin.load_config(path / "scheduler")
-    return LatentDiffusionPipeline(unet.eval(), vae.eval(), make_scheduler(solver or "dpm++", scheduler_cfg))
+    # any scheduler class reads the saved config (a dict); make_scheduler builds the solver from it
+    scheduler = make_scheduler(solver or "dpm++", DDPMScheduler.load_config(path / "scheduler"))
+    names = index.get("id2label")
+    return run_pipeline(net.eval(), vae.eval(), scheduler, [names[k] for k in sorted(names, key=int)] if names else None)
 
 
 def sample_labels(num_classes: int, class_labels: list[int] | None, num_images: int) -> list[int] | None:
