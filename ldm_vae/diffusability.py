@@ -104,7 +104,7 @@ def proxy_generation(export: Path, work: Path, recipe: ProxyRecipe, real: dict, 
     m["ci95"] = {}
     for f in tools.frechet:  # rfid -> fid_samples: the samples are no reconstructions
         key = "fid_samples" if f.name == "rfid" else f"{f.name}_samples"
-        result = frechet_result(real[f.name], f.features(samples), opts.bootstrap, seed)
+        result = frechet_result(real[f.name], f.features(samples), opts.bootstrap, seed, device)
         m[key], m["ci95"][key] = result["value"], result["ci95"]
     if "rfid" in tools.unavailable:
         m["unavailable"]["fid_samples"] = tools.unavailable["rfid"]

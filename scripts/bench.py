@@ -6,6 +6,7 @@
     python scripts/bench.py ldm-cache [--vae runs/kl/export] [--out reports/bench]
     python scripts/bench.py sampling [--ldm runs/ldm]
     python scripts/bench.py tiled-decode [--vae runs/kl/export]
+    python scripts/bench.py latent-memory [--sizes 10000 100000 1000000]
 
 ae-step: one autoencoder training step in the GAN phase (generator with LPIPS and the
 adaptive-weighted GAN term, then the discriminator; --phase recon: the phase before
@@ -42,6 +43,15 @@ test images, encoded by the autoencoder) with and without diffusers' tiled decod
 resident memory above its state before decoding is reported, with the time and the
 difference to the untiled image. Both images are saved to OUT for a look at the seams.
 
+latent-memory: peak resident memory (VmHWM) of a fresh process that builds the
+LatentDataset of a synthetic KL cache (random mean and std of shape 4x8x8, labels, shards
+of 10,000, a valid cache.json with checksums) of each size and draws 200 shuffled batches
+of 128 through a DataLoader as the LDM trainer does; with the time to build (checksums
+included) and per batch (median). Variants: the dataset (rows read per batch with pread), the
+dataset before lazy reads (every shard loaded and concatenated at start), and rows read
+through safetensors' safe_open(...).get_slice (memory mapped). The caches (2 GB at 10^6)
+are written to a temporary folder and deleted afterwards.
+
 Prints a table and writes OUT/<comparison>.json.
 """
 
@@ -51,6 +61,7 @@ import argparse
 import json
 import multiprocessing
 import platform
+import shutil
 import statistics
 import sys
 import tempfile
@@ -59,6 +70,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, Subset
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -71,12 +84,12 @@ from ldm_vae.autoencoder.perceptual import build_lpips  # noqa: E402
 from ldm_vae.config import load_config  # noqa: E402
 from ldm_vae.data.sources import build_dataset  # noqa: E402
 from ldm_vae.diffusion.config import LDMConfig  # noqa: E402
-from ldm_vae.diffusion.latents import LatentDataset, encode_dataset  # noqa: E402
+from ldm_vae.diffusion.latents import CACHE_FILE, LatentDataset, encode_dataset  # noqa: E402
 from ldm_vae.diffusion.networks import (
     build_unet,  # noqa: E402
     noise_schedule,  # noqa: E402
 )
-from ldm_vae.files import make_grid, save_image  # noqa: E402
+from ldm_vae.files import make_grid, save_image, sha256  # noqa: E402
 
 
 def _median_step_time(step, batches, warmup: int, repeats: int) -> list[float]:
@@ -438,9 +451,118 @@ def bench_tiled_decode(args) -> dict:
             "mean_abs_diff": diff.mean().item(), "target": "tiled peak memory <= 1/4 of untiled"}
 
 
+LATENT_SHAPE, LATENT_SHARD, LATENT_BATCH, LATENT_BATCHES = (4, 8, 8), 10_000, 128, 200
+
+
+def _synthetic_latent_cache(out: Path, n: int) -> Path:
+    """A KL latent cache of `n` random latents (mean, std, labels) in the format `ldm-vae encode`
+    writes, with the cache.json that `read_cache` and `LatentDataset` check (checksums included)."""
+    out.mkdir(parents=True)
+    g, names = torch.Generator().manual_seed(0), []
+    for i in range(-(-n // LATENT_SHARD)):
+        rows = min(LATENT_SHARD, n - i * LATENT_SHARD)
+        names.append(f"shard-{i:05d}.safetensors")
+        save_file({"mean": torch.randn(rows, *LATENT_SHAPE, generator=g),
+                   "std": torch.rand(rows, *LATENT_SHAPE, generator=g) + 0.01,
+                   "labels": torch.randint(0, 10, (rows,), generator=g)}, str(out / names[-1]))
+    meta = {"autoencoder": "none (synthetic)", "fingerprint": "synthetic", "kind": "AutoencoderKL",
+            "scaling_factor": 1.0, "shift_factor": 0.0, "data": {}, "dataset": f"{n} random latents",
+            "dataset_id": None, "split": "train", "num_images": n, "flipped": False, "has_labels": True,
+            "class_names": [str(c) for c in range(10)], "shard_size": LATENT_SHARD,
+            "latent_shape": list(LATENT_SHAPE), "num_classes": 10, "shards": names,
+            "shard_sha256": [sha256(out / name) for name in names]}
+    (out / CACHE_FILE).write_text(json.dumps(meta, indent=2))
+    return out
+
+
+class _EagerLatentDataset(LatentDataset):
+    """The baseline: the dataset as it was before lazy reads, every shard loaded and
+    concatenated at start (the same draws; rows indexed from memory)."""
+
+    def __init__(self, cache_dir, seed: int = 0):
+        super().__init__(cache_dir, seed)
+        shards = [load_file(str(shard.path)) for shard in self.shards]
+        self.tensors = {k: torch.cat([s[k] for s in shards]) for k in shards[0]}
+
+    def _read(self, names, rows):
+        idx = torch.as_tensor([self.starts[shard] + row for shard, row in rows])
+        if len(set(names)) == 1:
+            return self.tensors[names[0]][idx]
+        return torch.stack([self.tensors[name][i] for name, i in zip(names, idx)])
+
+
+class _MappedLatentDataset(LatentDataset):
+    """Rows read through safetensors' safe_open(...).get_slice: the file memory mapped, one
+    handle per shard kept open."""
+
+    def _read(self, names, rows):
+        if not hasattr(self, "_slices"):
+            self._handles, self._slices = {}, {}
+        out = []
+        for name, (shard, row) in zip(names, rows):
+            if (shard, name) not in self._slices:
+                if shard not in self._handles:
+                    self._handles[shard] = safe_open(str(self.shards[shard].path), framework="pt")
+                self._slices[shard, name] = self._handles[shard].get_slice(name)
+            out.append(self._slices[shard, name][row:row + 1])
+        return torch.cat(out)
+
+
+LATENT_VARIANTS = {"LatentDataset (rows read per batch)": LatentDataset,
+                   "before: every shard in memory": _EagerLatentDataset,
+                   "safe_open + get_slice (memory mapped)": _MappedLatentDataset}
+
+
+def _latent_memory_in_child(cache: str, variant: str) -> dict:
+    """In a fresh process: build the dataset, draw LATENT_BATCHES batches as the LDM trainer's
+    loader does (shuffled, whole batches, no workers). Resident memory after the imports, the
+    peak while building and drawing (VmHWM, reset after the imports, whose transient peak would
+    hide the dataset: Linux clear_refs 5), and times. Not ru_maxrss: it survives exec, so a
+    spawned child reports at least its parent's peak (here: writing the caches)."""
+    before = _rss_mb("VmRSS")  # torch, diffusers, ldm_vae imported
+    Path("/proc/self/clear_refs").write_text("5")
+    t0 = time.perf_counter()
+    dataset = LATENT_VARIANTS[variant](cache, seed=0)
+    built = time.perf_counter() - t0
+    batches = _forever(DataLoader(dataset, batch_size=LATENT_BATCH, shuffle=True, drop_last=True,
+                                  generator=torch.Generator()))
+    next(batches)  # warm-up
+    times = []
+    for _ in range(LATENT_BATCHES):
+        t0 = time.perf_counter()
+        next(batches)
+        times.append(time.perf_counter() - t0)
+    peak = _rss_mb("VmHWM")
+    return {"rss_after_imports_mb": before, "peak_rss_mb": peak, "peak_above_imports_mb": peak - before,
+            "build_s": built, "ms_per_batch": statistics.median(times) * 1e3}
+
+
+def bench_latent_memory(args) -> dict:
+    tmp, results = Path(tempfile.mkdtemp(prefix="bench-")), {}
+    ctx = multiprocessing.get_context("spawn")
+    try:
+        for n in sorted(args.sizes):
+            cache = _synthetic_latent_cache(tmp / f"cache-{n}", n)
+            for variant in LATENT_VARIANTS:
+                with ctx.Pool(1) as pool:  # a fresh process each: its peak is its own
+                    r = pool.apply(_latent_memory_in_child, (str(cache), variant))
+                smallest = results.get(f"{variant}, {min(args.sizes)} latents", r)
+                results[f"{variant}, {n} latents"] = {
+                    "cache_mb": sum(f.stat().st_size for f in cache.iterdir()) / 2**20, **r,
+                    "peak_vs_smallest": r["peak_rss_mb"] / smallest["peak_rss_mb"]}
+            shutil.rmtree(cache)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    largest = f"LatentDataset (rows read per batch), {max(args.sizes)} latents"
+    return {"comparison": "latent-memory", "latent_shape": list(LATENT_SHAPE), "tensors": "mean, std (fp32), labels",
+            "shard_size": LATENT_SHARD, "batch_size": LATENT_BATCH, "batches": LATENT_BATCHES,
+            "results": results, "growth": results[largest]["peak_vs_smallest"] - 1,
+            "target": "peak RSS grows < 10% from 10^4 to 10^6 latents"}
+
+
 BENCHES = {"ae-step": bench_ae_step, "ae-mfu": bench_ae_mfu, "data-loading": bench_data_loading,
            "ldm-cache": bench_ldm_cache, "sampling": bench_sampling,
-           "tiled-decode": bench_tiled_decode}
+           "tiled-decode": bench_tiled_decode, "latent-memory": bench_latent_memory}
 
 
 def main() -> None:
@@ -461,6 +583,8 @@ def main() -> None:
     p.add_argument("--phase", choices=["gan", "recon"], default="gan",
                    help="ae-step: the GAN phase, or the reconstruction phase before loss.disc_start")
     p.add_argument("--compile", action="store_true", help="ae-step: also time train.compile (slow to compile)")
+    p.add_argument("--sizes", type=int, nargs="+", default=[10**4, 10**5, 10**6],
+                   help="latent-memory: latents in each synthetic cache")
     p.add_argument("--out", default="reports/bench")
     args = p.parse_args()
     result = BENCHES[args.which](args)

@@ -27,9 +27,11 @@ from ldm_vae.evaluation.frechet import (
     INCEPTION_FILE,
     Frechet,
     ReferenceFeatures,
+    _fd_symmetric,
     _Features,
     _Uint8,
     exact_uint8,
+    fd_of_features,
     fid_protocol,
     frechet_distance,
     frechet_result,
@@ -147,6 +149,8 @@ def test_bootstrap_interval_brackets_the_distributions_distance_and_narrows_with
     width = {n: r["ci95"][1] - r["ci95"][0] for n, r in results.items()}
     assert width[3000] < width[300] / 2.5, width  # ~ 1 / sqrt(n)
     assert frechet_result(real, fake, bootstrap=0)["ci95"] is None
+    # the resamples' formula (symmetric eigendecompositions) is torchmetrics' distance
+    assert _fd_symmetric(real[:500], fake[:700]) == pytest.approx(fd_of_features(real[:500], fake[:700]), rel=1e-9)
     # seeded: the same interval again
     assert frechet_result(real, fake, bootstrap=200, seed=1) == results[3000]
 

@@ -18,15 +18,17 @@ Latents are stored UNSCALED; `LatentDataset` applies `(z - shift) * scale` exact
 
 from __future__ import annotations
 
+import bisect
+import collections
 import dataclasses
-import hashlib
 import json
+import math
 import os
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 from diffusers import VQModel
-from safetensors.torch import load as load_safetensors
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
@@ -161,19 +163,106 @@ def load_cache_autoencoder(meta: dict):
     return load_autoencoder(model_dir)
 
 
-def _verified_shard(cache_dir: Path, meta: dict, i: int) -> dict[str, torch.Tensor]:
-    """Shard i's tensors, refused when the file is not the one the cache recorded (caches
-    written before checksums were recorded are read unverified). Read once: hashed and
-    loaded from the same bytes."""
+# ==============================================================================================
+# Reading a cache: rows read per batch, never whole shards
+# ==============================================================================================
+
+# safetensors' dtype names (https://github.com/huggingface/safetensors, "Format"); the cache
+# writes F32 latents and I64 labels
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+           "BOOL": torch.bool}
+# open files kept per process (per DataLoader worker): bounded whatever the cache size, and
+# enough for every shard of 1.28 M latents (ImageNet) in shards of 10,000, as a shuffled batch
+# touches most shards; an open file costs the kernel a little, this process nothing
+MAX_OPEN_SHARDS = 128
+
+
+@dataclasses.dataclass(frozen=True)
+class _Column:
+    """Where one tensor of a shard lies in its file: `rows` rows of `row_shape`, from byte `offset`."""
+    offset: int
+    rows: int
+    row_shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def row_bytes(self) -> int:
+        return math.prod(self.row_shape) * self.dtype.itemsize
+
+
+@dataclasses.dataclass(frozen=True)
+class _Shard:
+    """A verified shard file: its columns and the identity (device, inode, size, mtime) it had
+    when its checksum was computed."""
+    path: Path
+    columns: dict[str, _Column]
+    identity: tuple[int, int, int, int]
+
+
+def _identity(st: os.stat_result) -> tuple[int, int, int, int]:
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+
+
+def _corrupt(path: Path, why: str) -> UserError:
+    return UserError(f"{path} is corrupt ({why}); re-encode the cache with `ldm-vae encode ... --overwrite`")
+
+
+def _columns(path: Path) -> dict[str, _Column]:
+    """The tensors of a safetensors file, from its header only: 8 bytes (little-endian u64 N),
+    N bytes of JSON {name: {dtype, shape, data_offsets: [begin, end]}}, then the data, each
+    tensor C-contiguous, so row i of a tensor starts at offset + i * row_bytes."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if not 0 < n <= size - 8:
+            raise _corrupt(path, "no safetensors header")
+        try:
+            header = json.loads(f.read(n))
+        except ValueError as err:
+            raise _corrupt(path, f"unreadable safetensors header: {err}") from err
+    header.pop("__metadata__", None)
+    columns = {}
+    for name, info in header.items():
+        begin, end = info["data_offsets"]
+        if info["dtype"] not in _DTYPES or not info["shape"]:
+            raise _corrupt(path, f"{name}: unexpected dtype {info['dtype']} or shape {info['shape']}")
+        column = _Column(8 + n + begin, info["shape"][0], tuple(info["shape"][1:]), _DTYPES[info["dtype"]])
+        if end - begin != column.rows * column.row_bytes or 8 + n + end > size:
+            raise _corrupt(path, f"{name}: its data does not match its shape {info['shape']}")
+        columns[name] = column
+    return columns
+
+
+def _verified_shard(cache_dir: Path, meta: dict, i: int) -> _Shard:
+    """Shard i, refused when the file is not the one the cache recorded (caches written before
+    checksums were recorded are read unverified). The file is hashed streaming (nothing kept
+    in memory); batches then read rows from it. What this does not protect against: the
+    checksum is of the file as it was here, once. A file replaced later (a rename onto the
+    path, a rewrite with a new mtime) is refused when it is next opened (its identity
+    changed), but bytes changed in place without a new mtime, or by the disk, after the
+    check are read as they are."""
     path = cache_dir / meta["shards"][i]
     if not path.is_file():
         raise UserError(f"{path} is missing: the latent cache is incomplete; re-encode it with `ldm-vae encode ... "
                         f"--overwrite`")
-    data = path.read_bytes()
-    if "shard_sha256" in meta and hashlib.sha256(data).hexdigest() != meta["shard_sha256"][i]:
+    identity = _identity(path.stat())  # before hashing: a file replaced while it is hashed is refused when opened
+    if "shard_sha256" in meta and sha256(path) != meta["shard_sha256"][i]:
         raise UserError(f"{path} is corrupt (its sha256 is not the one recorded in {CACHE_FILE} when it was "
                         f"written); re-encode the cache with `ldm-vae encode ... --overwrite`")
-    return load_safetensors(data)
+    return _Shard(path, _columns(path), identity)
+
+
+def _read_at(f: BinaryIO, offset: int, into: memoryview) -> int:
+    """Read len(into) bytes of `f` at `offset` into `into`; the number read."""
+    if hasattr(os, "pread"):  # no file position: safe on descriptors that forked DataLoader workers share
+        data = os.pread(f.fileno(), len(into), offset)
+    else:  # Windows has no pread; its DataLoader workers are spawned, each opening its own files
+        f.seek(offset)
+        data = f.read(len(into))
+    into[:len(data)] = data
+    return len(data)
 
 
 class LatentDataset(Dataset):
@@ -182,16 +271,41 @@ class LatentDataset(Dataset):
     KL caches give a fresh posterior sample per (seed, epoch, batch), VQ caches the stored
     latents; with flips, the flipped twin is taken half the time. The scaling (and shift)
     of the autoencoder is applied here, once.
+
+    Memory does not grow with the cache: at most MAX_OPEN_SHARDS files are open, and a batch
+    reads its rows with `os.pread` (the page cache holds the file, not this process).
+    safetensors' `safe_open(...).get_slice` reads through a memory map whose touched pages
+    count in this process's resident memory (about the whole file after a few hundred random
+    batches, and 6 to 12 times slower per batch: scripts/bench.py latent-memory), so rows are
+    located from the safetensors header and read directly.
     """
 
     def __init__(self, cache_dir: str | Path, seed: int = 0):
         self.meta = read_cache(cache_dir)
-        shards = [_verified_shard(Path(cache_dir), self.meta, i) for i in range(len(self.meta["shards"]))]
-        self.tensors = {k: torch.cat([s[k] for s in shards]) for k in shards[0]}
+        self.shards = [_verified_shard(Path(cache_dir), self.meta, i) for i in range(len(self.meta["shards"]))]
+        layout = {k: (c.row_shape, c.dtype) for k, c in self.shards[0].columns.items()}
+        if any(layout[k] != layout.get(k + "_flipped", layout[k]) for k in layout):
+            raise _corrupt(self.shards[0].path, "a flipped twin does not match its tensor")
+        for shard in self.shards:
+            if {k: (c.row_shape, c.dtype) for k, c in shard.columns.items()} != layout or \
+                    len({c.rows for c in shard.columns.values()}) != 1:
+                raise _corrupt(shard.path, f"its tensors do not match those of {self.shards[0].path.name}")
+        self.starts = [0]  # global index of each shard's first row, then the total
+        for shard in self.shards:
+            self.starts.append(self.starts[-1] + next(iter(shard.columns.values())).rows)
+        if self.starts[-1] != self.meta["num_images"]:
+            raise UserError(f"{cache_dir} holds {self.starts[-1]} latents, not the {self.meta['num_images']} its "
+                            f"{CACHE_FILE} records; re-encode the cache with `ldm-vae encode ... --overwrite`")
         self.scale = self.meta["scaling_factor"]
         self.shift = self.meta["shift_factor"] or 0.0
         self.seed, self.epoch = seed, 0
-        self.kl = "mean" in self.tensors
+        self.kl = "mean" in layout
+        self.has_labels = "labels" in layout
+        self._open: collections.OrderedDict[int, BinaryIO] = collections.OrderedDict()  # shard -> file, LRU
+
+    def __getstate__(self) -> dict:
+        # open files do not travel to DataLoader workers (spawn): each worker opens its own
+        return {**self.__dict__, "_open": collections.OrderedDict()}
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -210,18 +324,59 @@ class LatentDataset(Dataset):
         g = torch.Generator().manual_seed(hash((self.seed, self.epoch, *indices)) & (2**63 - 1))
         idx = torch.as_tensor(indices, dtype=torch.long)
         flip = torch.rand(len(idx), generator=g) < 0.5 if self.meta["flipped"] else torch.zeros(len(idx), dtype=bool)
+        rows = [self._locate(int(i)) for i in indices]
 
         def pick(name: str) -> torch.Tensor:
-            plain = self.tensors[name][idx]
-            if not flip.any():
-                return plain
-            return torch.where(flip.view(-1, 1, 1, 1), self.tensors[name + "_flipped"][idx], plain)
+            # each row from the plain or the flipped tensor: the same values, bit for bit, as
+            # torch.where(flip, flipped[idx], plain[idx]) on the whole tensors
+            return self._read([name + "_flipped" if f else name for f in flip.tolist()], rows)
 
         if self.kl:
-            mean, std = pick("mean"), pick("std")
+            mean, std = pick("mean"), pick("std")  # (B, C, h, w)
             z = mean + std * torch.randn(mean.shape, generator=g)
         else:
             z = pick("latents")
-        labels = self.tensors["labels"][idx] if "labels" in self.tensors else torch.full((len(idx),), -1)
+        labels = self._read(["labels"] * len(rows), rows) if self.has_labels else torch.full((len(idx),), -1)
         z = (z - self.shift) * self.scale
         return [{"latents": z[k], "label": labels[k]} for k in range(len(idx))]
+
+    def _locate(self, i: int) -> tuple[int, int]:
+        """(shard, row in that shard) of global index i (negative i counts from the end, as in indexing)."""
+        n = self.starts[-1]
+        if not -n <= i < n:
+            raise IndexError(f"index {i} is out of range for a latent cache of {n}")
+        i %= n
+        shard = bisect.bisect_right(self.starts, i) - 1
+        return shard, i - self.starts[shard]
+
+    def _file(self, shard: int) -> BinaryIO:
+        """Shard's open file (at most MAX_OPEN_SHARDS stay open), refused when it is not the file
+        that was verified."""
+        if shard in self._open:
+            self._open.move_to_end(shard)
+            return self._open[shard]
+        f = open(self.shards[shard].path, "rb", buffering=0)  # noqa: SIM115 (kept open: closed on eviction)
+        if _identity(os.fstat(f.fileno())) != self.shards[shard].identity:
+            f.close()
+            raise UserError(f"{self.shards[shard].path} changed since its checksum was verified; restart the run "
+                            f"(the latent cache is checked again) or re-encode it with `ldm-vae encode ... "
+                            f"--overwrite`")
+        self._open[shard] = f
+        if len(self._open) > MAX_OPEN_SHARDS:
+            self._open.popitem(last=False)[1].close()
+        return f
+
+    def _read(self, names: list[str], rows: list[tuple[int, int]]) -> torch.Tensor:
+        """Row rows[k] of tensor names[k], stacked: (B, *row_shape); one read per row."""
+        first = self.shards[0].columns[names[0] if names else "labels"]
+        size = first.row_bytes
+        buf = bytearray(len(rows) * size)
+        view = memoryview(buf)
+        for k in sorted(range(len(rows)), key=rows.__getitem__):  # by shard: each file fetched once per batch
+            (shard, row), column = rows[k], self.shards[rows[k][0]].columns[names[k]]
+            if _read_at(self._file(shard), column.offset + row * size, view[k * size:(k + 1) * size]) != size:
+                raise _corrupt(self.shards[shard].path, "shorter than its header says")
+        if not buf:
+            return torch.empty((0, *first.row_shape), dtype=first.dtype)
+        # safetensors stores little-endian bytes, as every platform torch runs on here
+        return torch.frombuffer(buf, dtype=first.dtype).view(len(rows), *first.row_shape)

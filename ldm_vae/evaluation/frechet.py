@@ -24,6 +24,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 from torchmetrics.image.fid import FrechetInceptionDistance, _compute_fid
+from tqdm.auto import tqdm
 
 from ..errors import UserError
 from ..files import sha256
@@ -45,11 +46,14 @@ class Frechet:
         self.network.to(device)
         return self
 
+    @property
+    def device(self) -> torch.device:
+        return next(self.network.parameters(), torch.empty(0)).device
+
     @torch.no_grad()
     def features(self, x01: torch.Tensor, batch_size: int = 500) -> torch.Tensor:
         """[N, D] float64 features on the CPU, in batches on the network's device."""
-        device = next(self.network.parameters(), torch.empty(0)).device
-        return torch.cat([self.network(x01[i:i + batch_size].to(device)).double().cpu()
+        return torch.cat([self.network(x01[i:i + batch_size].to(self.device)).double().cpu()
                           for i in range(0, len(x01), batch_size)])
 
 
@@ -166,24 +170,42 @@ def fd_of_features(real: torch.Tensor, fake: torch.Tensor) -> float:
     return _compute_fid(*_gaussian(real.double()), *_gaussian(fake.double())).item()
 
 
-def frechet_result(real: torch.Tensor, fake: torch.Tensor, bootstrap: int, seed: int = 0) -> dict:
+def _fd_symmetric(real: torch.Tensor, fake: torch.Tensor) -> float:
+    """The same distance with tr (S1 S2)^1/2 = tr (R S2 R)^1/2, R = S1^1/2: two symmetric
+    eigendecompositions instead of the general eigenvalues of S1 S2 (about 2x faster for
+    2048-d features on a CPU), for the bootstrap's many resamples."""
+    (m1, s1), (m2, s2) = _gaussian(real), _gaussian(fake)
+    w, v = torch.linalg.eigh(s1)
+    root = (v * w.clamp_min(0).sqrt()) @ v.T
+    cross = torch.linalg.eigvalsh(root @ s2 @ root).clamp_min(0).sqrt().sum()
+    return ((m1 - m2).square().sum() + s1.trace() + s2.trace() - 2 * cross).item()
+
+
+def frechet_result(real: torch.Tensor, fake: torch.Tensor, bootstrap: int, seed: int = 0,
+                   device: torch.device | str = "cpu") -> dict:
     """{"value": FD, "ci95": [low, high] or None}: the basic bootstrap interval over `bootstrap`
-    resamples of both sets (with replacement), 0 for none."""
+    resamples of both sets (with replacement; the same draws on any `device`), 0 for none. The
+    resamples run on `device`: each costs two 2048 x 2048 eigendecompositions for Inception
+    features, seconds on a CPU and a fraction of one on a GPU."""
     value = fd_of_features(real, fake)
     if bootstrap <= 0:
         return {"value": value, "ci95": None}
     g = torch.Generator().manual_seed(seed)
-    reps = torch.tensor([fd_of_features(real[torch.randint(len(real), (len(real),), generator=g)],
-                                        fake[torch.randint(len(fake), (len(fake),), generator=g)])
-                         for _ in range(bootstrap)], dtype=torch.float64)
-    low, high = torch.quantile(reps, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
+    real, fake = real.double().to(device), fake.double().to(device)
+    reps = []
+    for _ in tqdm(range(bootstrap), desc=f"bootstrap ({real.shape[1]}-d features)", leave=False,
+                  disable=real.shape[1] < 512):
+        r, f = (torch.randint(len(x), (len(x),), generator=g).to(x.device) for x in (real, fake))
+        reps.append(_fd_symmetric(real[r], fake[f]))
+    low, high = torch.quantile(torch.tensor(reps, dtype=torch.float64),
+                               torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
     return {"value": value, "ci95": [max(2 * value - high, 0.0), 2 * value - low]}
 
 
 def frechet_distance(metric: Frechet, real01: torch.Tensor, fake01: torch.Tensor, bootstrap: int = 0,
                      seed: int = 0) -> dict:
-    """frechet_result of two image sets in [0, 1]."""
-    return frechet_result(metric.features(real01), metric.features(fake01), bootstrap, seed)
+    """frechet_result of two image sets in [0, 1] (the resamples on the network's device)."""
+    return frechet_result(metric.features(real01), metric.features(fake01), bootstrap, seed, metric.device)
 
 
 # ==============================================================================================

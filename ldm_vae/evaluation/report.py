@@ -152,7 +152,7 @@ def evaluate_model(vae, dataset, opts: EvalOptions, out_dir: Path, tools: Instru
         m["ci95"], m["frechet_reference"] = {}, {}
     for f, reference in zip(frechet, references):
         real = reference.finish(lambda: ((b["pixel_values"].to(device) + 1) / 2 for b in loader))
-        result = frechet_result(real, torch.cat(fakes[f.name]), opts.bootstrap, opts.seed)
+        result = frechet_result(real, torch.cat(fakes[f.name]), opts.bootstrap, opts.seed, device)
         m[f.name], m["ci95"][f.name] = result["value"], result["ci95"]
         m["frechet_reference"][f.name] = reference.record()
     count = sums.total["lat_count"]
