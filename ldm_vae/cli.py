@@ -30,6 +30,8 @@ EPILOG = """examples:
   ldm-vae train-ldm configs/ldm_fashion.yaml --latents latents/kl --output-dir runs/ldm
   ldm-vae sample runs/ldm --num-images 64 --class-label 3 --guidance-scale 3 --steps 50 --out samples/
   ldm-vae export-pipeline runs/ldm pipelines/fashion
+  ldm-vae train-ldm configs/ldm_fashion.yaml network=dit --latents latents/kl --output-dir runs/dit
+  ldm-vae export-pipeline runs/dit pipelines/fashion-dit --push-to-hub USER/fashion-dit   # stock DiTPipeline
   ldm-vae demo                       # all of the above on Fashion-MNIST, report in demo/REPORT.md
   ldm-vae train-vae kl_f4_fashion --output-dir runs/kl   # a bundled config by name (no checkout needed)
 """

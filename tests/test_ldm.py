@@ -234,6 +234,17 @@ def test_stock_diffusers_generates_the_same_images_as_ldm_vae_sample(ldm_run, tm
     assert "trust_remote_code=True" in card and "3 = Dress" in card
 
 
+def test_a_dit_that_diffusers_dit_pipeline_could_not_run_is_refused():
+    from ldm_vae.diffusion.config import DiTConfig
+    from ldm_vae.diffusion.networks import build_dit
+
+    with pytest.raises(UserError, match="cannot be cut into dit.patch_size=3 patches"):
+        build_dit(DiTConfig(patch_size=3), [4, 8, 8], 10)
+    for classes in (None, 1001):  # unconditional; more classes than DiTPipeline's null label leaves room for
+        with pytest.raises(UserError, match="needs 1..1000 classes"):
+            build_dit(DiTConfig(), [4, 8, 8], classes)
+
+
 def test_a_dit_run_exports_as_a_stock_dit_pipeline_that_samples_like_ldm_vae_sample(tiny_ldm_cfg, tmp_path):
     """network: dit trains diffusers' DiTTransformer2DModel on the cache (its loss falls); its
     null class is DiTPipeline's hard-coded 1000 and only the trainer drops labels; the export
