@@ -29,9 +29,14 @@ from .diffusion.latents import encode_dataset
 from .diffusion.sample import generate, load_run_pipeline
 from .diffusion.train import train_ldm
 from .errors import UserError
-from .evaluation.frechet import frechet_result, images01
 from .evaluation import latent_space
-from .evaluation.latent_space import latent_measures, markdown_table, save_spectrum_plot, update_card_section
+from .evaluation.frechet import frechet_result, images01, reference_features
+from .evaluation.latent_space import (
+    latent_measures,
+    markdown_table,
+    save_spectrum_plot,
+    update_card_section,
+)
 from .evaluation.report import (
     EvalOptions,
     Instruments,
@@ -154,9 +159,11 @@ def run_diffusability(models: list[str], out: str | Path, opts: DiffusabilityOpt
                             fid_weights=opts.fid_weights, fd_features=opts.fd_features, bound_images=16, seed=opts.seed,
                             bootstrap=opts.bootstrap)
     tools = build_instruments(eval_opts)
-    if opts.proxy:  # the samples are measured against the test images' features
+    if opts.proxy:  # the samples are measured against the test images' features, which eval reuses
         real01 = images01(dataset, opts.num_images)
-        real = {f.name: f.to(device).features(real01) for f in tools.frechet}
+        key = {"images": images_key(data, split), "num_images": len(real01)}  # as evaluate_model keys them
+        real = {f.name: reference_features(f.to(device), real01, key, eval_opts.reference_cache)
+                for f in tools.frechet}
     work = out.parent / f".work-{out.name}"  # the proxy LDMs' latents and runs, resumable
     results = []
     with atomic_folder(out) as tmp:

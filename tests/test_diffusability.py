@@ -193,7 +193,8 @@ def test_training_samples_the_posterior_exactly_as_diffusers_does(tiny_cfg, fake
 # ==============================================================================================
 
 
-def test_diffusability_command_measures_two_models_and_writes_report_and_card(tiny_cache, fake_fashion, tmp_path):
+def test_diffusability_command_measures_two_models_and_writes_report_and_card(tiny_cache, fake_fashion, tmp_path,
+                                                                               monkeypatch):
     from ldm_vae.cli import main
     from ldm_vae.data.config import DataConfig
     from ldm_vae.evaluation.features import train_fd_features
@@ -209,6 +210,7 @@ def test_diffusability_command_measures_two_models_and_writes_report_and_card(ti
             "--fd-features", str(tmp_path / "fd"), "--ldm-config", "tiny_ldm", "--ldm-steps", "3",
             "--ldm-batch-size", "16", "--ldm-width", "16", "--samples-per-class", "2", "--sample-steps", "2",
             "--update-card"]
+    monkeypatch.setenv("LDM_VAE_CACHE", str(tmp_path / "cache"))  # nothing cached before this call
     assert main(["diffusability", *args]) == 0
     report = json.loads((out / "metrics.json").read_text())
     assert [r["label"] for r in report["results"]] == ["vae", "eq"]
@@ -218,6 +220,8 @@ def test_diffusability_command_measures_two_models_and_writes_report_and_card(ti
         assert d["num_images"] == r["reconstruction"]["num_images"] == 32  # the same images for every measure
         assert d["equivariance_decoder_psnr_db"] > 0 and d["equivariance_encoder_rel_error"] > 0
         assert g["ldm_steps"] == 3 and g["num_samples"] == 20 and 0 <= g["class_accuracy"] <= 1
+        # the test images' features were computed once, for the samples, and read back by each model's eval
+        assert r["reconstruction"]["frechet_reference"]["fd_shapes"]["source"] == "cached"
         low, high = g["ci95"]["fd_shapes_samples"]  # every Fréchet distance has its interval
         assert g["fd_shapes_samples"] > 0 and 0 <= low < high
         assert r["reconstruction"]["ci95"]["fd_shapes"][0] < r["reconstruction"]["ci95"]["fd_shapes"][1]

@@ -279,6 +279,20 @@ class ReferenceFeatures:
         return {"source": self.source, "file": str(self.path), "images_sha256": self._fingerprint.hexdigest()}
 
 
+def reference_features(metric: Frechet, real01: torch.Tensor, key: dict, cache_dir: str | Path | None = None,
+                       batch_size: int = 500) -> torch.Tensor:
+    """The features of the image set `real01` (in [0, 1]) through the reference cache: the same
+    file `eval` writes and reads for these images, so they are computed once."""
+    reference = ReferenceFeatures(metric, key, cache_dir)
+
+    def batches():
+        return iter(real01.split(batch_size))
+
+    for x01 in batches():
+        reference.add(x01)
+    return reference.finish(batches)
+
+
 @torch.no_grad()
 def images01(dataset, n: int, batch_size: int = 500) -> torch.Tensor:
     """The first n images of `dataset` in [0, 1], as Fréchet metrics take them."""
