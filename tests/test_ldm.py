@@ -245,7 +245,7 @@ def test_a_dit_that_diffusers_dit_pipeline_could_not_run_is_refused():
             build_dit(DiTConfig(), [4, 8, 8], classes)
 
 
-def test_a_dit_run_exports_as_a_stock_dit_pipeline_that_samples_like_ldm_vae_sample(tiny_ldm_cfg, tmp_path):
+def test_a_dit_run_exports_as_a_stock_dit_pipeline_that_samples_like_ldm_vae_sample(tiny_ldm_cfg, tiny_cache, tmp_path):
     """network: dit trains diffusers' DiTTransformer2DModel on the cache (its loss falls); its
     null class is DiTPipeline's hard-coded 1000 and only the trainer drops labels; the export
     is a plain DiTPipeline folder (no pipeline.py, no remote code, the class names as
@@ -275,6 +275,8 @@ def test_a_dit_run_exports_as_a_stock_dit_pipeline_that_samples_like_ldm_vae_sam
     card = (tmp_path / "pipe" / "README.md").read_text()
     assert 'DiTPipeline.from_pretrained("' in card and "trust_remote_code" not in card
     assert "DiTTransformer2DModel" in card and "3 = Dress" in card
+    shift = json.loads((tiny_cache / "cache.json").read_text())["shift_factor"]
+    assert shift != 0 and f"the autoencoder's mean {shift:.6g}, which is folded" in card
 
 
 @pytest.mark.parametrize("solver", ["dpm++", "ddim"])

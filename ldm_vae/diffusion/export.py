@@ -42,7 +42,7 @@ def export_pipeline(run_dir: str | Path, out_dir: str | Path, overwrite: bool = 
     if not overwrite:
         refuse_nonempty(out_dir)
     pipe, info = load_run_pipeline(run_dir, solver="dpm++")
-    shift = getattr(pipe.vae.config, "shift_factor", None) or 0.0
+    shift = info["cache"]["shift_factor"] or 0.0  # the cache's: a DiT run's pipeline has it folded in already
     pipe.register_modules(vae=fold_shift(pipe.vae))
     with atomic_folder(out_dir) as tmp:
         if isinstance(pipe, LatentDiTPipeline):
