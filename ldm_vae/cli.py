@@ -132,7 +132,12 @@ def _train_ldm(args) -> None:
 
 
 def _sample(args) -> None:
-    from .diffusion.sample import generate, load_pipeline, sample_labels, write_samples
+    from .diffusion.sample import (
+        generate,
+        load_pipeline,
+        sample_conditions,
+        write_samples,
+    )
     from .files import refuse_nonempty
 
     out = Path(args.out)
@@ -142,7 +147,7 @@ def _sample(args) -> None:
         raise UserError("--num-images, --steps and --batch-size must be at least 1")
     pipe = load_pipeline(args.model, args.solver)
     pipe.to(_device(args))
-    labels = sample_labels(pipe.num_classes, args.class_label, args.num_images)
+    labels = sample_conditions(pipe, args.class_label, args.prompt, args.num_images)
     images = generate(pipe, args.num_images, labels, args.steps, args.guidance_scale, args.seed, args.batch_size)
     write_samples(images, out, nrow=args.nrow or min(args.num_images, 10))
     logging.getLogger("ldm_vae").info(f"wrote {len(images)} samples and grid.png to {out}")
@@ -155,9 +160,8 @@ def _export_pipeline(args) -> None:
     check_repo_id(args.push_to_hub, args.private)
     out = export_pipeline(args.run_dir, args.out_dir, overwrite=args.overwrite, repo_id=args.push_to_hub)
     index = json.loads((out / "model_index.json").read_text())
-    load = (f"DiTPipeline.from_pretrained('{out}')" if index["_class_name"] == "DiTPipeline"
-            else f"DiffusionPipeline.from_pretrained('{out}', trust_remote_code=True)")
-    logging.getLogger("ldm_vae").info(f"exported {args.run_dir} to {out}; load it with {load}")
+    logging.getLogger("ldm_vae").info(f"exported {args.run_dir} to {out}; load it with stock diffusers: "
+                                      f"{index['_class_name']}.from_pretrained('{out}')")
     if args.push_to_hub:
         logging.getLogger("ldm_vae").info(f"pushed {out} to {push_folder(out, args.push_to_hub, args.private)}")
 
@@ -334,8 +338,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="folder for the PNGs (refused if not empty, unless --overwrite)")
     p.add_argument("--num-images", type=int, default=64)
     p.add_argument("--class-label", type=int, action="append",
-                   help="class of the images (repeat for several, cycled); default: every class in turn")
-    p.add_argument("--guidance-scale", type=float, default=3.0, help="classifier-free guidance; 1 = none")
+                   help="class of the images (repeat for several, cycled); default: every class in turn (a "
+                        "text-to-image model trained on class templates: the prompt 'a photo of a {class}')")
+    p.add_argument("--prompt", action="append", help="text-to-image models: the prompt of the images (repeat for "
+                                                     "several, cycled)")
+    p.add_argument("--guidance-scale", type=float, default=3.0, help="classifier-free guidance; 1 or less = none")
     p.add_argument("--steps", type=int, default=20, help="sampler steps (DPM-Solver++: 20, DDIM: 50)")
     p.add_argument("--solver", choices=("dpm++", "ddim"), help="default: the run's sample.solver / dpm++")
     p.add_argument("--seed", type=int, default=0)
@@ -348,9 +355,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export-pipeline", help="write a train-ldm run as a diffusers pipeline folder",
                        description="Write the newest checkpoint of RUN_DIR (EMA network), its autoencoder (its "
                                    "shift folded into its biases) and a DPM-Solver++ scheduler as a diffusers "
-                                   "pipeline folder with a model card. A DiT run is a stock DiTPipeline: "
-                                   "DiTPipeline.from_pretrained(OUT_DIR). A UNet run comes with pipeline.py: "
-                                   "DiffusionPipeline.from_pretrained(OUT_DIR, trust_remote_code=True).")
+                                   "pipeline folder with a model card, loaded by a stock diffusers class (no "
+                                   "trust_remote_code): a class-conditional run (UNet or DiT) by "
+                                   "DiTPipeline.from_pretrained(OUT_DIR), an unconditional one by "
+                                   "LDMPipeline.from_pretrained(OUT_DIR).")
     p.add_argument("run_dir")
     p.add_argument("out_dir")
     p.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it already holds files")

@@ -156,9 +156,9 @@ def run_demo(out: Path, quick: bool = False, overwrite: bool = False, data_path:
 
     with stages("export the pipeline and reload it with stock diffusers"):
         export_pipeline(out / "ldm", out / "pipeline")
-        from diffusers import DiffusionPipeline
+        from diffusers import DiTPipeline
 
-        stock = DiffusionPipeline.from_pretrained(str(out / "pipeline"), trust_remote_code=True)
+        stock = DiTPipeline.from_pretrained(str(out / "pipeline"))
         stock.set_progress_bar_config(disable=True)
         check_labels = list(range(num_classes))
         theirs = stock(class_labels=check_labels, num_inference_steps=plan.sample_steps,
@@ -257,12 +257,12 @@ Its classifier recognises the class asked for in **{100 * s['class_accuracy']:.1
 
 ## Pipeline
 
-`pipeline/` loads with stock diffusers:
+`pipeline/` loads with stock diffusers, no code of ours:
 
 ```python
 import torch
-from diffusers import DiffusionPipeline
-pipe = DiffusionPipeline.from_pretrained("pipeline", trust_remote_code=True)
+from diffusers import DiTPipeline
+pipe = DiTPipeline.from_pretrained("pipeline")
 images = pipe(class_labels=[0, 1, 2], guidance_scale={s['guidance_scale']:g}, num_inference_steps={s['steps']},
               generator=torch.Generator().manual_seed(0)).images
 ```

@@ -158,6 +158,31 @@ def pushed_card(calls: list, folder: Path, repo_id: str, private: bool = False):
     return card
 
 
+def text_steps(monkeypatch) -> list[dict]:
+    """Records each training step of a text-conditional LDM run: its "batch", the trainer's
+    "tokenizer", the text encoder's "weights" before the step, and the "tokens" the network got
+    (preview sampling runs under no_grad and is not recorded)."""
+    from ldm_vae.diffusion.networks import TextConditioned
+    from ldm_vae.diffusion.train import LDMTrainer
+
+    steps: list[dict] = []
+    real_forward, real_step = TextConditioned.forward, LDMTrainer.train_step
+
+    def train_step(self, batch, step):
+        steps.append({"batch": {k: v.clone() for k, v in batch.items()}, "tokenizer": self.tokenizer,
+                      "weights": {k: v.clone() for k, v in self.model.text_encoder.state_dict().items()}})
+        return real_step(self, batch, step)
+
+    def forward(self, noisy, t, token_ids):
+        if torch.is_grad_enabled():
+            steps[-1]["tokens"] = token_ids.clone()
+        return real_forward(self, noisy, t, token_ids)
+
+    monkeypatch.setattr(LDMTrainer, "train_step", train_step)
+    monkeypatch.setattr(TextConditioned, "forward", forward)
+    return steps
+
+
 def train_recording(monkeypatch, trainer_module, run) -> dict:
     """Call `run()` (a training run) and record, for every optimizer that the trainer in
     `trainer_module` builds: "start" and "end" (its parameters flattened before and after the

@@ -45,8 +45,8 @@ def test_ldm_config_is_checked_like_the_autoencoder_config(tmp_path):
         load_config(None, ["diffusion.label_dropout=1.5"], LDMConfig)
     with pytest.raises(UserError, match="'network' must be one of unet, dit"):
         load_config(None, ["network=transformer"], LDMConfig)
-    with pytest.raises(UserError, match="'network' dit needs diffusion.class_conditional: true"):
-        load_config(None, ["network=dit", "diffusion.class_conditional=false"], LDMConfig)
+    with pytest.raises(UserError, match="'network' dit needs diffusion.conditioning: class"):
+        load_config(None, ["network=dit", "diffusion.conditioning=text"], LDMConfig)
     with pytest.raises(UserError, match="'dit.patch_size' must be"):
         load_config(None, ["dit.patch_size=0"], LDMConfig)
     cfg = load_config(None, [], LDMConfig)

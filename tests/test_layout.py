@@ -60,14 +60,6 @@ def test_imports_point_downstream_and_only_the_training_commands_import_trainers
     assert not wrong, "\n".join(wrong)
 
 
-def test_the_pipeline_class_file_imports_only_torch_and_diffusers():
-    """diffusion/pipeline.py is copied into exported pipeline folders, which load without ldm-vae."""
-    tree = ast.parse((PACKAGE / "diffusion" / "pipeline.py").read_text())
-    roots = {(n.module or "").split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
-    roots |= {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
-    assert roots <= {"__future__", "typing", "torch", "diffusers"}, roots
-
-
 def test_no_module_reads_files_next_to_the_source_tree():
     """Package data is read with importlib.resources; `Path(__file__)` climbing out of the
     package breaks wheel installs."""

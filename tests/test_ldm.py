@@ -3,7 +3,6 @@ exported pipeline in stock diffusers generates exactly what `ldm-vae sample` gen
 
 from __future__ import annotations
 
-import ast
 import json
 import os
 import subprocess
@@ -12,16 +11,21 @@ import sys
 import numpy as np
 import pytest
 import torch
-from diffusers import DiffusionPipeline
+from diffusers import DiTPipeline, LDMPipeline
 from PIL import Image
 
 from ldm_vae.autoencoder.models import fold_shift, load_autoencoder
 from ldm_vae.cli import main
 from ldm_vae.diffusion.config import UNetConfig
 from ldm_vae.diffusion.export import export_pipeline
-from ldm_vae.diffusion.networks import build_unet, noise_schedule, null_label
-from ldm_vae.diffusion.pipeline import LatentDiffusionPipeline, make_scheduler
-from ldm_vae.diffusion.sample import generate, load_pipeline, sample_labels
+from ldm_vae.diffusion.networks import NULL_LABEL, build_unet, noise_schedule
+from ldm_vae.diffusion.pipeline import make_scheduler
+from ldm_vae.diffusion.sample import (
+    generate,
+    load_pipeline,
+    run_pipeline,
+    sample_labels,
+)
 from ldm_vae.diffusion.train import train_ldm
 from ldm_vae.errors import UserError
 
@@ -55,36 +59,40 @@ def _tiny_pipeline(tiny_cache, num_classes=10):
     vae = load_autoencoder(meta["autoencoder"]).eval()
     from ldm_vae.diffusion.config import DiffusionConfig
 
-    return LatentDiffusionPipeline(unet, vae, make_scheduler("ddim", noise_schedule(DiffusionConfig()).config))
+    scheduler = make_scheduler("ddim", noise_schedule(DiffusionConfig()).config)
+    return run_pipeline(unet, vae, scheduler, [str(c) for c in range(num_classes)] if num_classes else None), vae
 
 
-def test_guidance_scale_one_is_the_conditional_prediction(tiny_cache):
-    pipe = _tiny_pipeline(tiny_cache)
-    x, t, labels = torch.randn(4, 4, 8, 8), torch.tensor(500), torch.tensor([0, 3, 3, 9])
-    with torch.no_grad():
-        cond = pipe.unet(x, t, class_labels=labels).sample
-        uncond = pipe.unet(x, t, class_labels=torch.full_like(labels, 10)).sample
-        assert torch.equal(pipe.predict(x, t, labels, 1.0), cond)
-        # the batched [cond; uncond] pass equals separate passes, combined as uncond + s (cond - uncond)
-        torch.testing.assert_close(pipe.predict(x, t, labels, 3.0), uncond + 3.0 * (cond - uncond))
-        assert not torch.allclose(cond, uncond)  # the null class really is another input
-
-
-def test_decoding_undoes_the_scaling_once(tiny_cache):
-    pipe = _tiny_pipeline(tiny_cache)
-    vae = pipe.vae
+def test_the_stock_pipeline_guides_with_the_null_label_and_decodes_the_scaling_once(tiny_cache):
+    """A class-conditional UNet in diffusers' DiTPipeline: each step's model output is
+    uncond + s * (cond - uncond) with the null label 1000 the trainer drops labels to (at s = 1,
+    the conditional prediction alone), and the images are the autoencoder's decoding of
+    latents / scaling_factor + shift_factor: checked against a sampling loop written here."""
+    pipe, vae = _tiny_pipeline(tiny_cache)
+    unet, sched = pipe.denoiser, pipe.scheduler
+    assert unet.config.num_class_embeds == NULL_LABEL + 1 == 1001
     scale, shift = vae.config.scaling_factor, vae.config.shift_factor
-    assert scale != 1.0 and shift != 0.0  # measured at export, so a double application would show
-    z = torch.randn(2, 4, 8, 8)
-    with torch.no_grad():
-        expected = vae.decode(z).sample.clamp(-1, 1)
-        torch.testing.assert_close(pipe.decode_latents((z - shift) * scale), expected)
+    assert scale != 1.0 and shift != 0.0  # measured at export, so a double application or a lost shift would show
+    labels = torch.tensor([0, 3, 3, 9])
+    for s in (1.0, 3.0):
+        x = torch.randn(4, 4, 8, 8, generator=torch.Generator().manual_seed(5))
+        sched.set_timesteps(3)
+        with torch.no_grad():
+            for t in sched.timesteps:
+                cond = unet(x, t, class_labels=labels).sample
+                uncond = unet(x, t, class_labels=torch.full_like(labels, NULL_LABEL)).sample
+                assert not torch.allclose(cond, uncond)  # the null class really is another input
+                x = sched.step(cond if s == 1 else uncond + s * (cond - uncond), t, x).prev_sample
+            expected = (vae.decode(x / scale + shift).sample.clamp(-1, 1) + 1) / 2
+        got = pipe(class_labels=labels, num_inference_steps=3, guidance_scale=s,
+                   generator=torch.Generator().manual_seed(5), output_type="pt").images
+        torch.testing.assert_close(got, expected, atol=2e-5, rtol=0)  # the folded shift: float rounding
 
 
 def test_folding_the_shift_keeps_the_autoencoders_function(tiny_cache):
     """The exported pipeline's autoencoder (issue 16: stock pipelines ignore shift_factor) encodes
     to z - shift and decodes from it, with shift_factor 0; the variance and scale are unchanged."""
-    vae = _tiny_pipeline(tiny_cache).vae
+    vae = _tiny_pipeline(tiny_cache)[1]
     shift = vae.config.shift_factor
     folded = fold_shift(vae)
     assert folded.config.shift_factor == 0 and vae.config.shift_factor == shift != 0  # a copy, not in place
@@ -172,7 +180,7 @@ def test_every_schedule_and_prediction_type_trains(tiny_ldm_cfg, tmp_path, monke
 
 
 def test_labels_are_dropped_to_the_null_class_at_the_configured_rate(tiny_ldm_cfg, tmp_path, monkeypatch):
-    """Classifier-free guidance training: each label becomes the null class (index num_classes)
+    """Classifier-free guidance training: each label becomes the null class (label 1000)
     with probability diffusion.label_dropout, independently; the others are left alone."""
     common = ("train.batch_size=128", "train.image_every=100", "train.checkpoint_every=100", "sample.steps=1",
               "sample.per_class=1")
@@ -183,7 +191,7 @@ def test_labels_are_dropped_to_the_null_class_at_the_configured_rate(tiny_ldm_cf
         given = torch.cat([s["batch_labels"] for s in steps])
         used = torch.cat([s["labels"] for s in steps])
         dropped = used != given
-        assert given.max() < 10 and (used[dropped] == 10).all()  # only ever the null class, 10 here
+        assert given.max() < 10 and (used[dropped] == NULL_LABEL).all()  # only ever the null class
         n, k = len(given), int(dropped.sum())
         # a binomial(n, rate) count, to within 4.5 standard deviations (384 labels at 0.3: 75..155)
         assert abs(k - n * rate) <= 4.5 * (n * rate * (1 - rate)) ** 0.5, (k, n, rate)
@@ -193,28 +201,39 @@ def test_labels_are_dropped_to_the_null_class_at_the_configured_rate(tiny_ldm_cf
 
 def test_unconditional_training_and_sampling(tiny_ldm_cfg, tmp_path):
     train_ldm(tiny_ldm_cfg("train.max_steps=4", "train.image_every=4", "train.checkpoint_every=4",
-                           "diffusion.class_conditional=false", "export.license=apache-2.0"), tmp_path / "run")
+                           "diffusion.conditioning=none", "export.license=apache-2.0"), tmp_path / "run")
     pipe = load_pipeline(tmp_path / "run")
     assert pipe.num_classes == 0 and pipe.unet.config.num_class_embeds is None
     card = (export_pipeline(tmp_path / "run", tmp_path / "pipe") / "README.md").read_text()
     assert "license: apache-2.0" in card and "pipeline_tag: unconditional-image-generation" in card
-    images = generate(pipe, 3, sample_labels(0, None, 3), 2, 1.0, 0, 2, progress=False)
+    assert 'LDMPipeline.from_pretrained("' in card and "trust_remote_code" not in card
+    images = generate(pipe, 3, sample_labels(0, None, 3), 2, 1.0, 0, 3, progress=False)
     assert images.shape == (3, 3, 16, 16) and images.min() >= 0 and images.max() <= 1
+    # the folder is a stock LDMPipeline that generates the same images
+    stock = LDMPipeline.from_pretrained(str(tmp_path / "pipe"))
+    assert type(stock) is LDMPipeline and stock.vqvae.config.shift_factor == 0
+    theirs = stock(batch_size=3, num_inference_steps=2, generator=torch.Generator().manual_seed(0),
+                   output_type="np").images
+    torch.testing.assert_close(torch.from_numpy(theirs).permute(0, 3, 1, 2), images, atol=1e-5, rtol=0)
+    torch.testing.assert_close(generate(load_pipeline(tmp_path / "pipe"), 3, None, 2, 1.0, 0, 3, progress=False),
+                               images, atol=1e-5, rtol=0)
     with pytest.raises(UserError, match="unconditional"):
         sample_labels(0, [1], 3)
 
 
-def test_stock_diffusers_generates_the_same_images_as_ldm_vae_sample(ldm_run, tmp_path):
+def test_stock_diffusers_generates_the_same_images_as_ldm_vae_sample(ldm_run, tiny_cache, tmp_path):
     out, _ = ldm_run
     export_pipeline(out, tmp_path / "pipe")
-    stock = DiffusionPipeline.from_pretrained(str(tmp_path / "pipe"), trust_remote_code=True)
-    assert type(stock).__name__ == "LatentDiffusionPipeline" and type(stock) is not LatentDiffusionPipeline
+    stock = DiTPipeline.from_pretrained(str(tmp_path / "pipe"))  # a UNet as its `transformer`
+    assert type(stock) is DiTPipeline and type(stock.transformer).__name__ == "UNet2DModel"
+    assert not (tmp_path / "pipe" / "pipeline.py").exists() and stock.labels["Dress"] == 3
     labels = [3, 3, 0, 9]
     theirs = stock(class_labels=labels, num_inference_steps=5, guidance_scale=3.0,
                    generator=torch.Generator().manual_seed(7), output_type="pt").images
     ours = load_pipeline(out)  # built from the run's checkpoint, not from the export
-    # the export's autoencoder has the shift folded into its biases: equal up to float rounding
-    assert ours.vae.config.shift_factor != 0 and stock.vae.config.shift_factor == 0
+    # the run's autoencoder has its shift folded into its biases on load: equal up to float rounding
+    assert json.loads((tiny_cache / "cache.json").read_text())["shift_factor"] != 0
+    assert stock.vae.config.shift_factor == 0
     torch.testing.assert_close(generate(ours, 4, labels, 5, 3.0, 7, 4, progress=False), theirs, atol=1e-5, rtol=0)
     # the same through the command line, compared as the PNGs it writes
     proc = subprocess.run([sys.executable, "-m", "ldm_vae", "sample", str(out), "--num-images", "4", "--steps", "5",
@@ -227,11 +246,9 @@ def test_stock_diffusers_generates_the_same_images_as_ldm_vae_sample(ldm_run, tm
         written = np.asarray(Image.open(tmp_path / "png" / f"sample_{i:05d}.png"))
         assert np.abs(written.astype(int) - np.asarray(image).astype(int)).max() <= 1  # PNG rounding only
     assert (tmp_path / "png" / "grid.png").is_file()
-    # DDIM from the stock pipeline, through the folder's own class
-    stock.use_solver("ddim")
-    assert type(stock.scheduler).__name__ == "DDIMScheduler" and stock.scheduler.config.clip_sample is False
     card = (tmp_path / "pipe" / "README.md").read_text()
-    assert "trust_remote_code=True" in card and "3 = Dress" in card
+    assert 'DiTPipeline.from_pretrained("' in card and "trust_remote_code" not in card and "3 = Dress" in card
+    assert "The pipeline's `transformer` is a `UNet2DModel`" in card
 
 
 def test_a_dit_that_diffusers_dit_pipeline_could_not_run_is_refused():
@@ -240,9 +257,13 @@ def test_a_dit_that_diffusers_dit_pipeline_could_not_run_is_refused():
 
     with pytest.raises(UserError, match="cannot be cut into dit.patch_size=3 patches"):
         build_dit(DiTConfig(patch_size=3), [4, 8, 8], 10)
-    for classes in (None, 1001):  # unconditional; more classes than DiTPipeline's null label leaves room for
-        with pytest.raises(UserError, match="needs 1..1000 classes"):
-            build_dit(DiTConfig(), [4, 8, 8], classes)
+    with pytest.raises(UserError, match="network: dit is class-conditional and this cache has no classes"):
+        build_dit(DiTConfig(), [4, 8, 8], None)
+    # more classes than DiTPipeline's null label leaves room for, whichever the network
+    with pytest.raises(UserError, match="network: dit takes at most 1000 classes"):
+        build_dit(DiTConfig(), [4, 8, 8], 1001)
+    with pytest.raises(UserError, match="network: unet takes at most 1000 classes"):
+        build_unet(UNetConfig(), [4, 8, 8], 1001)
 
 
 def test_a_dit_run_exports_as_a_stock_dit_pipeline_that_samples_like_ldm_vae_sample(tiny_ldm_cfg, tiny_cache, tmp_path):
@@ -260,7 +281,7 @@ def test_a_dit_run_exports_as_a_stock_dit_pipeline_that_samples_like_ldm_vae_sam
     assert losses[-1] < 0.85 * losses[0], losses
     assert (tmp_path / "run" / "samples" / "samples_0000040.png").is_file()  # the preview, through DiTPipeline
     labels_embedding = run.unet.transformer_blocks[0].norm1.emb.class_embedder
-    assert null_label(run.unet) == 1000 and labels_embedding.embedding_table.num_embeddings == 1001
+    assert labels_embedding.embedding_table.num_embeddings == NULL_LABEL + 1 == 1001
     assert labels_embedding.dropout_prob == 0  # the trainer's seeded dropout only
     export_pipeline(tmp_path / "run", tmp_path / "pipe")
     assert not (tmp_path / "pipe" / "pipeline.py").exists()
@@ -308,23 +329,16 @@ def test_samplers_use_trailing_timesteps_and_never_clip_latents(ldm_run, solver)
 
 
 def test_exported_pipeline_loads_and_generates_without_ldm_vae(ldm_run, tmp_path):
-    """README: the folder's pipeline.py imports only torch and diffusers. Load it in a Python
-    where ldm_vae cannot be imported (it is installed in this venv, editable, so block it) and
-    outside the repository, then generate an image."""
+    """The folder loads with stock DiTPipeline in a Python where ldm_vae cannot be imported (it
+    is installed in this venv, editable, so block it), outside the repository, and generates."""
     out, _ = ldm_run
     folder = export_pipeline(out, tmp_path / "pipe")
-    # every import statement, also those inside functions that one generation would not run
-    tree = ast.parse((folder / "pipeline.py").read_text())
-    imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
-    imported |= {n.module.split(".")[0] if n.level == 0 else "." for n in ast.walk(tree)
-                 if isinstance(n, ast.ImportFrom)}
-    assert imported == {"__future__", "typing", "torch", "diffusers"}, imported
     code = """
 import sys
 sys.modules["ldm_vae"] = None  # any `import ldm_vae...` now raises ImportError
 import torch
-from diffusers import DiffusionPipeline
-pipe = DiffusionPipeline.from_pretrained(sys.argv[1], trust_remote_code=True)
+from diffusers import DiTPipeline
+pipe = DiTPipeline.from_pretrained(sys.argv[1])
 image = pipe(class_labels=[3], num_inference_steps=2, generator=torch.Generator().manual_seed(0),
              output_type="np").images
 assert image.shape == (1, 16, 16, 3) and 0 <= image.min() and image.max() <= 1, image.shape
@@ -333,13 +347,13 @@ s = pipe.scheduler
 print(type(pipe).__module__, type(s).__name__, s.config.algorithm_type, s.config.timestep_spacing)
 """
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env.update(HF_MODULES_CACHE=str(tmp_path / "hf_modules"), HF_HUB_OFFLINE="1")
+    env.update(HF_HUB_OFFLINE="1")
     proc = subprocess.run([sys.executable, "-c", code, str(folder)], cwd=tmp_path, env=env, capture_output=True,
                           text=True, timeout=300, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     module, scheduler, algorithm, spacing = proc.stdout.split()[-4:]
-    # the class came from the folder's own pipeline.py, with the DPM-Solver++ scheduler it saved
-    assert module.endswith("pipeline") and "ldm_vae" not in module, module
+    # diffusers' own class, with the DPM-Solver++ scheduler the folder saved
+    assert module.startswith("diffusers.pipelines.dit"), module
     assert (scheduler, algorithm, spacing) == ("DPMSolverMultistepScheduler", "dpmsolver++", "trailing")
 
 
@@ -363,12 +377,12 @@ def test_cli_export_pipeline_pushes_the_folder_and_its_card_names_the_repo(ldm_r
     dest = tmp_path / "pipe"
     assert main(["export-pipeline", str(out), str(dest), "--push-to-hub", "someone/ldm-tiny"]) == 0
     files = files_in(dest)
-    assert {"README.md", "pipeline.py", "model_index.json"} <= set(files)
+    assert {"README.md", "model_index.json"} <= set(files) and "pipeline.py" not in files
     card = pushed_card(calls, dest, "someone/ldm-tiny")
     assert card.data.to_dict() == {"datasets": ["zalando-datasets/fashion_mnist"], "library_name": "diffusers",
                                    "license": "mit", "pipeline_tag": "unconditional-image-generation",
                                    "tags": ["ldm-vae", "latent-diffusion", "class-conditional"]}
-    assert 'DiffusionPipeline.from_pretrained("someone/ldm-tiny", trust_remote_code=True)' in card.text
+    assert 'DiTPipeline.from_pretrained("someone/ldm-tiny")' in card.text
     # `ldm-vae sample` reads a local folder: the card downloads one first
     assert "`hf download someone/ldm-tiny --local-dir ldm-tiny`, then `ldm-vae sample ldm-tiny" in card.text
 

@@ -12,8 +12,10 @@ SOURCES = ("fashion-mnist", "imagefolder", "hub", "photos")
 # max_images, num_workers). A key outside its source's list must keep its default.
 SOURCE_KEYS = {
     "fashion-mnist": ("path",),
-    "imagefolder": ("path", "image_column", "label_column", "center_crop", "max_bad_fraction", "decoded_cache_mb"),
-    "hub": ("name", "image_column", "label_column", "center_crop", "max_bad_fraction", "decoded_cache_mb"),
+    "imagefolder": ("path", "image_column", "label_column", "caption_column", "center_crop", "max_bad_fraction",
+                    "decoded_cache_mb"),
+    "hub": ("name", "image_column", "label_column", "caption_column", "center_crop", "max_bad_fraction",
+            "decoded_cache_mb"),
     "photos": ("photos_per_epoch",),
 }
 
@@ -29,6 +31,11 @@ class DataConfig:
     # imagefolder/hub: the columns holding images and integer labels
     image_column: str = "image"
     label_column: Optional[str] = "label"
+    # imagefolder/hub: the column holding each image's caption (text-to-image training); an
+    # image folder gets its columns from a metadata.jsonl next to the images (`file_name` plus
+    # e.g. `text`). Items then carry "caption" and `ldm-vae encode` stores the captions with the
+    # latents. null: no captions
+    caption_column: str | None = None
     train_split: str = "train"
     test_split: str = "test"
     resolution: int = 32

@@ -1,4 +1,5 @@
-"""Data sources -> dicts {"pixel_values": float32 [3, R, R] in [-1, 1], "label": int64 scalar}.
+"""Data sources -> dicts {"pixel_values": float32 [3, R, R] in [-1, 1], "label": int64 scalar},
+plus "caption": str where the dataset `has_captions` (imagefolder/hub with data.caption_column).
 
 Sources (DataConfig.source): fashion-mnist (local idx files, else the hub copy), imagefolder
 (HF `datasets` "imagefolder"), hub (a dataset name on the Hugging Face hub) and photos
@@ -35,8 +36,9 @@ _FMNIST_CACHE: dict[tuple[str, str, int], tuple[torch.Tensor, torch.Tensor]] = {
 PHOTO_NAMES = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "retina",
                "immunohistochemistry", "motorcycle")
 _PHOTOS: list[Image.Image] = []
-# HFImages: (usable rows, their labels, bad files, decoded images of the first usable rows)
-_SCANS: dict[tuple, tuple[list[int], list[int], list[tuple[str, str]], list[torch.Tensor]]] = {}
+# HFImages: (usable rows, their labels, their captions or None, bad files, decoded images of
+# the first usable rows)
+_SCANS: dict[tuple, tuple[list[int], list[int], list[str] | None, list[tuple[str, str]], list[torch.Tensor]]] = {}
 
 
 def pil_to_tensor(img: Image.Image) -> torch.Tensor:
@@ -95,6 +97,10 @@ class Augmented(Dataset):
 
     seed, epoch = 0, 0
     class_names: list[str] | None = None  # label i's name, where the source knows it
+    # items carry "caption" (data.caption_column); then `captions[i]` is item i's caption,
+    # known without decoding its image
+    has_captions = False
+    captions: list[str] | None = None
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -104,8 +110,11 @@ class Augmented(Dataset):
         return torch.Generator().manual_seed(hash((self.seed, self.epoch, i)) & (2**63 - 1))
 
 
-def _item(x: torch.Tensor, label: int) -> dict:
-    return {"pixel_values": x, "label": torch.tensor(label, dtype=torch.int64)}
+def _item(x: torch.Tensor, label: int, caption: str | None = None) -> dict:
+    item = {"pixel_values": x, "label": torch.tensor(label, dtype=torch.int64)}
+    if caption is not None:
+        item["caption"] = caption
+    return item
 
 
 def _first_line(e: Exception) -> str:
@@ -222,6 +231,9 @@ class HFImages(Augmented):
         if not isinstance(ds.features[cfg.image_column], datasets.Image):
             raise UserError(f"{dataset_id}: column '{cfg.image_column}' holds {ds.features[cfg.image_column]}, "
                             f"not images (set data.image_column; columns: {', '.join(ds.column_names)})")
+        self.has_captions = cfg.caption_column is not None
+        if self.has_captions:
+            _check_caption_column(ds, cfg.caption_column, dataset_id)
         label_feature = ds.features.get(cfg.label_column) if cfg.label_column else None
         # Only integer labels make sense as class ids (for conditioning and model cards).
         self.has_labels = isinstance(label_feature, datasets.ClassLabel) or (
@@ -235,19 +247,20 @@ class HFImages(Augmented):
         # the train and eval views of a split, and the export after training, share one scan
         key = (what, split, cfg.image_column, len(self.ds), getattr(self.ds, "_fingerprint", None),
                cfg.max_bad_fraction, Image.MAX_IMAGE_PIXELS, cfg.resolution, cfg.decoded_cache_mb,
-               cfg.label_column if self.has_labels else None)
+               cfg.label_column if self.has_labels else None, cfg.caption_column)
         if key not in _SCANS:
-            _SCANS[key] = self._scan(what, split)
-        self.good, self.labels, self.bad, self.decoded = _SCANS[key]
+            _SCANS[key] = self._scan(what, split, dataset_id)
+        self.good, self.labels, self.captions, self.bad, self.decoded = _SCANS[key]
         skipped = f", {len(self.bad)} unusable files skipped" if self.bad else ""
         self.description = (f"{what} ({split}, {len(self.good)} images{skipped}) "
                             f"at {cfg.resolution}x{cfg.resolution}")
         self.dataset_id = dataset_id
 
-    def _scan(self, what: str, split: str) -> tuple:
+    def _scan(self, what: str, split: str, dataset_id: str) -> tuple:
         from tqdm.auto import tqdm
 
         good, labels, bad, col = [], [], [], self.cfg.image_column
+        captions = [] if self.has_captions else None
         decoded, budget = [], self.cfg.decoded_cache_mb * 2**20
         for i in tqdm(range(len(self.ds)), desc=f"checking images of {split}", leave=False,
                       disable=len(self.ds) < 1000):
@@ -260,6 +273,13 @@ class HFImages(Augmented):
                 continue
             good.append(i)
             labels.append(int(row[self.cfg.label_column]) if self.has_labels else -1)
+            if captions is not None:
+                caption = row[self.cfg.caption_column]
+                if not isinstance(caption, str):  # e.g. a metadata.jsonl line without the key: None
+                    raise UserError(f"{dataset_id}: column '{self.cfg.caption_column}' holds {caption!r}, not a "
+                                    f"caption, for {value.get('path') or f'row {i}'} (set data.caption_column; "
+                                    f"columns: {', '.join(self.ds.column_names)})")
+                captions.append(caption)
             if len(decoded) == len(good) - 1 and budget > 0:  # a prefix of the usable rows
                 x = self._resized(img)
                 budget -= x.numel()
@@ -271,7 +291,7 @@ class HFImages(Augmented):
             raise UserError(f"{what} ({split}): {len(bad)} of {len(self.ds)} files cannot be used as images, more than "
                             f"data.max_bad_fraction={limit} ({listed}{' ...' if len(bad) > 5 else ''}); remove or "
                             f"fix them, or raise data.max_bad_fraction")
-        return good, labels, bad, decoded
+        return good, labels, captions, bad, decoded
 
     def _resized(self, img: Image.Image) -> torch.Tensor:
         """uint8 [3, H, W] with the short side at the resolution: the part of loading an
@@ -297,7 +317,22 @@ class HFImages(Augmented):
         else:
             left, top = (w - res) // 2, (h - res) // 2
         x = full[:, top:top + res, left:left + res].float() / 127.5 - 1.0
-        return _item(_maybe_flip(x, self.train and self.cfg.random_flip, g), self.labels[i])
+        caption = self.captions[i] if self.has_captions else None
+        return _item(_maybe_flip(x, self.train and self.cfg.random_flip, g), self.labels[i], caption)
+
+
+def _check_caption_column(ds, column: str, dataset_id: str) -> None:
+    """data.caption_column names a column of text (each row's string is checked by the scan)."""
+    import datasets
+
+    columns = ", ".join(ds.column_names)
+    if column not in ds.column_names:
+        raise UserError(f"{dataset_id}: no caption column '{column}' (set data.caption_column; columns: {columns}; an "
+                        f"image folder gets columns from a metadata.jsonl with file_name and e.g. text)")
+    feature = ds.features[column]
+    if not (isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string")):
+        raise UserError(f"{dataset_id}: column '{column}' holds {feature}, not caption strings (set "
+                        f"data.caption_column; columns: {columns})")
 
 
 def _load_hf(what: str, hint: str = "", **kwargs):

@@ -18,6 +18,7 @@ from ..run.config import OptimConfig
 # diffusers' name of each beta schedule
 BETA_SCHEDULES = {"linear": "linear", "scaled_linear": "scaled_linear", "cosine": "squaredcos_cap_v2"}
 SOLVER_NAMES = ("dpm++", "ddim")  # diffusion/pipeline.py builds them
+CONDITIONINGS = ("class", "text", "none")
 
 
 @dataclass
@@ -61,6 +62,30 @@ class DiTConfig:
 
 
 @dataclass
+class TextConfig:
+    """The CLIP text encoder of a text-conditional UNet (`diffusion.conditioning: text`),
+    trained with it. Without `pretrained`, its tokenizer is built from the training captions
+    (diffusion/text.py) and its weights start random (sizes below)."""
+
+    # a folder or Hub id with `tokenizer/` and `text_encoder/` subfolders (e.g. a Stable
+    # Diffusion repo) to start from instead; the sizes below are then ignored
+    pretrained: Optional[str] = None
+    # keep the text encoder's weights fixed (only the UNet learns); for a pretrained one
+    freeze: bool = False
+    hidden_size: int = 128
+    num_layers: int = 2
+    num_heads: int = 4
+
+    def __post_init__(self):
+        positive(self, "hidden_size", "num_layers", "num_heads")
+        if self.hidden_size % self.num_heads:
+            raise FieldError("hidden_size", "must be a multiple of 'text.num_heads'")
+        if self.freeze and not self.pretrained:
+            raise FieldError("freeze", "needs 'text.pretrained' (a random text encoder that never learns "
+                                       "cannot tell captions apart)")
+
+
+@dataclass
 class DiffusionConfig:
     num_train_timesteps: int = 1000
     # linear (DDPM, Ho et al. 2020) | scaled_linear (LDM/SD) | cosine (Nichol & Dhariwal
@@ -70,15 +95,21 @@ class DiffusionConfig:
     beta_end: float = 0.02
     # epsilon | v_prediction (Salimans & Ho 2022, arXiv:2202.00512)
     prediction_type: str = "epsilon"
-    # condition on the cache's labels; the extra "null" class (index num_classes) replaces
-    # a label with probability label_dropout, for classifier-free guidance (Ho & Salimans
-    # 2022, arXiv:2207.12598)
-    class_conditional: bool = True
+    # class: on the cache's labels; the "null" class (label 1000, the one diffusers'
+    # DiTPipeline guides with) replaces a label with probability label_dropout.
+    # text: on captions (the cache's, from data.caption_column; else "a photo of a {class}"
+    # and other templates over the class names) through a CLIP text encoder (`text:`); the
+    # empty caption "" (StableDiffusionPipeline's unconditional prompt) replaces a caption
+    # with probability label_dropout. none: unconditional.
+    # The dropout teaches the same network the unconditional model that classifier-free
+    # guidance needs (Ho & Salimans 2022, arXiv:2207.12598).
+    conditioning: str = "class"
     label_dropout: float = 0.1
 
     def __post_init__(self):
         one_of(self, "beta_schedule", tuple(BETA_SCHEDULES))
         one_of(self, "prediction_type", ("epsilon", "v_prediction"))
+        one_of(self, "conditioning", CONDITIONINGS)
         positive(self, "num_train_timesteps", "beta_start", "beta_end")
         unit_interval(self, "label_dropout")
         if self.beta_start >= self.beta_end:
@@ -126,11 +157,14 @@ class LDMConfig:
     seed: int = 0
     # the latent cache (`ldm-vae encode`); `--latents` sets it
     latents: Optional[str] = None
-    # unet (`model:`, UNet2DModel) | dit (`dit:`, DiTTransformer2DModel; class-conditional only,
-    # exported as a stock DiTPipeline)
+    # unet (`model:`; UNet2DModel, or UNet2DConditionModel for text) | dit (`dit:`,
+    # DiTTransformer2DModel; class-conditional only). Exported as a stock pipeline: class-
+    # conditional runs as DiTPipeline, text-conditional as StableDiffusionPipeline,
+    # unconditional as LDMPipeline
     network: str = "unet"
     model: UNetConfig = field(default_factory=UNetConfig)
     dit: DiTConfig = field(default_factory=DiTConfig)
+    text: TextConfig = field(default_factory=TextConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     train: LDMTrainConfig = field(default_factory=LDMTrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
@@ -138,6 +172,6 @@ class LDMConfig:
 
     def __post_init__(self):
         one_of(self, "network", ("unet", "dit"))
-        if self.network == "dit" and not self.diffusion.class_conditional:
-            raise FieldError("network", "dit needs diffusion.class_conditional: true (DiT's adaLN blocks are "
-                             "conditioned on a class; use network: unet for an unconditional model)")
+        if self.network == "dit" and self.diffusion.conditioning != "class":
+            raise FieldError("network", "dit needs diffusion.conditioning: class (DiT's adaLN blocks are "
+                             "conditioned on a class; use network: unet for text or no conditioning)")

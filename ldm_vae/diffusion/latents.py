@@ -7,9 +7,15 @@ would spend most of each step in the encoder. `ldm-vae encode` writes:
                                       fresh sample each time, not one frozen sample);
                                       VQ: "latents" (`encode(x).latents`, which
                                       `VQModel.decode` quantizes); "labels" when the source
-                                      has them; "*_flipped" twins when data.random_flip is on
+                                      has them; "caption" (int64, an index into captions.json)
+                                      when it has captions; "*_flipped" twins of the latents
+                                      when data.random_flip is on (a flipped row keeps its
+                                      label and caption)
+    OUT/captions.json                 with data.caption_column only: the distinct captions, a
+                                      JSON list of strings (`read_captions`)
     OUT/cache.json                    what was encoded with what: the autoencoder's path and
-                                      fingerprint, scaling/shift factors, shapes, counts
+                                      fingerprint, scaling/shift factors, shapes, counts,
+                                      sha256 of every shard and of captions.json
 
 Shards are written atomically one by one and cache.json last, so an interrupted run
 continues where it stopped, and a finished cache is reused (the command is idempotent).
@@ -21,6 +27,7 @@ from __future__ import annotations
 import bisect
 import collections
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -37,10 +44,11 @@ from ..autoencoder.models import load_autoencoder
 from ..data.config import DataConfig
 from ..data.sources import build_dataset
 from ..errors import UserError
-from ..files import disk_full, sha256, write_failed
+from ..files import atomic_write_text, disk_full, sha256, write_failed
 
 CACHE_FILE = "cache.json"
 PARTIAL_FILE = "cache.partial.json"
+CAPTIONS_FILE = "captions.json"
 
 
 def fingerprint(model_dir: str | Path) -> str:
@@ -65,6 +73,7 @@ def encode_dataset(model_dir: str | Path, data: DataConfig, split: str, out: str
         "data": _data_key(data), "dataset": dataset.description, "dataset_id": dataset.dataset_id,
         "split": split, "num_images": len(dataset), "flipped": data.random_flip,
         "has_labels": dataset.has_labels, "class_names": dataset.class_names, "shard_size": shard_size,
+        "has_captions": dataset.has_captions,
     }
     key = {k: meta[k] for k in ("fingerprint", "data", "split", "num_images", "flipped", "shard_size")}
     if (out / CACHE_FILE).is_file():
@@ -78,13 +87,15 @@ def encode_dataset(model_dir: str | Path, data: DataConfig, split: str, out: str
         raise UserError(f"{out} holds an unfinished cache of another autoencoder or dataset; choose another --out "
                         f"or pass --overwrite")
     if overwrite:
-        for f in [*out.glob("shard-*.safetensors"), out / CACHE_FILE, out / PARTIAL_FILE]:
+        for f in [*out.glob("shard-*.safetensors"), out / CACHE_FILE, out / PARTIAL_FILE, out / CAPTIONS_FILE]:
             f.unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
     (out / PARTIAL_FILE).write_text(json.dumps(key))
 
     num_shards = -(-len(dataset) // shard_size)
     todo = [i for i in range(num_shards) if not _shard_path(out, i).is_file()]
+    if dataset.has_captions:
+        caption_index = _write_captions(out, dataset.captions, resumed=len(todo) < num_shards)
     progress = tqdm(total=len(dataset), initial=(num_shards - len(todo)) * shard_size, desc="encoding latents")
     for i in todo:
         rows = range(i * shard_size, min((i + 1) * shard_size, len(dataset)))
@@ -96,6 +107,9 @@ def encode_dataset(model_dir: str | Path, data: DataConfig, split: str, out: str
                     tensors.setdefault(name + suffix, []).append(value.float().cpu())
             if dataset.has_labels:
                 tensors.setdefault("labels", []).append(batch["label"])
+            if dataset.has_captions:  # each row's own caption, so the column is row-aligned by construction
+                tensors.setdefault("caption", []).append(
+                    torch.tensor([caption_index[c] for c in batch["caption"]], dtype=torch.int64))
             progress.update(len(x))
         tmp = out / f".tmp-{_shard_path(out, i).name}"
         try:
@@ -116,6 +130,10 @@ def encode_dataset(model_dir: str | Path, data: DataConfig, split: str, out: str
                                       for i in range(num_shards))) + 1
     meta["shards"] = [_shard_path(out, i).name for i in range(num_shards)]
     meta["shard_sha256"] = [sha256(_shard_path(out, i)) for i in range(num_shards)]  # checked when read
+    if dataset.has_captions:
+        meta["captions_file"] = CAPTIONS_FILE
+        meta["num_captions"] = len(caption_index)
+        meta["captions_sha256"] = sha256(out / CAPTIONS_FILE)  # checked by read_captions
     tmp = out / f".tmp-{CACHE_FILE}"
     tmp.write_text(json.dumps(meta, indent=2))
     os.replace(tmp, out / CACHE_FILE)  # the cache is complete from here on
@@ -123,10 +141,26 @@ def encode_dataset(model_dir: str | Path, data: DataConfig, split: str, out: str
     return meta
 
 
+def _write_captions(out: Path, captions: list[str], resumed: bool) -> dict[str, int]:
+    """Write the distinct captions (in order of first use) to captions.json; each caption's
+    index in it. A resumed run must find the list its finished shards index into."""
+    distinct = list(dict.fromkeys(captions))
+    text = json.dumps(distinct, ensure_ascii=False)
+    path = out / CAPTIONS_FILE
+    if resumed and (not path.is_file() or path.read_text(encoding="utf-8") != text):
+        raise UserError(f"{out} holds an unfinished cache whose captions differ from the dataset's now (or whose "
+                        f"{CAPTIONS_FILE} is missing); re-encode it with `ldm-vae encode ... --overwrite`")
+    if not resumed:
+        atomic_write_text(path, text)
+    return {c: i for i, c in enumerate(distinct)}
+
+
 def _data_key(data: DataConfig) -> dict:
     raw = dataclasses.asdict(data)
     for key in ("num_workers", "decoded_cache_mb"):  # how images are loaded does not change what is encoded
         raw.pop(key)
+    if raw["caption_column"] is None:  # caches written before captions existed stay reusable
+        raw.pop("caption_column")
     return raw
 
 
@@ -149,6 +183,25 @@ def read_cache(cache_dir: str | Path, model_dir: str | Path | None = None) -> di
         raise UserError(f"the latents in {cache_dir} were made by {meta['autoencoder']}, not by {model_dir} "
                         f"(different weights or config); re-encode with `ldm-vae encode {model_dir} ...`")
     return meta
+
+
+def read_captions(cache_dir: str | Path, meta: dict) -> list[str]:
+    """The captions of a cache (meta: its cache.json); a row's "caption" indexes this list.
+    Refused when captions.json is not the file the cache recorded."""
+    path = Path(cache_dir) / CAPTIONS_FILE
+    if not meta.get("has_captions"):
+        raise UserError(f"the latent cache {cache_dir} has no captions; encode a dataset with data.caption_column "
+                        f"set (`ldm-vae encode ... data.caption_column=text`)")
+    if not path.is_file():
+        raise UserError(f"{path} is missing: the latent cache is incomplete; re-encode it with `ldm-vae encode ... "
+                        f"--overwrite`")
+    raw = path.read_bytes()  # hashed and parsed from the same bytes
+    if hashlib.sha256(raw).hexdigest() != meta["captions_sha256"]:
+        raise _corrupt(path, f"its sha256 is not the one recorded in {CACHE_FILE} when it was written")
+    captions = json.loads(raw.decode("utf-8"))
+    if len(captions) != meta["num_captions"] or not all(isinstance(c, str) for c in captions):
+        raise _corrupt(path, f"not a list of {meta['num_captions']} strings")
+    return captions
 
 
 def load_cache_autoencoder(meta: dict):
@@ -266,7 +319,8 @@ def _read_at(f: BinaryIO, offset: int, into: memoryview) -> int:
 
 
 class LatentDataset(Dataset):
-    """Items {"latents": scaled latent [C, h, w], "label": int64} from a latent cache.
+    """Items {"latents": scaled latent [C, h, w], "label": int64} from a latent cache, plus
+    "caption": int64 (an index into `self.captions`, see `read_captions`) when it has captions.
 
     KL caches give a fresh posterior sample per (seed, epoch, batch), VQ caches the stored
     latents; with flips, the flipped twin is taken half the time. The scaling (and shift)
@@ -301,6 +355,11 @@ class LatentDataset(Dataset):
         self.seed, self.epoch = seed, 0
         self.kl = "mean" in layout
         self.has_labels = "labels" in layout
+        self.has_captions = bool(self.meta.get("has_captions"))  # caches older than captions have none
+        if self.has_captions != ("caption" in layout):
+            state = "has no caption column" if self.has_captions else "has a caption column"
+            raise _corrupt(self.shards[0].path, f"it {state}, unlike what {CACHE_FILE} records")
+        self.captions = read_captions(cache_dir, self.meta) if self.has_captions else None
         self._open: collections.OrderedDict[int, BinaryIO] = collections.OrderedDict()  # shard -> file, LRU
 
     def __getstate__(self) -> dict:
@@ -338,7 +397,11 @@ class LatentDataset(Dataset):
             z = pick("latents")
         labels = self._read(["labels"] * len(rows), rows) if self.has_labels else torch.full((len(idx),), -1)
         z = (z - self.shift) * self.scale
-        return [{"latents": z[k], "label": labels[k]} for k in range(len(idx))]
+        items = [{"latents": z[k], "label": labels[k]} for k in range(len(idx))]
+        if self.has_captions:
+            for item, caption in zip(items, self._read(["caption"] * len(rows), rows)):
+                item["caption"] = caption
+        return items
 
     def _locate(self, i: int) -> tuple[int, int]:
         """(shard, row in that shard) of global index i (negative i counts from the end, as in indexing)."""

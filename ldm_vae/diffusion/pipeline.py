@@ -1,46 +1,64 @@
-"""LatentDiffusionPipeline: class-conditional latent diffusion with classifier-free guidance.
+"""The pipelines of latent diffusion runs: stock diffusers classes, so exported folders load
+with `from_pretrained` alone (no `pipeline.py`, no `trust_remote_code`).
 
-This file imports only torch and diffusers: `ldm-vae export-pipeline` copies it into the
-pipeline folder, so stock diffusers loads the folder without ldm-vae installed:
+- Class-conditional (a `UNet2DModel` or a `DiTTransformer2DModel`): diffusers' `DiTPipeline`.
+  It calls its `transformer` as `net(latents, timestep=t, class_labels=labels).sample`, which
+  UNet2DModel takes too; its null class for guidance is the hard-coded label 1000, which is
+  the null label every class-conditional network of ours is trained with
+  (networks.NULL_LABEL). It guides where `guidance_scale > 1` (Ho & Salimans 2022,
+  arXiv:2207.12598) and decodes `latents / scaling_factor`.
+- Text-conditional (a `UNet2DConditionModel` with a CLIP text encoder and tokenizer, see
+  text.py): diffusers' `StableDiffusionPipeline` without a safety checker. Its unconditional
+  prompt for guidance is "" (the caption the trainer drops to); it guides where
+  `guidance_scale > 1`.
+- Unconditional (a `UNet2DModel`): diffusers' `LDMPipeline` (`vqvae`, `unet`, `scheduler`),
+  which also decodes `latents / scaling_factor`.
 
-    from diffusers import DiffusionPipeline
-    pipe = DiffusionPipeline.from_pretrained("pipelines/fashion", trust_remote_code=True)
-    images = pipe(class_labels=[3] * 8, guidance_scale=3.0, num_inference_steps=20,
-                  generator=torch.Generator().manual_seed(0)).images
+Neither reads a `shift_factor`: the autoencoder in these pipelines has its shift folded into
+its 1x1 convolutions (autoencoder.models.fold_shift), the same function read correctly.
+Loading logs diffusers' type note where the component is not the one the class annotates
+(a UNet2DModel as DiTPipeline's `transformer`, an AutoencoderKL as LDMPipeline's `vqvae`):
+the calls above are all the pipelines make of them.
 
-Components: `unet` (UNet2DModel), `vae` (AutoencoderKL or VQModel) and `scheduler`. The
-UNet works on scaled latents `(z - shift_factor) * scaling_factor`; decoding undoes that
-once, with the factors in the autoencoder's own config (a VQModel has no shift_factor).
-A class-conditional UNet has `num_class_embeds = num_classes + 1`: the last class is the
-"null" label the model was trained with for classifier-free guidance (Ho & Salimans 2022,
-arXiv:2207.12598).
-
-`LatentDiTPipeline` is diffusers' stock `DiTPipeline` with the same interface for ldm-vae's
-own commands (`num_classes`, `use_solver`, `batch_size`); a DiT run exports as a plain
-`DiTPipeline` folder, which needs no file of ours.
+`ClassConditionalPipeline`, `TextToImagePipeline` and `UnconditionalPipeline` are those
+classes with one calling convention for ldm-vae's own commands (`class_labels`, `batch_size`,
+`output_type="pt"`, `num_classes`, `use_solver`); export.py writes their folders as the stock
+classes.
 """
 
 from __future__ import annotations
 
-from typing import Optional, Union
-
 import torch
+import transformers
 from diffusers import (
     DDIMScheduler,
-    DiffusionPipeline,
     DiTPipeline,
     DPMSolverMultistepScheduler,
     ImagePipelineOutput,
+    LDMPipeline,
 )
-from diffusers.utils.torch_utils import randn_tensor
+
+from .text import class_prompt
+
+# diffusers' Stable Diffusion module imports transformers' CLIPImageProcessor (its safety
+# checker's), which logs a warning on every import where torchvision is missing; we never
+# use it, so it is imported with transformers' logging at errors only.
+_verbosity = transformers.logging.get_verbosity()
+transformers.logging.set_verbosity_error()
+try:
+    from diffusers import StableDiffusionPipeline
+finally:
+    transformers.logging.set_verbosity(_verbosity)
 
 # Sampler settings for latents: no x0 clipping (scaled latents are not confined to [-1, 1])
 # and timesteps that include the last training step ("trailing", Lin et al. 2023,
-# arXiv:2305.08891), so few-step sampling starts from pure noise.
+# arXiv:2305.08891), so few-step sampling starts from pure noise. "trailing" ignores
+# steps_offset; it is 1 because StableDiffusionPipeline rewrites any other value with a
+# deprecation warning.
+_TRAILING = {"timestep_spacing": "trailing", "steps_offset": 1}
 SOLVERS = {
-    "ddim": (DDIMScheduler, {"clip_sample": False, "set_alpha_to_one": False, "timestep_spacing": "trailing"}),
-    "dpm++": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++", "solver_order": 2,
-                                            "timestep_spacing": "trailing"}),
+    "ddim": (DDIMScheduler, {"clip_sample": False, "set_alpha_to_one": False, **_TRAILING}),
+    "dpm++": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++", "solver_order": 2, **_TRAILING}),
 }
 
 
@@ -50,91 +68,17 @@ def make_scheduler(solver: str, config):
     return cls.from_config(config, **settings)
 
 
-class LatentDiffusionPipeline(DiffusionPipeline):
-    model_cpu_offload_seq = "unet->vae"
-
-    def __init__(self, unet, vae, scheduler):
-        super().__init__()
-        self.register_modules(unet=unet, vae=vae, scheduler=scheduler)
-
-    @property
-    def num_classes(self) -> int:
-        """0 for an unconditional UNet; the null label is `num_classes`."""
-        n = self.unet.config.num_class_embeds
-        return n - 1 if n else 0
+class _Ours:
+    """What ldm-vae's commands read of either pipeline."""
 
     def use_solver(self, solver: str) -> None:
         """Switch to 'ddim' or 'dpm++' (same noise schedule and prediction type)."""
         self.scheduler = make_scheduler(solver, self.scheduler.config)
 
-    def predict(self, latents: torch.Tensor, t, class_labels: Optional[torch.Tensor], guidance_scale: float):
-        """The model output; with class labels and guidance_scale != 1, the guided
-        uncond + s * (cond - uncond), from one batched pass over [cond; uncond]."""
-        if class_labels is None:
-            return self.unet(latents, t).sample
-        if guidance_scale == 1.0:
-            return self.unet(latents, t, class_labels=class_labels).sample
-        null = torch.full_like(class_labels, self.num_classes)
-        cond, uncond = self.unet(torch.cat([latents, latents]), t,
-                                 class_labels=torch.cat([class_labels, null])).sample.chunk(2)
-        return uncond + guidance_scale * (cond - uncond)
 
-    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
-        """Scaled latents -> images in [-1, 1]: the scaling is undone here, once."""
-        shift = getattr(self.vae.config, "shift_factor", None) or 0.0
-        z = latents / self.vae.config.scaling_factor + shift
-        return self.vae.decode(z.to(self.vae.dtype)).sample.clamp(-1, 1)
-
-    @torch.no_grad()
-    def __call__(
-        self,
-        class_labels: Optional[Union[int, list[int], torch.Tensor]] = None,
-        batch_size: Optional[int] = None,
-        num_inference_steps: int = 20,
-        guidance_scale: float = 3.0,
-        generator: Optional[torch.Generator] = None,
-        output_type: str = "pil",
-        return_dict: bool = True,
-    ):
-        """Generate images. `class_labels` (int or list, one per image) for a class-conditional
-        UNet; `batch_size` images for an unconditional one. `output_type`: "pil", "np"
-        (float [0, 1], NHWC) or "pt" (float [0, 1], NCHW)."""
-        device = self._execution_device
-        labels = None
-        if self.num_classes:
-            if class_labels is None:
-                raise ValueError(f"this pipeline is class-conditional: pass class_labels (0..{self.num_classes - 1})")
-            labels = torch.as_tensor(class_labels, device=device).long().reshape(-1)
-            if labels.min() < 0 or labels.max() >= self.num_classes:
-                raise ValueError(f"class_labels must be in 0..{self.num_classes - 1}, got {labels.tolist()}")
-            batch_size = len(labels)
-        elif class_labels is not None:
-            raise ValueError("this pipeline is unconditional: pass batch_size, not class_labels")
-        batch_size = batch_size or 1
-        cfg = self.unet.config
-        shape = (batch_size, cfg.in_channels, cfg.sample_size, cfg.sample_size)
-        latents = randn_tensor(shape, generator=generator, device=device, dtype=self.unet.dtype)
-        latents = latents * self.scheduler.init_noise_sigma
-        self.scheduler.set_timesteps(num_inference_steps, device=device)
-        for t in self.progress_bar(self.scheduler.timesteps):
-            model_input = self.scheduler.scale_model_input(latents, t)
-            output = self.predict(model_input, t, labels, guidance_scale)
-            latents = self.scheduler.step(output, t, latents, generator=generator).prev_sample
-        images = (self.decode_latents(latents).float() + 1) / 2
-        if output_type == "pt":
-            result = images
-        else:
-            result = images.cpu().permute(0, 2, 3, 1).numpy()
-            if output_type == "pil":
-                result = self.numpy_to_pil(result)
-        self.maybe_free_model_hooks()
-        return ImagePipelineOutput(images=result) if return_dict else (result,)
-
-
-class LatentDiTPipeline(DiTPipeline):
-    """Stock DiTPipeline (null label 1000, guidance where guidance_scale > 1, decoding
-    `latents / scaling_factor`: the exported autoencoder has its shift folded in) with
-    `num_classes` = the number of entries of `id2label` (the dataset's class names)."""
+class ClassConditionalPipeline(_Ours, DiTPipeline):
+    """Stock DiTPipeline whose `num_classes` is the number of entries of `id2label` (the
+    dataset's class names)."""
 
     def __init__(self, transformer, vae, scheduler, id2label: dict | None = None):
         super().__init__(transformer, vae, scheduler, id2label)
@@ -144,11 +88,17 @@ class LatentDiTPipeline(DiTPipeline):
     def num_classes(self) -> int:
         return len(self.id2label)
 
-    use_solver = LatentDiffusionPipeline.use_solver
+    @property
+    def denoiser(self):
+        return self.transformer
+
+    @property
+    def autoencoder(self):
+        return self.vae
 
     def __call__(self, class_labels=None, batch_size: int | None = None, guidance_scale: float = 3.0, **kwargs):
-        """DiTPipeline's call with LatentDiffusionPipeline's arguments (`batch_size` is the
-        number of labels; `output_type` "pt" gives [0, 1] NCHW tensors)."""
+        """DiTPipeline's call; `batch_size` is the number of labels (accepted for one calling
+        convention with the unconditional pipeline), `output_type` "pt" gives [0, 1] NCHW."""
         if class_labels is None:
             raise ValueError(f"this pipeline is class-conditional: pass class_labels (0..{self.num_classes - 1})")
         labels = torch.as_tensor(class_labels).long().reshape(-1)
@@ -156,3 +106,63 @@ class LatentDiTPipeline(DiTPipeline):
             raise ValueError(f"class_labels must be in 0..{self.num_classes - 1}, got {labels.tolist()}")
         return super().__call__(labels.tolist(), guidance_scale=guidance_scale, **kwargs)
 
+
+class TextToImagePipeline(_Ours, StableDiffusionPipeline):
+    """Stock StableDiffusionPipeline (build it with safety_checker=None, feature_extractor=None,
+    requires_safety_checker=False); `class_names`, where the model trained on templates over
+    them, turn `class_labels` into their prompts ("a photo of a {class}")."""
+
+    class_names: list[str] | None = None
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names or [])
+
+    @property
+    def denoiser(self):
+        return self.unet
+
+    @property
+    def autoencoder(self):
+        return self.vae
+
+    def __call__(self, class_labels=None, prompt=None, batch_size: int | None = None, guidance_scale: float = 3.0,
+                 **kwargs):
+        """StableDiffusionPipeline's call on `prompt` (a string or one per image), or on the
+        prompts of `class_labels`; `batch_size` is their number."""
+        if class_labels is not None:
+            labels = torch.as_tensor(class_labels).long().reshape(-1).tolist()
+            if not self.num_classes or min(labels) < 0 or max(labels) >= self.num_classes:
+                raise ValueError(f"class_labels must be in 0..{self.num_classes - 1}, got {labels}" if self.num_classes
+                                 else "this model was trained on captions, not classes: pass prompt")
+            prompt = [class_prompt(self.class_names[c]) for c in labels]
+        if prompt is None:
+            raise ValueError("this pipeline is text-conditional: pass prompt (or class_labels)")
+        return super().__call__(prompt=prompt, guidance_scale=guidance_scale, **kwargs)
+
+
+class UnconditionalPipeline(_Ours, LDMPipeline):
+    """Stock LDMPipeline with ldm-vae's calling convention."""
+
+    num_classes = 0
+
+    @property
+    def denoiser(self):
+        return self.unet
+
+    @property
+    def autoencoder(self):
+        return self.vqvae
+
+    def __call__(self, class_labels=None, batch_size: int = 1, guidance_scale: float | None = None,
+                 output_type: str = "pil", **kwargs):
+        """LDMPipeline's call (`guidance_scale` has no use without classes); `output_type`
+        "pt" gives [0, 1] NCHW tensors (LDMPipeline itself returns numpy or PIL)."""
+        if class_labels is not None:
+            raise ValueError("this pipeline is unconditional: pass batch_size, not class_labels")
+        return_dict = kwargs.pop("return_dict", True)
+        images = super().__call__(batch_size=batch_size, output_type="np" if output_type == "pt" else output_type,
+                                  return_dict=False, **kwargs)[0]
+        if output_type == "pt":
+            images = torch.from_numpy(images).permute(0, 3, 1, 2)
+        return ImagePipelineOutput(images=images) if return_dict else (images,)

@@ -1,8 +1,8 @@
 """Sampling (`ldm-vae sample`) from a latent diffusion run or an exported pipeline folder.
 
 A run's pipeline is built from its newest checkpoint: the EMA UNet or DiT, the autoencoder that
-made the latent cache (checked by fingerprint) and a sampler built from the training noise
-schedule; export.py writes the same pipeline as a folder.
+made the latent cache (checked by fingerprint, its shift folded in) and a sampler built from the
+training noise schedule; export.py writes the same pipeline as a folder of its stock class.
 """
 
 from __future__ import annotations
@@ -11,8 +11,14 @@ import json
 from pathlib import Path
 
 import torch
-from diffusers import DDPMScheduler, DiTTransformer2DModel, UNet2DModel
+from diffusers import (
+    DDPMScheduler,
+    DiTTransformer2DModel,
+    UNet2DConditionModel,
+    UNet2DModel,
+)
 from tqdm.auto import tqdm
+from transformers import CLIPTextModel, CLIPTokenizer
 
 from .. import config as config_lib
 from ..autoencoder.models import fold_shift, load_autoencoder
@@ -21,10 +27,19 @@ from ..files import save_image
 from ..run.checkpoint import find_checkpoint, read_state
 from .config import LDMConfig
 from .latents import load_cache_autoencoder
-from .networks import noise_schedule
-from .pipeline import LatentDiffusionPipeline, LatentDiTPipeline, make_scheduler
+from .networks import TextConditioned, noise_schedule
+from .pipeline import (
+    ClassConditionalPipeline,
+    TextToImagePipeline,
+    UnconditionalPipeline,
+    make_scheduler,
+)
+
+Pipeline = ClassConditionalPipeline | TextToImagePipeline | UnconditionalPipeline
 
 MODEL_INDEX = "model_index.json"
+RECORD = "ldm_vae.json"  # what export.py records of the run next to the pipeline; for a text model,
+# "class_names" are the classes it has prompts for
 
 
 def class_names(meta: dict) -> list[str] | None:
@@ -34,16 +49,34 @@ def class_names(meta: dict) -> list[str] | None:
     return meta.get("class_names") or [str(i) for i in range(meta["num_classes"])]
 
 
-def run_pipeline(net, vae, scheduler, names: list[str] | None = None):
-    """The pipeline of a denoiser: LatentDiTPipeline for a DiT (the class names as its id2label;
-    the autoencoder's shift folded in, as DiTPipeline decodes `latents / scaling_factor` and
-    ignores a shift), else LatentDiffusionPipeline."""
-    if isinstance(net, DiTTransformer2DModel):
-        return LatentDiTPipeline(net, fold_shift(vae), scheduler, dict(enumerate(names)))
-    return LatentDiffusionPipeline(net, vae, scheduler)
+def run_pipeline(net, vae, scheduler, names: list[str] | None = None, tokenizer=None) -> Pipeline:
+    """The pipeline of a denoiser: TextToImagePipeline for a TextConditioned UNet (and its
+    `tokenizer`; `names`: the classes whose prompts it trained on), ClassConditionalPipeline
+    where `names` (the class names, its id2label) are given, else UnconditionalPipeline. The
+    autoencoder's shift is folded in, as all three decode `latents / scaling_factor` and
+    ignore a shift."""
+    vae = fold_shift(vae)
+    if isinstance(net, TextConditioned):
+        return text_pipeline(vae, net.text_encoder, tokenizer, net.unet, scheduler, names)
+    if names:
+        return ClassConditionalPipeline(net, vae, scheduler, dict(enumerate(names)))
+    return UnconditionalPipeline(vae, net, scheduler)
 
 
-def load_run_pipeline(run_dir: str | Path, solver: str | None = None) -> tuple[LatentDiffusionPipeline, dict]:
+def text_pipeline(vae, text_encoder, tokenizer, unet, scheduler, names: list[str] | None) -> TextToImagePipeline:
+    pipe = TextToImagePipeline(vae, text_encoder, tokenizer, unet, scheduler, safety_checker=None,
+                               feature_extractor=None, requires_safety_checker=False)
+    pipe.class_names = names
+    return pipe
+
+
+def prompt_classes(meta: dict) -> list[str] | None:
+    """The classes a text-conditional model on the cache `meta` has prompts for: those of the
+    templates it trained on (text.training_captions), none where it trained on captions."""
+    return None if meta.get("has_captions") else class_names(meta)
+
+
+def load_run_pipeline(run_dir: str | Path, solver: str | None = None) -> tuple[Pipeline, dict]:
     """(pipeline, info) of a train-ldm run's newest complete checkpoint (EMA network)."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
@@ -54,32 +87,57 @@ def load_run_pipeline(run_dir: str | Path, solver: str | None = None) -> tuple[L
         raise UserError(f"{run_dir} is not a train-ldm run (an autoencoder run? sample from a latent diffusion run "
                         f"or an exported pipeline folder)")
     cfg: LDMConfig = config_lib.load_saved_config(state["config"], f"{checkpoint}/trainer_state.json", LDMConfig)
-    vae = load_cache_autoencoder(state["cache"])
+    vae = load_cache_autoencoder(state["cache"]).eval()
+    scheduler = make_scheduler(solver or cfg.sample.solver, noise_schedule(cfg.diffusion).config)
+    info = {"checkpoint": str(checkpoint), "step": state["step"], "config": cfg, "cache": state["cache"],
+            "logs": state.get("logs") or {}}
+    conditioning = cfg.diffusion.conditioning
+    if conditioning == "text":
+        text_encoder = CLIPTextModel.from_pretrained(checkpoint / "text_encoder", use_safetensors=True).eval()
+        unet = UNet2DConditionModel.from_pretrained(checkpoint / "unet", use_safetensors=True).eval()
+        return text_pipeline(fold_shift(vae), text_encoder, CLIPTokenizer.from_pretrained(checkpoint / "tokenizer"),
+                             unet, scheduler, prompt_classes(state["cache"])), info
     if cfg.network == "dit":
         net = DiTTransformer2DModel.from_pretrained(checkpoint / "transformer", use_safetensors=True)
     else:
         net = UNet2DModel.from_pretrained(checkpoint / "unet", use_safetensors=True)
-    scheduler = make_scheduler(solver or cfg.sample.solver, noise_schedule(cfg.diffusion).config)
-    info = {"checkpoint": str(checkpoint), "step": state["step"], "config": cfg, "cache": state["cache"],
-            "logs": state.get("logs") or {}}
-    return run_pipeline(net.eval(), vae.eval(), scheduler, class_names(state["cache"])), info
+    names = class_names(state["cache"]) if conditioning == "class" else None
+    return run_pipeline(net.eval(), vae, scheduler, names), info
 
 
-def load_pipeline(path: str | Path, solver: str | None = None) -> LatentDiffusionPipeline:
+# the stock class of an exported folder -> its (denoiser, autoencoder) subfolders
+EXPORTED = {"DiTPipeline": ("transformer", "vae"), "LDMPipeline": ("unet", "vqvae"),
+            "StableDiffusionPipeline": ("unet", "vae")}
+NETWORKS = {cls.__name__: cls for cls in (UNet2DModel, DiTTransformer2DModel)}
+
+
+def load_pipeline(path: str | Path, solver: str | None = None) -> Pipeline:
     """The pipeline of a train-ldm run folder or of an exported pipeline folder."""
     path = Path(path)
     if not (path / MODEL_INDEX).is_file():
         return load_run_pipeline(path, solver)[0]
     index = json.loads((path / MODEL_INDEX).read_text())
-    if index["_class_name"] == "DiTPipeline":
-        net = DiTTransformer2DModel.from_pretrained(path / "transformer", use_safetensors=True)
-    else:
-        net = UNet2DModel.from_pretrained(path / "unet", use_safetensors=True)
-    vae = load_autoencoder(path / "vae")
+    if index["_class_name"] not in EXPORTED:
+        raise UserError(f"{path} holds a {index['_class_name']} folder, not one `ldm-vae export-pipeline` writes "
+                        f"({' or '.join(EXPORTED)}); an ldm-vae export from before pipeline.py was retired: export "
+                        f"the run again")
+    net_dir, vae_dir = EXPORTED[index["_class_name"]]
+    vae = load_autoencoder(path / vae_dir).eval()
     # any scheduler class reads the saved config (a dict); make_scheduler builds the solver from it
     scheduler = make_scheduler(solver or "dpm++", DDPMScheduler.load_config(path / "scheduler"))
+    if index["_class_name"] == "StableDiffusionPipeline":
+        record = json.loads((path / RECORD).read_text()) if (path / RECORD).is_file() else {}
+        return text_pipeline(vae, CLIPTextModel.from_pretrained(path / "text_encoder", use_safetensors=True).eval(),
+                             CLIPTokenizer.from_pretrained(path / "tokenizer"),
+                             UNet2DConditionModel.from_pretrained(path / "unet", use_safetensors=True).eval(),
+                             scheduler, record.get("class_names"))
+    # the class model_index.json names: a DiTPipeline's transformer may be a UNet2DModel
+    name = index[net_dir][1]
+    if name not in NETWORKS:
+        raise UserError(f"{path / net_dir} holds a {name}; ldm-vae samples {' and '.join(NETWORKS)}")
+    net = NETWORKS[name].from_pretrained(path / net_dir, use_safetensors=True)
     names = index.get("id2label")
-    return run_pipeline(net.eval(), vae.eval(), scheduler, [names[k] for k in sorted(names, key=int)] if names else None)
+    return run_pipeline(net.eval(), vae, scheduler, [names[k] for k in sorted(names, key=int)] if names else None)
 
 
 def sample_labels(num_classes: int, class_labels: list[int] | None, num_images: int) -> list[int] | None:
@@ -95,19 +153,38 @@ def sample_labels(num_classes: int, class_labels: list[int] | None, num_images: 
     return [pool[i % len(pool)] for i in range(num_images)]
 
 
+def sample_conditions(pipe: Pipeline, class_labels: list[int] | None, prompts: list[str] | None,
+                      num_images: int) -> list[int] | list[str] | None:
+    """Each image's condition: the given prompts cycled (a text-to-image model), else its label
+    (sample_labels)."""
+    text = isinstance(pipe, TextToImagePipeline)
+    if prompts:
+        if not text:
+            raise UserError("--prompt needs a text-to-image model (diffusion.conditioning=text); this one takes "
+                            + ("--class-label" if pipe.num_classes else "neither (it is unconditional)"))
+        if class_labels:
+            raise UserError("pass --prompt or --class-label, not both")
+        return [prompts[i % len(prompts)] for i in range(num_images)]
+    if text and not pipe.num_classes:
+        raise UserError("this text-to-image model trained on captions: pass --prompt TEXT")
+    return sample_labels(pipe.num_classes, class_labels, num_images)
+
+
 @torch.no_grad()
-def generate(pipe: LatentDiffusionPipeline, num_images: int, labels: list[int] | None, steps: int,
+def generate(pipe: Pipeline, num_images: int, labels: list[int] | list[str] | None, steps: int,
              guidance_scale: float, seed: int, batch_size: int, progress: bool = True) -> torch.Tensor:
-    """[N, 3, H, W] images in [0, 1]. One generator seeded with `seed` draws every batch's
-    noise in turn, so the images depend on (seed, batch_size)."""
+    """[N, 3, H, W] images in [0, 1]; `labels`: each image's class label or (text-to-image)
+    prompt. One generator seeded with `seed` draws every batch's noise in turn, so the images
+    depend on (seed, batch_size)."""
     generator = torch.Generator().manual_seed(seed)
     pipe.set_progress_bar_config(disable=True)
     out = []
     for start in tqdm(range(0, num_images, batch_size), desc="sampling", disable=not progress):
         n = min(batch_size, num_images - start)
-        batch_labels = labels[start:start + n] if labels is not None else None
-        out.append(pipe(class_labels=batch_labels, batch_size=n, num_inference_steps=steps,
-                        guidance_scale=guidance_scale, generator=generator, output_type="pt").images.cpu())
+        batch = labels[start:start + n] if labels is not None else None
+        condition = {"prompt": batch} if batch and isinstance(batch[0], str) else {"class_labels": batch}
+        out.append(pipe(**condition, batch_size=n, num_inference_steps=steps, guidance_scale=guidance_scale,
+                        generator=generator, output_type="pt").images.cpu())
     return torch.cat(out)
 
 

@@ -7,6 +7,9 @@ sample per epoch), noise, uniform timesteps, DDPM forward process
 epsilon prediction, v = a_t * noise - s_t * z for v-prediction). With class conditioning,
 each label is replaced by the null class with probability `diffusion.label_dropout`, so
 the same network also learns the unconditional model that classifier-free guidance needs.
+With text conditioning, each image's caption (its own, or a template over its class drawn
+per image) is tokenized once up front; the dropout replaces it with "", and the UNet and its
+text encoder learn together (text.freeze: the UNet only).
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from accelerate.logging import get_logger
-from diffusers import DiTTransformer2DModel, UNet2DModel
+from diffusers import AutoencoderKL, DiTTransformer2DModel, UNet2DModel
 from diffusers.optimization import get_scheduler
 
 from ..errors import UserError
@@ -27,9 +30,10 @@ from ..run.checkpoint import read_state
 from ..run.trainer import RunResult, Trainer, ema_weights, log_images, make_adamw
 from .config import LDMConfig
 from .latents import LatentDataset, load_cache_autoencoder, read_cache
-from .networks import build_network, noise_schedule, null_label
+from .networks import NULL_LABEL, TextConditioned, build_network, noise_schedule
 from .pipeline import make_scheduler
 from .sample import class_names, run_pipeline
+from .text import class_prompt, text_model, tokenize, training_captions
 
 logger = get_logger(__name__)
 
@@ -39,7 +43,7 @@ CACHE_IDENTITY = ("fingerprint", "data", "split", "num_images", "flipped", "late
 
 @dataclass
 class LDMRun(RunResult):
-    unet: UNet2DModel | DiTTransformer2DModel  # the denoiser, unwrapped, raw (not EMA) weights
+    unet: UNet2DModel | DiTTransformer2DModel | TextConditioned  # the denoiser, unwrapped, raw (not EMA) weights
 
 
 def train_ldm(cfg: LDMConfig, output_dir: str | Path, resume: str | None = None, overwrite: bool = False) -> LDMRun:
@@ -50,7 +54,7 @@ def train_ldm(cfg: LDMConfig, output_dir: str | Path, resume: str | None = None,
 
 class LDMTrainer(Trainer):
     name = "train-ldm"
-    resume_keys = ("network", "model", "dit", "diffusion")
+    resume_keys = ("network", "model", "dit", "text", "diffusion")
     postfix_keys = ("loss", "grad_norm")
 
     def check_inputs(self) -> None:
@@ -61,7 +65,14 @@ class LDMTrainer(Trainer):
         self.vae = load_cache_autoencoder(self.meta).eval()  # decodes the sample grids; refused if it changed
         self.num_classes = conditioning(cfg, self.meta)
         self.dit = cfg.network == "dit"
+        self.text = cfg.diffusion.conditioning == "text"
         self.checkpoint_model = "transformer" if self.dit else "unet"  # the diffusers pipelines' folder names
+        if self.text:
+            if not isinstance(self.vae, AutoencoderKL):
+                raise UserError(f"diffusion.conditioning=text exports a StableDiffusionPipeline, which decodes with an "
+                                f"AutoencoderKL; the latent cache {cfg.latents} was made by a "
+                                f"{type(self.vae).__name__}. Use a KL autoencoder's cache, or conditioning=class")
+            self.captions = training_captions(cfg.latents, self.meta)
 
     def check_resume(self, checkpoint: Path) -> None:
         saved, meta = read_state(checkpoint)["cache"], self.meta
@@ -73,9 +84,15 @@ class LDMTrainer(Trainer):
         cfg, tc, acc = self.cfg, self.tc, self.accelerator
         self.dataset = LatentDataset(cfg.latents, seed=cfg.seed)
         self.noise_scheduler = noise_schedule(cfg.diffusion)
-        net = build_network(cfg, self.meta["latent_shape"], self.num_classes)
-        self.null_label = null_label(net) if self.num_classes else None
-        opt = make_adamw(net.parameters(), tc.lr, tc, acc.device)
+        text_encoder = None
+        if self.text:
+            self.tokenizer, text_encoder = text_model(cfg.text, self.captions.texts)
+            text_encoder.requires_grad_(not cfg.text.freeze)
+            # every caption's tokens, once: a batch indexes rows (its dropped ones take "")
+            self.caption_ids = tokenize(self.tokenizer, self.captions.texts).to(acc.device)
+            self.empty_ids = tokenize(self.tokenizer, [""]).to(acc.device)
+        net = build_network(cfg, self.meta["latent_shape"], self.num_classes, text_encoder)
+        opt = make_adamw([p for p in net.parameters() if p.requires_grad], tc.lr, tc, acc.device)
         # stepped once per optimizer step (see autoencoder/train.py)
         self.lr_sched = get_scheduler(tc.lr_scheduler, opt, num_warmup_steps=tc.lr_warmup_steps,
                                       num_training_steps=tc.max_steps)
@@ -84,7 +101,7 @@ class LDMTrainer(Trainer):
             net.compile()  # in place: the state dict keeps its keys
         self.net, self.opt, self.loader = acc.prepare(net, opt, loader)
         self.model = acc.unwrap_model(self.net)
-        self.ema_params = list(self.model.parameters())
+        self.ema_params = [p for p in self.model.parameters() if p.requires_grad]
         self.extra_state = {"lr_sched": self.lr_sched}
         self.vae.to(acc.device)
         self.net.train()
@@ -95,9 +112,15 @@ class LDMTrainer(Trainer):
     def log_start(self) -> None:
         meta, n = self.meta, self.num_classes
         n_params = sum(p.numel() for p in self.model.parameters())
+        if self.text:
+            what = (f"{len(self.captions.texts)} captions" if not self.captions.per_class else
+                    f"{self.captions.per_class} caption templates x {len(self.captions.class_names)} classes")
+            net = (f"UNet2DConditionModel + CLIPTextModel ({len(self.tokenizer)} tokens"
+                   f"{', frozen' if self.cfg.text.freeze else ''})")
+        else:
+            what, net = f"{n} classes" if n else "unconditional", type(self.model).__name__
         logger.info(f"latents: {len(self.dataset)} x {meta['latent_shape']} of {meta['dataset']} by "
-                    f"{meta['autoencoder']}; {type(self.model).__name__} {n_params / 1e6:.2f} M parameters, "
-                    f"{f'{n} classes' if n else 'unconditional'}")
+                    f"{meta['autoencoder']}; {net} {n_params / 1e6:.2f} M parameters, {what}")
 
     # --- one optimizer step ----------------------------------------------------------------------
 
@@ -112,11 +135,16 @@ class LDMTrainer(Trainer):
         target = noise if dc.prediction_type == "epsilon" else sched.get_velocity(z, noise, t)
         if self.num_classes:  # the null class for classifier-free guidance
             drop = torch.rand(len(z), device=z.device) < dc.label_dropout
-            labels = torch.where(drop, torch.full_like(labels, self.null_label), labels)
+            labels = torch.where(drop, torch.full_like(labels, NULL_LABEL), labels)
+        elif self.text:  # the empty caption, likewise
+            drop = torch.rand(len(z), device=z.device) < dc.label_dropout
+            tokens = torch.where(drop[:, None], self.empty_ids, self.caption_ids[self.caption_index(batch)])
         with acc.accumulate(self.net):
             with acc.autocast():
                 if self.dit:
                     pred = self.net(noisy, timestep=t, class_labels=labels).sample
+                elif self.text:
+                    pred = self.net(noisy, t, tokens)
                 else:
                     pred = self.net(noisy, t, class_labels=labels if self.num_classes else None).sample
             loss = F.mse_loss(pred.float(), target.float())  # fp32 loss under autocast
@@ -133,6 +161,15 @@ class LDMTrainer(Trainer):
         self.lr_sched.step()  # the LR schedule follows the step count, skipped steps included
         return ok, logs
 
+    def caption_index(self, batch: dict) -> torch.Tensor:
+        """Each image's row of `caption_ids`: its own caption, or a template over its class
+        drawn per image."""
+        per_class = self.captions.per_class
+        if not per_class:
+            return batch["caption"]
+        labels = batch["label"]
+        return labels * per_class + torch.randint(0, per_class, labels.shape, device=labels.device)
+
     def log_extras(self, step: int) -> dict:
         return {"lr": self.lr_sched.get_last_lr()[0]}
 
@@ -146,18 +183,31 @@ class LDMTrainer(Trainer):
         if not acc.is_main_process:
             return
         self.model.eval()
+        names = self.captions.class_names if self.text else class_names(self.meta) if self.num_classes else None
         pipe = run_pipeline(self.model, self.vae, make_scheduler(cfg.sample.solver, self.noise_scheduler.config),
-                            class_names(self.meta))
+                            names, getattr(self, "tokenizer", None))
         pipe.set_progress_bar_config(disable=True)
-        labels = preview_labels(cfg, self.num_classes)
+        if self.text:  # the first prompt of each class, or the first 8 captions
+            prompts = [class_prompt(c) for c in names] if names else self.captions.texts[:8]
+            condition = {"prompt": [p for p in prompts for _ in range(cfg.sample.per_class)]}
+        else:
+            condition = {"class_labels": preview_labels(cfg, self.num_classes)}
         with ema_weights(self.ema, self.ema_params), acc.autocast():
-            images = pipe(class_labels=labels, batch_size=8 * cfg.sample.per_class,
+            images = pipe(**condition, batch_size=8 * cfg.sample.per_class,
                           num_inference_steps=cfg.sample.steps, guidance_scale=cfg.sample.guidance_scale,
                           generator=torch.Generator().manual_seed(cfg.seed), output_type="pt").images
         self.model.train()
         save_image(images * 2 - 1, self.output_dir / "samples" / f"samples_{step:07d}.png",
                    nrow=cfg.sample.per_class)
         log_images(acc, "EMA samples (one row per class)", images, step)
+
+    def save_models(self, folder: Path) -> None:
+        if not self.text:
+            return super().save_models(folder)
+        # a StableDiffusionPipeline's folder names, so a checkpoint holds every part of one
+        self.model.unet.save_pretrained(folder / "unet")
+        self.model.text_encoder.save_pretrained(folder / "text_encoder")
+        self.tokenizer.save_pretrained(folder / "tokenizer")
 
     def checkpoint_info(self) -> dict:
         return {"cache": self.meta}
@@ -172,11 +222,11 @@ class LDMTrainer(Trainer):
 
 def conditioning(cfg: LDMConfig, meta: dict) -> int | None:
     """The number of classes the network is conditioned on (None: unconditional)."""
-    if not cfg.diffusion.class_conditional:
+    if cfg.diffusion.conditioning != "class":
         return None
     if not meta.get("has_labels"):
-        raise UserError(f"diffusion.class_conditional is true but the latent cache {cfg.latents} has no labels "
-                        f"({meta['dataset']}); set diffusion.class_conditional=false")
+        raise UserError(f"diffusion.conditioning is class but the latent cache {cfg.latents} has no labels "
+                        f"({meta['dataset']}); set diffusion.conditioning=none (or text, with captions)")
     return meta["num_classes"]
 
 

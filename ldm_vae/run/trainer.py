@@ -248,13 +248,17 @@ class Trainer:
         def write_extra(folder: Path) -> None:
             (folder / "config.yaml").write_text(config_lib.to_yaml(self.cfg))
             with ema_weights(self.ema, self.ema_params):
-                self.model.save_pretrained(folder / self.checkpoint_model)
+                self.save_models(folder)
 
         state = {"step": step, "images_per_step": self.images_per_step, "logs": logs, **self.checkpoint_info(),
                  "config": config_lib.to_dict(self.cfg)}
         path = save_checkpoint(self.accelerator, self.output_dir, step, state, write_extra,
                                self.tc.checkpoints_total_limit, self.extra_state)
         logger.info(f"saved {path}", main_process_only=True)
+
+    def save_models(self, folder: Path) -> None:
+        """The (EMA-swapped) model as a diffusers folder in the checkpoint `folder`."""
+        self.model.save_pretrained(folder / self.checkpoint_model)
 
     def make_loader(self, dataset, num_workers: int = 0) -> DataLoader:
         """The training DataLoader: shuffled per epoch by a seedable sampler, whole batches."""
