@@ -357,6 +357,16 @@ print(type(pipe).__module__, type(s).__name__, s.config.algorithm_type, s.config
     assert (scheduler, algorithm, spacing) == ("DPMSolverMultistepScheduler", "dpmsolver++", "trailing")
 
 
+def test_a_pipeline_folder_of_another_kind_is_refused_by_name(tmp_path):
+    """ldm-vae sample reads the stock folders export-pipeline writes; an older export (its own
+    pipeline.py, named in model_index.json) is told to export again, not crashed on."""
+    for name, expected in ((["pipeline", "LatentDiffusionPipeline"], "export the run again"),
+                           ("KandinskyPipeline", "holds a KandinskyPipeline folder")):
+        (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": name}))
+        with pytest.raises(UserError, match=expected):
+            load_pipeline(tmp_path)
+
+
 def test_export_pipeline_refuses_to_overwrite(ldm_run, tmp_path):
     out, _ = ldm_run
     (tmp_path / "pipe").mkdir()

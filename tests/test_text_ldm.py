@@ -5,6 +5,9 @@ StableDiffusionPipeline that generates what `ldm-vae sample` generates."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -55,6 +58,23 @@ def test_text_to_image_trains_and_its_export_is_a_stock_stable_diffusion_pipelin
         assert pipe.num_classes == 10
         by_label = generate(pipe, 4, sample_conditions(pipe, [3, 3, 7, 8], None, 4), 5, 3.0, 7, 4, progress=False)
         torch.testing.assert_close(by_label[:2], theirs[:2], atol=1e-5, rtol=0)
+    # and in a Python where ldm_vae cannot be imported, outside the repository
+    code = """
+import sys
+sys.modules["ldm_vae"] = None  # any `import ldm_vae...` now raises ImportError
+import torch
+from diffusers import StableDiffusionPipeline
+pipe = StableDiffusionPipeline.from_pretrained(sys.argv[1])
+image = pipe(["a photo of a dress"], num_inference_steps=5, guidance_scale=3.0,
+             generator=torch.Generator().manual_seed(7), output_type="pt").images
+torch.save(image, sys.argv[2])
+"""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path / "pipe"), str(tmp_path / "image.pt")],
+                          cwd=tmp_path, env={**env, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True,
+                          timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    torch.testing.assert_close(torch.load(tmp_path / "image.pt", weights_only=True), theirs[:1], atol=1e-5, rtol=0)
     card = (tmp_path / "pipe" / "README.md").read_text()
     assert 'StableDiffusionPipeline.from_pretrained("' in card and "trust_remote_code" not in card
     assert "pipeline_tag: text-to-image" in card and "a photo of a {class}" in card
@@ -112,7 +132,14 @@ def test_a_frozen_pretrained_text_encoder_stays_as_loaded(text_run, tiny_ldm_cfg
         train_ldm(tiny_ldm_cfg(*TEXT, f"text.pretrained={tmp_path}", "train.max_steps=1"), tmp_path / "run2")
 
 
-def test_sampling_a_text_model_needs_prompts_or_template_classes(text_run):
+def test_sampling_a_text_model_needs_prompts_or_template_classes(text_run, tmp_path, capsys):
+    from ldm_vae.cli import main
+
+    assert main(["sample", str(text_run[0]), "--prompt", "a photo of a dress", "--prompt", "a bag", "--num-images",
+                 "3", "--steps", "2", "--out", str(tmp_path / "png")]) == 0
+    assert sorted(p.name for p in (tmp_path / "png").iterdir()) == ["grid.png", *[f"sample_0000{i}.png" for i in range(3)]]
+    assert main(["sample", str(text_run[0]), "--prompt", "a", "--class-label", "1", "--out", str(tmp_path / "x")]) == 2
+    assert "pass --prompt or --class-label, not both" in capsys.readouterr().err
     pipe = load_pipeline(text_run[0])
     assert sample_conditions(pipe, None, ["a", "b"], 3) == ["a", "b", "a"]
     with pytest.raises(UserError, match="not both"):

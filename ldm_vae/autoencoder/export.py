@@ -1,10 +1,12 @@
 """Export a run as a diffusers folder: EMA weights (safetensors), measured latent scaling, model card.
 
 `AutoencoderKL.from_pretrained(out_dir)` / `VQModel.from_pretrained(out_dir)` in stock
-diffusers loads the result. The scaling factor is 1/std (and, for KL, the shift factor the
-mean) of latents of thousands of training images spread over the whole split, never one
-batch and never SD's constant: posterior samples for KL, `encode(x).latents` (what
-`VQModel.decode` quantizes, and what LDM trains its diffusion model on) for VQ.
+diffusers loads the result. The scaling factor and, for KL, the shift factor are measured on
+latents of thousands of training images spread over the whole split, never one batch and
+never SD's constant: for KL, posterior samples, shift = their mean and scale = 1/std; for VQ,
+`encode(x).latents` (what `VQModel.decode` quantizes, and what LDM trains its diffusion model
+on) and scale = 1/RMS, the uncentred root mean square, because a VQModel has no shift: the
+latents are used uncentred, and 1/std would leave them a second moment of 1 + (mean/std)^2.
 """
 
 from __future__ import annotations
@@ -45,8 +47,9 @@ def load_run(run_dir: str | Path) -> tuple[AutoencoderKL | VQModel, Config, dict
 @torch.no_grad()
 def measure_latent_stats(vae: AutoencoderKL | VQModel, dataset, cfg: Config, device: torch.device,
                          seed: int = 0) -> dict:
-    """Mean and std of latents over `export.scale_num_images` images of `dataset` (and, for
-    a VQModel, which share of its codebook those images use)."""
+    """Mean, std and the scaling of latents over `export.scale_num_images` images of `dataset`
+    (1/std for KL, whose mean is subtracted as `shift_factor`; 1/RMS for a VQModel, which has
+    no shift) and, for a VQModel, which share of its codebook those images use."""
     n = min(cfg.export.scale_num_images, len(dataset))
     # evenly spaced over the split, so no single class or shard dominates
     indices = torch.linspace(0, len(dataset) - 1, n).round().long().unique().tolist()
@@ -71,7 +74,9 @@ def measure_latent_stats(vae: AutoencoderKL | VQModel, dataset, cfg: Config, dev
     std = max(total_sq / count - mean**2, 0.0) ** 0.5
     if not std > 0:
         raise UserError("the latents have zero variance; the model did not train (check the run's losses)")
-    stats = {"scaling_factor": 1.0 / std, "shift_factor": mean, "num_values": count, "num_images": len(indices)}
+    rms = (total_sq / count) ** 0.5
+    stats = {"scaling_factor": 1.0 / (rms if is_vq else std), "shift_factor": mean, "std": std, "rms": rms,
+             "num_values": count, "num_images": len(indices)}
     if is_vq:
         usage = code_stats(hits)
         stats.update(codebook_usage=usage["codebook_usage"], codebook_perplexity=usage["codebook_perplexity"])
@@ -135,7 +140,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path, replace: bool = False, 
     stats = measure_latent_stats(vae, dataset, cfg, device)
     if cfg.model.kind == "kl":
         vae.register_to_config(scaling_factor=stats["scaling_factor"], shift_factor=stats["shift_factor"])
-    else:  # VQModel's config has no shift_factor; the mean is in ldm_vae.json and the card
+    else:  # VQModel's config has no shift_factor: 1/RMS scales the uncentred latents (the mean is in the card)
         vae.register_to_config(scaling_factor=stats["scaling_factor"])
 
     with atomic_folder(out_dir) as tmp:

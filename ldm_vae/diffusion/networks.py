@@ -118,7 +118,9 @@ def build_unet(cfg: UNetConfig, latent_shape: list[int], num_classes: int | None
 
 def build_text_unet(cfg: UNetConfig, latent_shape: list[int], cross_attention_dim: int) -> UNet2DConditionModel:
     """The UNet of `build_unet` with cross-attention to text states of width
-    `cross_attention_dim` at its attention levels (and in its middle block)."""
+    `cross_attention_dim` at its attention levels (and in its middle block). (Adding the
+    attention-pooled states to the time embedding, diffusers' `addition_embed_type="text"`,
+    made the demo's samples worse at 600 steps: scripts/ldm_compare.py, README.)"""
     channels, size = latent_shape[0], latent_shape[1]
     _check_levels(cfg, size)
     levels = range(len(cfg.block_out_channels))

@@ -117,15 +117,19 @@ def load_pipeline(path: str | Path, solver: str | None = None) -> Pipeline:
     if not (path / MODEL_INDEX).is_file():
         return load_run_pipeline(path, solver)[0]
     index = json.loads((path / MODEL_INDEX).read_text())
-    if index["_class_name"] not in EXPORTED:
-        raise UserError(f"{path} holds a {index['_class_name']} folder, not one `ldm-vae export-pipeline` writes "
-                        f"({' or '.join(EXPORTED)}); an ldm-vae export from before pipeline.py was retired: export "
-                        f"the run again")
-    net_dir, vae_dir = EXPORTED[index["_class_name"]]
+    kind = index.get("_class_name")
+    if isinstance(kind, list):  # [module file, class]: a folder with its own pipeline code
+        kind = kind[-1]
+    if kind not in EXPORTED:
+        retired = " (exported by an older ldm-vae with its own pipeline.py: export the run again)" \
+            if kind == "LatentDiffusionPipeline" else ""
+        raise UserError(f"{path} holds a {kind} folder, not one that `ldm-vae export-pipeline` writes "
+                        f"({', '.join(EXPORTED)}){retired}")
+    net_dir, vae_dir = EXPORTED[kind]
     vae = load_autoencoder(path / vae_dir).eval()
     # any scheduler class reads the saved config (a dict); make_scheduler builds the solver from it
     scheduler = make_scheduler(solver or "dpm++", DDPMScheduler.load_config(path / "scheduler"))
-    if index["_class_name"] == "StableDiffusionPipeline":
+    if kind == "StableDiffusionPipeline":
         record = json.loads((path / RECORD).read_text()) if (path / RECORD).is_file() else {}
         return text_pipeline(vae, CLIPTextModel.from_pretrained(path / "text_encoder", use_safetensors=True).eval(),
                              CLIPTokenizer.from_pretrained(path / "tokenizer"),
