@@ -3,9 +3,9 @@
 The pipeline of the run's newest checkpoint (sample.py) is written as a folder of its stock
 diffusers class (pipeline.py): a class-conditional run (UNet or DiT) as `DiTPipeline` (its
 `id2label` the dataset's class names in model_index.json), a text-conditional one as
-`StableDiffusionPipeline` (no safety checker), an unconditional one as `LDMPipeline`. Either loads with `from_pretrained(dir)` alone, no code of ours and no
-`trust_remote_code`, and generates the same images for the same seed as `ldm-vae sample`
-(tested).
+`StableDiffusionPipeline` (no safety checker), an unconditional one as `LDMPipeline`. Each
+loads with `from_pretrained(dir)` alone, no code of ours and no `trust_remote_code`, and
+generates the same images for the same seed as `ldm-vae sample` (tested).
 
 The exported autoencoder has its `shift_factor` folded into its 1x1 convolutions
 (`fold_shift`): stock pipelines (StableDiffusionPipeline, DiTPipeline, ...) decode
@@ -26,7 +26,7 @@ from .. import config as config_lib
 from ..data.sources import hub_dataset_id
 from ..files import atomic_folder, refuse_nonempty, render_card
 from .config import LDMConfig
-from .pipeline import (
+from .pipeline import (  # StableDiffusionPipeline: imported there without transformers' torchvision warning
     ClassConditionalPipeline,
     StableDiffusionPipeline,
     TextToImagePipeline,
@@ -95,7 +95,7 @@ def _card(pipe: Pipeline, info: dict, out_dir: Path, repo_id: str | None, shift:
                          type(net).__name__)
         dropout = f"labels dropped with probability {cfg.diffusion.label_dropout} (classifier-free guidance)"
     elif kind == "text":
-        prompt = class_prompt(pipe.class_names[min(3, n - 1)]) if n else "..."
+        prompt = class_prompt(pipe.class_names[min(3, n - 1)]) if n else "your prompt"
         trained = (f"captions \"{CAPTION_TEMPLATES[0].format('{class}')}\" and {len(CAPTION_TEMPLATES) - 1} other "
                    f"templates over the classes {', '.join(pipe.class_names)}" if n else "the dataset's captions")
         encoder = (f"from {cfg.text.pretrained}" + (", frozen" if cfg.text.freeze else ", trained with the UNet")

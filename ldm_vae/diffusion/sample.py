@@ -70,6 +70,15 @@ def text_pipeline(vae, text_encoder, tokenizer, unet, scheduler, names: list[str
     return pipe
 
 
+def load_text_pipeline(folder: Path, vae, scheduler, names: list[str] | None) -> TextToImagePipeline:
+    """The text-to-image pipeline of a checkpoint or exported folder: both hold `unet/`,
+    `text_encoder/` and `tokenizer/` (StableDiffusionPipeline's names)."""
+    return text_pipeline(vae, CLIPTextModel.from_pretrained(folder / "text_encoder", use_safetensors=True).eval(),
+                         CLIPTokenizer.from_pretrained(folder / "tokenizer"),
+                         UNet2DConditionModel.from_pretrained(folder / "unet", use_safetensors=True).eval(),
+                         scheduler, names)
+
+
 def prompt_classes(meta: dict) -> list[str] | None:
     """The classes a text-conditional model on the cache `meta` has prompts for: those of the
     templates it trained on (text.training_captions), none where it trained on captions."""
@@ -93,10 +102,7 @@ def load_run_pipeline(run_dir: str | Path, solver: str | None = None) -> tuple[P
             "logs": state.get("logs") or {}}
     conditioning = cfg.diffusion.conditioning
     if conditioning == "text":
-        text_encoder = CLIPTextModel.from_pretrained(checkpoint / "text_encoder", use_safetensors=True).eval()
-        unet = UNet2DConditionModel.from_pretrained(checkpoint / "unet", use_safetensors=True).eval()
-        return text_pipeline(fold_shift(vae), text_encoder, CLIPTokenizer.from_pretrained(checkpoint / "tokenizer"),
-                             unet, scheduler, prompt_classes(state["cache"])), info
+        return load_text_pipeline(checkpoint, fold_shift(vae), scheduler, prompt_classes(state["cache"])), info
     if cfg.network == "dit":
         net = DiTTransformer2DModel.from_pretrained(checkpoint / "transformer", use_safetensors=True)
     else:
@@ -131,10 +137,7 @@ def load_pipeline(path: str | Path, solver: str | None = None) -> Pipeline:
     scheduler = make_scheduler(solver or "dpm++", DDPMScheduler.load_config(path / "scheduler"))
     if kind == "StableDiffusionPipeline":
         record = json.loads((path / RECORD).read_text()) if (path / RECORD).is_file() else {}
-        return text_pipeline(vae, CLIPTextModel.from_pretrained(path / "text_encoder", use_safetensors=True).eval(),
-                             CLIPTokenizer.from_pretrained(path / "tokenizer"),
-                             UNet2DConditionModel.from_pretrained(path / "unet", use_safetensors=True).eval(),
-                             scheduler, record.get("class_names"))
+        return load_text_pipeline(path, vae, scheduler, record.get("class_names"))
     # the class model_index.json names: a DiTPipeline's transformer may be a UNet2DModel
     name = index[net_dir][1]
     if name not in NETWORKS:
