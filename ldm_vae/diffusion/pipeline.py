@@ -14,8 +14,8 @@ with `from_pretrained` alone (no `pipeline.py`, no `trust_remote_code`).
 - Unconditional (a `UNet2DModel`): diffusers' `LDMPipeline` (`vqvae`, `unet`, `scheduler`),
   which also decodes `latents / scaling_factor`.
 
-Neither reads a `shift_factor`: the autoencoder in these pipelines has its shift folded into
-its 1x1 convolutions (autoencoder.models.fold_shift), the same function read correctly.
+None of them reads a `shift_factor`: the autoencoder in these pipelines has its shift folded
+into its 1x1 convolutions (autoencoder.models.fold_shift), the same function read correctly.
 Loading logs diffusers' type note where the component is not the one the class annotates
 (a UNet2DModel as DiTPipeline's `transformer`, an AutoencoderKL as LDMPipeline's `vqvae`):
 the calls above are all the pipelines make of them.
