@@ -37,7 +37,16 @@ from ldm_vae.evaluation.frechet import (
     frechet_result,
     load_fd_features,
 )
-from ldm_vae.evaluation.metrics import bits_per_dim, likelihood_bounds, psnr, ssim
+from ldm_vae.evaluation.metrics import (
+    bits_per_dim,
+    border_error_ratio,
+    border_error_sums,
+    border_mask,
+    color_cast_255,
+    likelihood_bounds,
+    psnr,
+    ssim,
+)
 from ldm_vae.evaluation.report import EvalOptions, load_for_comparison, run_eval
 
 from .test_train import _offline_hub
@@ -52,6 +61,49 @@ def test_psnr_and_ssim_known_values():
     torch.testing.assert_close(psnr(x.clamp(0, 0.8), y), torch.full((4,), 20.0, dtype=torch.float64))
     noisy = (x + 0.2 * torch.randn_like(x)).clamp(0, 1)
     assert (ssim(x, noisy) < 0.9).all()
+
+
+def test_color_cast_is_the_signed_mean_error_per_channel_in_levels():
+    """+2/255 in red only: cast (2, 0, 0) levels, the same for every image; a uniform error has
+    border ratio 1."""
+    x = torch.rand(3, 3, 40, 40, generator=torch.Generator().manual_seed(0)) * 0.9
+    r = x.clone()
+    r[:, 0] += 2 / 255
+    torch.testing.assert_close(color_cast_255(x, r), torch.tensor([[2.0, 0, 0]] * 3, dtype=torch.float64))
+    torch.testing.assert_close(color_cast_255(r, x), -color_cast_255(x, r))  # signed: darker is negative
+    ratio, reason = border_error_ratio(border_error_sums(x, r))
+    assert ratio == pytest.approx(1.0) and reason is None
+
+
+def test_border_band_is_8_pixels_clamped_to_a_quarter_of_the_side():
+    assert border_mask(40, 40).sum() == 40 * 40 - 24 * 24  # 8-pixel band, 24 x 24 interior
+    assert border_mask(16, 40).sum() == 16 * 40 - 8 * 24  # 16 rows: band 4 on top and bottom, 8 at the sides
+    assert not border_mask(4, 4)[1:3, 1:3].any() and border_mask(4, 4).sum() == 12  # band 1
+    # the band only: with error 0.1 there and 0.02 inside, the ratio is 5
+    x = torch.full((2, 3, 32, 32), 0.5, dtype=torch.float64)  # float32 would be 1e-6 off
+    r = x + torch.where(border_mask(32, 32), 0.1, 0.02)
+    ratio, _ = border_error_ratio(border_error_sums(x, r))
+    assert ratio == pytest.approx(5.0)
+    assert border_error_sums(x, r)[[1, 3]].tolist() == [2 * (32 * 32 - 16 * 16), 2 * 16 * 16]
+
+
+def test_border_ratio_pools_sums_over_images_and_an_exact_interior_is_unavailable():
+    """Image A: border 0.1, interior 0.1 (ratio 1); image B: border 0.3, interior 0.01 (ratio 30).
+    Pooled: 0.2 / 0.055, neither the mean of the ratios (15.5) nor of A's and B's."""
+    x = torch.full((2, 3, 32, 32), 0.5, dtype=torch.float64)  # float32 would be 1e-6 off
+    band = border_mask(32, 32)
+    r = x.clone()
+    r[0] += 0.1
+    r[1] += torch.where(band, 0.3, 0.01)
+    pooled = border_error_sums(x[:1], r[:1]) + border_error_sums(x[1:], r[1:])
+    torch.testing.assert_close(pooled, border_error_sums(x, r))  # batches pool exactly
+    ratio, _ = border_error_ratio(pooled)
+    assert ratio == pytest.approx(0.2 / 0.055)
+    # an exact interior (border wrong or not): undefined, with the reason; never inf or 0/0
+    for r in (x + torch.where(band, 0.1, 0.0), x):
+        ratio, reason = border_error_ratio(border_error_sums(x, r))
+        assert ratio is None and "exactly" in reason
+    assert border_error_ratio(border_error_sums(x[..., :3, :3], x[..., :3, :3] + 0.1))[0] is None  # no band
 
 
 def _ssim_reference(x: np.ndarray, y: np.ndarray) -> float:
@@ -449,6 +501,10 @@ def test_cli_eval_writes_all_files_and_updates_the_cards(exports, tmp_path, fake
     assert {"kl_per_channel_nats", "active_units", "elbo_bits_per_dim", "iwae4_bits_per_dim",
             "posterior_std_mean_per_channel", "latent_channel_std", "encode_images_per_s", "device"} <= set(kl_m)
     assert 0 < vq_m["codebook_usage"] <= 1 and len(vq_m["latent_channel_mean"]) == 4
+    for m in (kl_m, vq_m):  # the artefact metrics (issue 20), in levels of 1/255 and as a ratio
+        cast = [m[f"color_cast_255_{c}"] for c in "rgb"]
+        assert m["color_cast_max_255"] == pytest.approx(max(map(abs, cast))) and m["border_error_ratio"] > 0
+    assert "cast max /255" in proc.stdout and "border ratio" in proc.stdout
     # the values are those of the first 48 test images for EVERY model of the call (the same images):
     # recomputed here from stock-loaded models, KL reconstructing from the posterior mean; and the last
     # model's domain FD on a fresh metric (the call shares one metric: not reset, it keeps the first's features)
@@ -462,6 +518,9 @@ def test_cli_eval_writes_all_files_and_updates_the_cards(exports, tmp_path, fake
             r01 = (torch.cat([vae.decode(zi).sample for zi in z]).clamp(-1, 1) + 1) / 2
         assert m["psnr_db"] == pytest.approx(psnr(x01, r01).mean().item(), abs=1e-4)
         assert m["ssim"] == pytest.approx(ssim(x01, r01).mean().item(), abs=1e-5)
+        assert m["color_cast_255_g"] == pytest.approx(color_cast_255(x01, r01)[:, 1].mean().item(), abs=1e-3)
+        ratio, _ = border_error_ratio(border_error_sums(x01, r01))
+        assert m["border_error_ratio"] == pytest.approx(ratio, rel=1e-4)
     # vq's distance, its test images' features recomputed here: the call computed them for kl, cached them
     # (the file it names) and read them back for vq
     assert [m["frechet_reference"]["fd_shapes"]["source"] for m in (kl_m, vq_m)] == ["computed", "cached"]

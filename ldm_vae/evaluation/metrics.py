@@ -5,6 +5,17 @@ Conventions:
   reconstruction scores 100 dB, not inf), then averaged over images.
 - SSIM: torchmetrics (>= 1.5), Gaussian window 11 / sigma 1.5, data_range = 1, borders
   reflection-padded and included, averaged over images.
+- Colour cast (`color_cast_255_r/g/b`): per RGB channel, the mean of (reconstruction - image)
+  over all pixels and images on [0, 1] pixels, times 255 (units of 1/255, one 8-bit level);
+  signed, positive = the reconstruction is brighter in that channel. `color_cast_max_255` is
+  the largest absolute value of the three.
+- Border error ratio (`border_error_ratio`): mean |reconstruction - image| (averaged over
+  channels) in a band along all four borders over that in the interior (every other pixel).
+  The band is min(8, H // 4) rows at the top and bottom and min(8, W // 4) columns at the
+  sides: below 32 px the clamp keeps at least half of each side as interior. Pooled: error
+  sums and pixel counts are summed over all images first (a ratio of means, not a mean of
+  per-image ratios). Unavailable, with the reason, when the interior error is 0 (or the
+  images are under 4x4, with no band), never inf.
 - LPIPS v0.1 (ldm_vae/autoencoder/perceptual.py), VGG and AlexNet backbones, inputs in [-1, 1].
 - rFID: torchmetrics `FrechetInceptionDistance`, 2048 pool features of torch-fidelity's
   FID Inception, fed uint8 pixels rounded from [0, 1], float64 statistics, images resized
@@ -40,6 +51,45 @@ def psnr(x01: torch.Tensor, r01: torch.Tensor) -> torch.Tensor:
 def ssim(x01: torch.Tensor, r01: torch.Tensor) -> torch.Tensor:
     """Per-image SSIM of [0, 1] images (data_range 1)."""
     return structural_similarity_index_measure(r01.float(), x01.float(), data_range=1.0, reduction="none")
+
+
+# Artefacts: colour cast and border frame (issue 20)
+BORDER_BAND = 8  # pixels along each border, clamped to a quarter of the side
+
+
+def color_cast_255(x01: torch.Tensor, r01: torch.Tensor) -> torch.Tensor:
+    """Per image and channel, mean of (r01 - x01) over pixels in units of 1/255: [B, C], float64."""
+    return 255 * (r01.double() - x01.double()).flatten(2).mean(2)
+
+
+def border_mask(height: int, width: int, band: int = BORDER_BAND) -> torch.Tensor:
+    """[H, W] bool, True within min(band, H // 4) rows of the top and bottom and min(band, W // 4)
+    columns of the left and right: the clamp keeps at least half of each side as interior."""
+    bh, bw = min(band, height // 4), min(band, width // 4)
+    mask = torch.ones(height, width, dtype=torch.bool)
+    mask[bh:height - bh, bw:width - bw] = False
+    return mask
+
+
+def border_error_sums(x01: torch.Tensor, r01: torch.Tensor, band: int = BORDER_BAND) -> torch.Tensor:
+    """float64 [border |error| sum, border pixels, interior |error| sum, interior pixels] of a batch,
+    |error| averaged over channels; sums (not means) so that batches and images pool exactly."""
+    err = (r01.double() - x01.double()).abs().mean(1)  # (B, H, W)
+    mask = border_mask(*err.shape[-2:], band).to(err.device)
+    n_border = mask.sum().double() * len(err)
+    return torch.stack([err[:, mask].sum(), n_border, err[:, ~mask].sum(), err[0].numel() * len(err) - n_border])
+
+
+def border_error_ratio(sums: torch.Tensor) -> tuple[float | None, str | None]:
+    """(border mean |error| / interior mean |error|, None) from summed `border_error_sums`: a ratio
+    of pooled means over all images' pixels, not a mean of per-image ratios; (None, reason) when
+    it is undefined (an exact interior would give inf or 0/0, never reported as a number)."""
+    border, n_border, interior, n_interior = sums.tolist()
+    if n_border == 0:  # the interior, at least half of each side, is never empty
+        return None, "the images are under 4x4 pixels: a border band of a quarter of the side is empty"
+    if interior == 0:
+        return None, "the interior is reconstructed exactly (mean error 0): the border error ratio is undefined"
+    return (border / n_border) / (interior / n_interior), None
 
 
 def device_name(device: torch.device) -> str:

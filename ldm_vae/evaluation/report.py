@@ -42,7 +42,15 @@ from ..files import (
 from . import metrics as metrics_module
 from .diagnostics import Sums, diagnostics_for
 from .frechet import ReferenceFeatures, build_fid, frechet_result, load_fd_features
-from .metrics import clock, device_name, psnr, ssim
+from .metrics import (
+    border_error_ratio,
+    border_error_sums,
+    clock,
+    color_cast_255,
+    device_name,
+    psnr,
+    ssim,
+)
 
 GRID_IMAGES = 16
 
@@ -131,6 +139,9 @@ def evaluate_model(vae, dataset, opts: EvalOptions, out_dir: Path, tools: Instru
         x01, r01 = (x + 1) / 2, (recon + 1) / 2
         sums.add("psnr", psnr(x01, r01).sum())
         sums.add("ssim", ssim(x01, r01).sum())
+        # per image, summed: the images are equally sized, so the mean over images is the pooled one
+        sums.add("color_cast_255", color_cast_255(x01, r01).sum(0))  # (C,)
+        sums.add("border_error", border_error_sums(x01, r01))
         for net, model in lpips_nets.items():
             sums.add(f"lpips_{net}", model(x, recon).sum())
         for f, reference in zip(frechet, references):
@@ -148,6 +159,15 @@ def evaluate_model(vae, dataset, opts: EvalOptions, out_dir: Path, tools: Instru
     m = {"num_images": n, "psnr_db": sums.total["psnr"].item() / n, "ssim": sums.total["ssim"].item() / n}
     for net in lpips_nets:
         m[f"lpips_{net}"] = sums.total[f"lpips_{net}"].item() / n
+    cast = sums.total["color_cast_255"] / n
+    m.update({f"color_cast_255_{c}": v for c, v in zip("rgb", cast.tolist(), strict=True)})
+    m["color_cast_max_255"] = cast.abs().max().item()
+    undefined = {}
+    ratio, reason = border_error_ratio(sums.total["border_error"])
+    if ratio is None:
+        undefined["border_error_ratio"] = reason
+    else:
+        m["border_error_ratio"] = ratio
     if frechet:
         m["ci95"], m["frechet_reference"] = {}, {}
     for f, reference in zip(frechet, references):
@@ -166,7 +186,7 @@ def evaluate_model(vae, dataset, opts: EvalOptions, out_dir: Path, tools: Instru
     m.update(kind.finish(n, dataset, out_dir, generator, opts))
     save_heatmaps(grid_x, grid_r, out_dir / "error_heatmap.png")
     save_image(torch.cat([grid_x, grid_r]), out_dir / "reconstructions.png", nrow=len(grid_x))
-    m["unavailable"] = {**tools.unavailable, **too_small}
+    m["unavailable"] = {**tools.unavailable, **too_small, **undefined}
     return m, grid_x, grid_r
 
 
@@ -177,6 +197,7 @@ def evaluate_model(vae, dataset, opts: EvalOptions, out_dir: Path, tools: Instru
 
 TABLE_METRICS = [("psnr_db", "PSNR dB", "{:.2f}"), ("ssim", "SSIM", "{:.4f}"), ("lpips_vgg", "LPIPS vgg", "{:.4f}"),
                  ("lpips_alex", "LPIPS alex", "{:.4f}"), ("rfid", "rFID", "{:.2f}"),
+                 ("color_cast_max_255", "cast max /255", "{:.2f}"), ("border_error_ratio", "border ratio", "{:.2f}"),
                  ("codebook_usage", "codebook usage", "{:.1%}"), ("codebook_perplexity", "code perplexity", "{:.0f}"),
                  ("active_units", "active units", "{}"), ("elbo_bits_per_dim", "ELBO bits/dim", "{:.3f}")]
 
