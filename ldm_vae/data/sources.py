@@ -14,9 +14,15 @@ would land on the wrong side of a checkpoint and break resume).
 from __future__ import annotations
 
 import gzip
+import hashlib
 import io
+import json
+import logging
 import math
+import os
+import tempfile
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -36,9 +42,11 @@ _FMNIST_CACHE: dict[tuple[str, str, int], tuple[torch.Tensor, torch.Tensor]] = {
 PHOTO_NAMES = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "retina",
                "immunohistochemistry", "motorcycle")
 _PHOTOS: list[Image.Image] = []
-# HFImages: (usable rows, their labels, their captions or None, bad files, decoded images of
-# the first usable rows)
-_SCANS: dict[tuple, tuple[list[int], list[int], list[str] | None, list[tuple[str, str]], list[torch.Tensor]]] = {}
+# HFImages: (the scan, decoded images of the first usable rows; None until first read)
+_SCANS: dict[tuple, tuple[Scan, list[torch.Tensor | None]]] = {}
+# Bump when the scan's rules (what is usable, what is stored) change: old cache files are never read.
+SCAN_VERSION = 1
+logger = logging.getLogger(__name__)
 
 
 def pil_to_tensor(img: Image.Image) -> torch.Tensor:
@@ -214,12 +222,109 @@ def _fashion_mnist_hub(split: str) -> tuple[np.ndarray, np.ndarray]:
     return images, np.asarray(ds["label"], dtype=np.int64)
 
 
+# ==============================================================================================
+# Image scan and its on-disk cache
+# ==============================================================================================
+
+
+@dataclass
+class Scan:
+    """What the build-time scan of a split found; stored as JSON in the scan cache."""
+
+    good: list[int]  # the usable rows, in order
+    labels: list[int]  # their labels (-1 without a label column)
+    captions: list[str] | None  # their captions, or None without data.caption_column
+    bad: list[tuple[str, str]]  # (path or "row i", why it cannot be used)
+    sizes: list[tuple[int, int]]  # (width, height) of each usable image, EXIF rotation applied
+
+
+def scan_cache_dir() -> Path:
+    """$LDM_VAE_CACHE, else $XDG_CACHE_HOME/ldm-vae (~/.cache/ldm-vae), + scans (the same root as
+    evaluation/frechet.py's reference_cache_dir)."""
+    root = os.environ.get("LDM_VAE_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache") / "ldm-vae"
+    return Path(root).expanduser() / "scans"
+
+
+def folder_digest(root: str | Path) -> str:
+    """sha256 of every file's relative path, size and mtime_ns under `root`: stats only, no reads.
+    Symlinks are followed (a linked file or folder counts by its target), each real folder once."""
+    rows, seen, stack = [], set(), [(Path(root), "")]
+    while stack:
+        folder, rel = stack.pop()
+        with os.scandir(folder) as entries:
+            for entry in entries:
+                name = f"{rel}{entry.name}"
+                if entry.is_dir():
+                    st = entry.stat()
+                    if (st.st_dev, st.st_ino) not in seen:  # a symlink loop is walked once
+                        seen.add((st.st_dev, st.st_ino))
+                        stack.append((Path(entry.path), name + "/"))
+                elif entry.is_file():
+                    st = entry.stat()
+                    rows.append(f"{name}\0{st.st_size}\0{st.st_mtime_ns}\n")
+    h = hashlib.sha256()
+    for row in sorted(rows):  # scandir order depends on the file system
+        h.update(row.encode("utf-8", "surrogateescape"))
+    return h.hexdigest()
+
+
+def _resized_size(w: int, h: int, res: int) -> tuple[int, int]:
+    """(width, height) of an image once its short side is at the resolution (HFImages._resized)."""
+    scale = res / min(w, h)
+    return max(res, round(w * scale)), max(res, round(h * scale))
+
+
+def _sha256(key: dict | None) -> str | None:
+    """The cache file name of a key (None: not cached)."""
+    return None if key is None else hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+
+
+def _read_scan(path: Path, key: dict) -> Scan | None:
+    """The cached scan at `path`, or None when there is none or it cannot be used (then warned)."""
+    try:
+        d = json.loads(path.read_text())
+        if d.get("key") != key:  # a hash collision or a foreign file
+            raise ValueError("written for other settings")
+        scan = Scan([int(i) for i in d["good"]], [int(v) for v in d["labels"]],
+                    None if d["captions"] is None else [str(c) for c in d["captions"]],
+                    [(str(p), str(r)) for p, r in d["bad"]], [(int(w), int(h)) for w, h in d["sizes"]])
+        if not len(scan.good) == len(scan.labels) == len(scan.sizes) or (
+                scan.captions is not None and len(scan.captions) != len(scan.good)):
+            raise ValueError("lists of different lengths")
+        if not all(0 <= i < key["rows"] for i in scan.good):
+            raise ValueError("rows out of range")
+        return scan
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:  # truncated, edited, foreign
+        logger.warning("ignoring unreadable image scan cache %s (%s); scanning again", path, _first_line(e))
+        return None
+
+
+def _write_scan(path: Path, key: dict, scan: Scan) -> None:
+    """Temp file + rename: concurrent processes (accelerate launch) never see half a file."""
+    tmp = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".json")
+        with os.fdopen(fd, "w") as f:
+            json.dump({"key": key, **vars(scan)}, f)
+        os.replace(tmp, path)
+    except OSError as e:  # a read-only or full cache costs a scan next time, nothing else
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        logger.warning("could not cache the image scan in %s (%s)", path, _first_line(e))
+
+
 class HFImages(Augmented):
     """A Hugging Face dataset of images: resize short side, crop, flip (imagefolder and hub).
 
-    Every file is decoded once when the dataset is built: files that cannot be used
+    Every file is decoded once when the dataset is first built: files that cannot be used
     (truncated, empty, not images, decompression bombs) are skipped, counted and listed in
-    `self.bad`; if more than `data.max_bad_fraction` of them are bad, building fails.
+    `self.bad`; if more than `data.max_bad_fraction` of them are bad, building fails. The scan's
+    result is cached on disk (scan_cache_dir) for an image folder, keyed by its files' stats,
+    and for a hub dataset read from the datasets cache, keyed by its fingerprint: a later run
+    decodes nothing up front, and fills the decoded-image prefix as items are first read.
     """
 
     def __init__(self, ds, cfg: DataConfig, split: str, train: bool, what: str, dataset_id: str):
@@ -240,27 +345,83 @@ class HFImages(Augmented):
             isinstance(label_feature, datasets.Value) and label_feature.dtype.startswith("int"))
         if isinstance(label_feature, datasets.ClassLabel):
             self.class_names = list(label_feature.names)
+        loaded = ds
         ds = ds.select(range(min(len(ds), cfg.max_images))) if cfg.max_images is not None else ds
         # our own decoder (decode_image), so a broken file is a counted skip, not a crash
         self.ds = ds.cast_column(cfg.image_column, datasets.Image(decode=False))
         self.cfg, self.train = cfg, train
+        cache_key = self._cache_key(loaded, split, dataset_id)
+        self.scan_file = scan_cache_dir() / f"{_sha256(cache_key)}.json" if cache_key else None
         # the train and eval views of a split, and the export after training, share one scan
-        key = (what, split, cfg.image_column, len(self.ds), getattr(self.ds, "_fingerprint", None),
-               cfg.max_bad_fraction, Image.MAX_IMAGE_PIXELS, cfg.resolution, cfg.decoded_cache_mb,
+        key = (what, split, len(self.ds), getattr(self.ds, "_fingerprint", None), _sha256(cache_key),
+               Image.MAX_IMAGE_PIXELS, cfg.resolution, cfg.decoded_cache_mb, cfg.image_column,
                cfg.label_column if self.has_labels else None, cfg.caption_column)
         if key not in _SCANS:
-            _SCANS[key] = self._scan(what, split, dataset_id)
-        self.good, self.labels, self.captions, self.bad, self.decoded = _SCANS[key]
+            scan = _read_scan(self.scan_file, cache_key) if self.scan_file else None
+            if scan is None:
+                scan, decoded = self._scan(split, dataset_id)
+                if self.scan_file:
+                    _write_scan(self.scan_file, cache_key, scan)
+            else:  # slots of the same prefix the scan would have decoded, filled on first read
+                logger.info("%s (%s): image scan read from %s", what, split, self.scan_file)
+                decoded = [None] * self._prefix_len(scan.sizes)
+            _SCANS[key] = scan, decoded
+        scan, self.decoded = _SCANS[key]
+        self.good, self.labels, self.captions, self.bad = scan.good, scan.labels, scan.captions, scan.bad
+        limit = cfg.max_bad_fraction  # checked here, not in the scan: a cached scan meets today's limit
+        if len(self.ds) == 0 or len(self.bad) > limit * len(self.ds):
+            listed = "; ".join(f"{p}: {r}" for p, r in self.bad[:5])
+            raise UserError(f"{what} ({split}): {len(self.bad)} of {len(self.ds)} files cannot be used as images, "
+                            f"more than data.max_bad_fraction={limit} ({listed}{' ...' if len(self.bad) > 5 else ''}"
+                            f"); remove or fix them, or raise data.max_bad_fraction")
         skipped = f", {len(self.bad)} unusable files skipped" if self.bad else ""
         self.description = (f"{what} ({split}, {len(self.good)} images{skipped}) "
                             f"at {cfg.resolution}x{cfg.resolution}")
         self.dataset_id = dataset_id
 
-    def _scan(self, what: str, split: str, dataset_id: str) -> tuple:
+    def _cache_key(self, loaded, split: str, dataset_id: str) -> dict | None:
+        """What the scan's result depends on, or None where it cannot be told without reading
+        the data (a hub dataset held in memory: its fingerprint is random per process).
+
+        In it: the files (an image folder's paths, sizes and mtimes, or the datasets
+        fingerprint of the hub split, which changes with its revision and files), the split, how
+        many rows are scanned (the first ones; data.max_images), the columns read (image; label
+        only if it is used; caption), the decompression-bomb limit and the decoder and loader versions (they decide what is bad
+        and the row order). Not in it: resolution, crops, flips and decoded_cache_mb (how items
+        are made from a usable file, not which files are usable) and max_bad_fraction (checked
+        after the scan, also on a cached one).
+        """
+        import datasets
+        import PIL
+
+        cfg = self.cfg
+        if cfg.source == "imagefolder":
+            # the path as given and as resolved: `bad` lists the files under the given name
+            files = {"folder": str(cfg.path), "resolved": os.path.realpath(cfg.path), "files": folder_digest(cfg.path)}
+        elif getattr(loaded, "cache_files", None) and isinstance(getattr(loaded, "_fingerprint", None), str):
+            files = {"dataset": dataset_id, "fingerprint": loaded._fingerprint}
+        else:
+            return None
+        return {"version": SCAN_VERSION, **files, "split": split, "rows": len(self.ds),
+                "image_column": cfg.image_column, "label_column": cfg.label_column if self.has_labels else None,
+                "caption_column": cfg.caption_column, "max_image_pixels": Image.MAX_IMAGE_PIXELS,
+                "pillow": PIL.__version__, "datasets": datasets.__version__}
+
+    def _prefix_len(self, sizes: list[tuple[int, int]]) -> int:
+        """How many usable images, from the first, fit in data.decoded_cache_mb; the scan
+        (_scan) keeps exactly these decoded."""
+        budget, res = self.cfg.decoded_cache_mb * 2**20, self.cfg.resolution
+        for n, (w, h) in enumerate(sizes):
+            budget -= 3 * math.prod(_resized_size(w, h, res))  # uint8 [3, H, W]
+            if budget < 0:
+                return n
+        return len(sizes)
+
+    def _scan(self, split: str, dataset_id: str) -> tuple[Scan, list[torch.Tensor]]:
+        """Decode every row: the Scan, and the decoded images of its _prefix_len first usable rows."""
         from tqdm.auto import tqdm
 
-        good, labels, bad, col = [], [], [], self.cfg.image_column
-        captions = [] if self.has_captions else None
+        scan, col = Scan([], [], [] if self.has_captions else None, [], []), self.cfg.image_column
         decoded, budget = [], self.cfg.decoded_cache_mb * 2**20
         for i in tqdm(range(len(self.ds)), desc=f"checking images of {split}", leave=False,
                       disable=len(self.ds) < 1000):
@@ -269,36 +430,28 @@ class HFImages(Augmented):
             try:
                 img = decode_image(value)
             except BadImage as e:
-                bad.append((value.get("path") or f"row {i}", str(e)))
+                scan.bad.append((value.get("path") or f"row {i}", str(e)))
                 continue
-            good.append(i)
-            labels.append(int(row[self.cfg.label_column]) if self.has_labels else -1)
-            if captions is not None:
+            scan.good.append(i)
+            scan.labels.append(int(row[self.cfg.label_column]) if self.has_labels else -1)
+            scan.sizes.append(img.size)
+            if scan.captions is not None:
                 caption = row[self.cfg.caption_column]
                 if not isinstance(caption, str):  # e.g. a metadata.jsonl line without the key: None
                     raise UserError(f"{dataset_id}: column '{self.cfg.caption_column}' holds {caption!r}, not a "
                                     f"caption, for {value.get('path') or f'row {i}'} (set data.caption_column; "
                                     f"columns: {', '.join(self.ds.column_names)})")
-                captions.append(caption)
-            if len(decoded) == len(good) - 1 and budget > 0:  # a prefix of the usable rows
-                x = self._resized(img)
-                budget -= x.numel()
+                scan.captions.append(caption)
+            if len(decoded) == len(scan.good) - 1:  # a prefix of the usable rows, as _prefix_len counts it
+                budget -= 3 * math.prod(_resized_size(*img.size, self.cfg.resolution))
                 if budget >= 0:
-                    decoded.append(x)
-        limit = self.cfg.max_bad_fraction
-        if len(self.ds) == 0 or len(bad) > limit * len(self.ds):
-            listed = "; ".join(f"{p}: {r}" for p, r in bad[:5])
-            raise UserError(f"{what} ({split}): {len(bad)} of {len(self.ds)} files cannot be used as images, more than "
-                            f"data.max_bad_fraction={limit} ({listed}{' ...' if len(bad) > 5 else ''}); remove or "
-                            f"fix them, or raise data.max_bad_fraction")
-        return good, labels, captions, bad, decoded
+                    decoded.append(self._resized(img))
+        return scan, decoded
 
     def _resized(self, img: Image.Image) -> torch.Tensor:
         """uint8 [3, H, W] with the short side at the resolution: the part of loading an
         item that does not depend on the epoch."""
-        w, h, res = *img.size, self.cfg.resolution
-        scale = res / min(w, h)
-        size = (max(res, round(w * scale)), max(res, round(h * scale)))
+        size = _resized_size(*img.size, self.cfg.resolution)
         img = img.convert("RGB").resize(size, Image.BICUBIC, reducing_gap=3.0)
         return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
 
@@ -307,10 +460,11 @@ class HFImages(Augmented):
 
     def __getitem__(self, i):
         res, g = self.cfg.resolution, self.item_generator(i)
-        if i < len(self.decoded):  # no row read at all: the label was kept by the scan too
-            full = self.decoded[i]
-        else:
+        full = self.decoded[i] if i < len(self.decoded) else None  # no row read: the scan kept the label
+        if full is None:
             full = self._resized(decode_image(self.ds[self.good[i]][self.cfg.image_column]))
+            if i < len(self.decoded):  # a slot of a scan read from the cache: filled on first read
+                self.decoded[i] = full
         h, w = full.shape[1:]
         if self.train and not self.cfg.center_crop:
             left, top = (int(torch.randint(0, n - res + 1, (), generator=g)) for n in (w, h))

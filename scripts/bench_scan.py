@@ -1,0 +1,110 @@
+"""Image scan (issue 22): the first build of an imagefolder dataset (every file decoded) vs the
+second (the scan read from its on-disk cache), and one epoch of reading every item.
+
+    python scripts/bench_scan.py --sizes 1000 10000
+
+For each N: a temporary folder of N 32x32 random images (half PNG, half JPEG, 10 class
+subfolders; one in 200 truncated), then two builds of the training dataset at 32x32, each in
+a fresh process with the same HF_DATASETS_CACHE and LDM_VAE_CACHE, so neither `datasets` nor
+our in-process memo remembers anything but what is on disk. Each process reports the time of
+`datasets.load_dataset("imagefolder")` (it lists the folder and, the first time, writes its
+arrow cache) apart from our part of the build (the scan, or its cache read), then one epoch
+of reading every item (random crop and flip). The first run's epoch reads the images the
+scan kept decoded; the second run's decodes each one on first read. Prints a markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def make_folder(root: Path, n: int) -> int:
+    """N small images in 10 class folders, one in 200 truncated; returns how many are broken."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    broken = 0
+    for i in range(n):
+        folder = root / f"class{i % 10}"
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"{i:06d}.{'png' if i % 2 else 'jpg'}"
+        Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(path)
+        if i % 200 == 7:
+            data = path.read_bytes()
+            path.write_bytes(data[: len(data) // 2])
+            broken += 1
+    return broken
+
+
+def child(folder: str) -> None:
+    """One fresh process: build the dataset (load_dataset timed apart), then read one epoch."""
+    import datasets  # noqa: F401  (imported before the clock starts: its import is not the scan)
+
+    from ldm_vae.data import sources
+    from ldm_vae.data.config import DataConfig
+
+    load_s = []
+    real = sources._load_hf
+
+    def timed(*args, **kwargs):
+        t = time.perf_counter()
+        out = real(*args, **kwargs)
+        load_s.append(time.perf_counter() - t)
+        return out
+
+    sources._load_hf = timed
+    cfg = DataConfig(source="imagefolder", path=folder, resolution=32, center_crop=False)
+    t = time.perf_counter()
+    ds = sources.build_dataset(cfg, "train", train=True)
+    build = time.perf_counter() - t
+    t = time.perf_counter()
+    for i in range(len(ds)):
+        ds[i]
+    epoch = time.perf_counter() - t
+    print(json.dumps({"load_dataset": load_s[0], "ours": build - load_s[0], "epoch": epoch, "items": len(ds),
+                      "bad": len(ds.bad)}))
+
+
+def run_child(folder: Path, env: dict) -> dict:
+    out = subprocess.run([sys.executable, __file__, "--child", str(folder)], env=env, check=True,
+                         capture_output=True, text=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sizes", type=int, nargs="+", default=[1000, 10000])
+    p.add_argument("--child", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.child:
+        return child(args.child)
+    rows = []
+    for n in args.sizes:
+        with tempfile.TemporaryDirectory() as tmp:
+            tmp = Path(tmp)
+            broken = make_folder(tmp / "images", n)
+            env = {**os.environ, "HF_DATASETS_CACHE": str(tmp / "hf"), "LDM_VAE_CACHE": str(tmp / "ldm-vae"),
+                   "HF_DATASETS_OFFLINE": "1"}
+            first, second = run_child(tmp / "images", env), run_child(tmp / "images", env)
+            assert first["items"] == second["items"] == n - broken and first["bad"] == second["bad"] == broken
+            rows.append((n, first, second))
+    print("| N | first scan s | second scan s | speedup | load_dataset s (first / second) | "
+          "build total s (first / second) | epoch s (first run / second run) |")
+    print("|---|---|---|---|---|---|---|")
+    for n, a, b in rows:
+        print(f"| {n:,} | {a['ours']:.2f} | {b['ours']:.3f} | {a['ours'] / b['ours']:.0f}x | "
+              f"{a['load_dataset']:.2f} / {b['load_dataset']:.2f} | {a['load_dataset'] + a['ours']:.2f} / "
+              f"{b['load_dataset'] + b['ours']:.2f} | {a['epoch']:.2f} / {b['epoch']:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
