@@ -217,9 +217,12 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("train-vae", help="train a KL autoencoder or VQ tokenizer (LPIPS + PatchGAN) under Accelerate",
-                       description="Train an autoencoder (model.kind: kl -> diffusers AutoencoderKL, vq -> "
-                                   "VQModel with our quantizer, see configs/vq_f4_fashion.yaml). "
+    p = sub.add_parser("train-vae", help="train a KL autoencoder or a VQ/FSQ/LFQ tokenizer (LPIPS + PatchGAN) under "
+                                         "Accelerate",
+                       description="Train an autoencoder (model.kind: kl -> diffusers AutoencoderKL; vq -> "
+                                   "VQModel with our quantizer, see configs/vq_f4_fashion.yaml; fsq, lfq -> VQModel "
+                                   "whose codebook is the fixed grid, see configs/fsq_f4_fashion.yaml and "
+                                   "configs/lfq_f4_fashion.yaml). "
                                    "Runs on one process, or on many under "
                                    "`accelerate launch -m ldm_vae train-vae ...`. Writes checkpoints, "
                                    "TensorBoard logs (OUTPUT_DIR/logs), reconstruction grids "

@@ -22,6 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "ldm_vae" / "configs"  # the bundled configs (configs/ links here)
 TINY_KL = CONFIGS / "tiny_kl.yaml"
 TINY_VQ = CONFIGS / "tiny_vq.yaml"
+TINY_FSQ = CONFIGS / "tiny_fsq.yaml"
 TINY_LDM = CONFIGS / "tiny_ldm.yaml"
 
 

@@ -4,6 +4,7 @@ and the `data:` section of data/config.py."""
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -20,14 +21,19 @@ from ..config import (
 from ..data.config import DataConfig
 from ..run.config import OptimConfig
 
-MODEL_KINDS = ("kl", "vq")
+MODEL_KINDS = ("kl", "vq", "fsq", "lfq")
+# the largest grid an fsq/lfq model may materialise as its exported codebook (Open-MAGVIT2's
+# 2^18): stock VQModel.decode compares every token with every code
+MAX_GRID_CODES = 2**18
 
 
 @dataclass
 class ModelConfig:
     """The diffusers autoencoder (RGB in, RGB out); hyper-parameters go to its config."""
 
-    # kl: diffusers AutoencoderKL; vq: diffusers VQModel (trained with autoencoder/quantize.py)
+    # kl: diffusers AutoencoderKL; vq: diffusers VQModel with a learned codebook
+    # (autoencoder/quantize.py); fsq, lfq: diffusers VQModel whose codebook is a fixed grid
+    # (autoencoder/fsq.py)
     kind: str = "kl"
     # one entry per resolution level; the downsampling factor is 2 ** (len - 1)
     block_out_channels: list[int] = field(default_factory=lambda: [64, 128, 256])
@@ -40,11 +46,43 @@ class ModelConfig:
     # projection width change, vq_embed_dim = latent_channels)
     num_vq_embeddings: Optional[int] = None
     vq_embed_dim: Optional[int] = None
+    # fsq only: levels per code dimension (finite scalar quantization, Mentzer et al. 2023,
+    # arXiv:2309.15505), e.g. [8, 8, 8, 5, 5, 5] = 64,000 codes of 6 dims
+    fsq_levels: list[int] | None = None
+    # lfq only: code bits K, codes {-1, +1}^K (lookup-free quantization, MAGVIT-v2,
+    # arXiv:2310.05737), e.g. 14 = 16,384 codes
+    lfq_bits: int | None = None
 
     def __post_init__(self):
         one_of(self, "kind", MODEL_KINDS)
-        positive(self, "latent_channels", "layers_per_block", "norm_num_groups", "num_vq_embeddings", "vq_embed_dim")
+        positive(self, "latent_channels", "layers_per_block", "norm_num_groups", "num_vq_embeddings", "vq_embed_dim",
+                 "lfq_bits")
         multiples(self, "block_out_channels", "norm_num_groups", "model")
+        if self.fsq_levels is not None and (not self.fsq_levels or min(self.fsq_levels) < 2):
+            raise FieldError("model.fsq_levels", f"({self.fsq_levels}) needs at least one dimension, each with "
+                             f"at least 2 levels")
+        levels = self.levels
+        if levels is not None and math.prod(levels) > MAX_GRID_CODES:
+            raise FieldError("model.fsq_levels" if self.kind == "fsq" else "model.lfq_bits",
+                             f"gives {math.prod(levels)} codes; at most {MAX_GRID_CODES} (2^18) are supported, since "
+                             f"the export materialises them all as a VQModel codebook")
+
+    @property
+    def levels(self) -> list[int] | None:
+        """Levels per code dimension of a grid quantizer (fsq, lfq: [2] * lfq_bits); None otherwise."""
+        if self.kind == "fsq" and self.fsq_levels is not None:
+            return list(self.fsq_levels)
+        if self.kind == "lfq" and self.lfq_bits is not None:
+            return [2] * self.lfq_bits
+        return None
+
+    @property
+    def codebook_shape(self) -> tuple[int, int] | None:
+        """(codes, code dimension) of VQModel's codebook; None for kl."""
+        if self.kind == "vq":
+            return self.num_vq_embeddings, self.vq_embed_dim or self.latent_channels
+        levels = self.levels
+        return (math.prod(levels), len(levels)) if levels is not None else None
 
     @property
     def downsampling_factor(self) -> int:
@@ -53,10 +91,12 @@ class ModelConfig:
 
 @dataclass
 class QuantizerConfig:
-    """The training-time vector quantizer of `model.kind: vq` (autoencoder/quantize.py)."""
+    """The training-time quantizer of `model.kind: vq` (autoencoder/quantize.py); fsq and lfq
+    (autoencoder/fsq.py) use beta, the entropy penalty and usage_window only."""
 
     # commitment weight beta on ||z - sg(e)||^2 (van den Oord et al. 2017, arXiv:1711.00937,
-    # eq. 3); the codebook term ||sg(z) - e||^2 has weight codebook_weight
+    # eq. 3); the codebook term ||sg(z) - e||^2 has weight codebook_weight. For fsq/lfq the
+    # commitment term is what keeps the latents inside the grid's [-1, 1]
     beta: float = 0.25
     codebook_weight: float = 1.0
     # cosine lookup: codes and encoder outputs l2-normalised (ViT-VQGAN, arXiv:2110.04627;
@@ -75,6 +115,7 @@ class QuantizerConfig:
     ema_decay: float = 0.0
     # entropy penalty (MaskGIT/MAGVIT-v2, arXiv:2310.05737): mean per-token entropy minus
     # the entropy of the batch-averaged soft assignment; needs a [tokens x codes] matrix
+    # (fsq/lfq: per groups of dimensions, see autoencoder/fsq.py)
     entropy_weight: float = 0.0
     entropy_temperature: float = 0.01
     # the logged `usage` is the share of codes picked at least once in the last N steps
@@ -191,12 +232,18 @@ class ExportConfig:
         positive(self, "scale_num_images", "scale_batch_size")
 
 
-# Settings that mean something for one model kind only: setting them for the other kind is
+# Settings that mean something for some model kinds only: setting them for another kind is
 # an error rather than a silently ignored flag.
-KL_ONLY = ("loss.kl_weight", "loss.kl_warmup_steps", "loss.free_bits",
-           *(f"diffusability.{f.name}" for f in dataclasses.fields(DiffusabilityConfig)))
-VQ_ONLY = ("model.num_vq_embeddings", "model.vq_embed_dim",
-           *(f"quantizer.{f.name}" for f in dataclasses.fields(QuantizerConfig)))
+GRID_QUANTIZER = ("beta", "entropy_weight", "entropy_temperature", "usage_window")  # all discrete kinds
+KIND_ONLY = {
+    "kl": ("loss.kl_weight", "loss.kl_warmup_steps", "loss.free_bits",
+           *(f"diffusability.{f.name}" for f in dataclasses.fields(DiffusabilityConfig))),
+    "vq": ("model.num_vq_embeddings", "model.vq_embed_dim",
+           *(f"quantizer.{f.name}" for f in dataclasses.fields(QuantizerConfig) if f.name not in GRID_QUANTIZER)),
+    "fsq": ("model.fsq_levels",),
+    "lfq": ("model.lfq_bits",),
+}
+DISCRETE_ONLY = tuple(f"quantizer.{name}" for name in GRID_QUANTIZER)
 
 
 @dataclass
@@ -218,11 +265,16 @@ class Config:
             raise FieldError("data.resolution", f"({self.data.resolution}) must be divisible by the downsampling "
                              f"factor {factor} (2 ** (len(model.block_out_channels) - 1))")
         kind = self.model.kind
-        unused(self, KL_ONLY if kind == "vq" else VQ_ONLY, f"model.kind '{kind}'")
+        others = [key for other, keys in KIND_ONLY.items() if other != kind for key in keys]
+        unused(self, others + list(DISCRETE_ONLY if kind == "kl" else ()), f"model.kind '{kind}'")
         if self.diffusability.channel_mask_min > self.model.latent_channels:
             raise FieldError("diffusability.channel_mask_min", f"({self.diffusability.channel_mask_min}) must be at "
                              f"most model.latent_channels ({self.model.latent_channels})")
         if self.diffusability.scale_equivariance > 0 and self.data.resolution // factor < 2:
             raise FieldError("diffusability.scale_equivariance", "needs latents of at least 2x2 (they are halved)")
-        if kind == "vq" and self.model.num_vq_embeddings is None:
-            raise FieldError("model.num_vq_embeddings", "is needed by model.kind 'vq' (the codebook size, e.g. 8192)")
+        needed = {"vq": ("num_vq_embeddings", "the codebook size, e.g. 8192"),
+                  "fsq": ("fsq_levels", "levels per code dimension, e.g. [8, 8, 8, 5, 5, 5]"),
+                  "lfq": ("lfq_bits", "the code bits, e.g. 14 for 16,384 codes")}
+        if kind in needed and getattr(self.model, needed[kind][0]) is None:
+            name, what = needed[kind]
+            raise FieldError(f"model.{name}", f"is needed by model.kind '{kind}' ({what})")

@@ -88,7 +88,9 @@ def _model_card(cfg: Config, state: dict, stats: dict, vae: AutoencoderKL | VQMo
     """The export's README.md; its usage snippets load from `where` (the folder, or the Hub repo it goes to)."""
     factor = cfg.model.downsampling_factor
     res = cfg.data.resolution
-    kind_tags = {"kl": ["autoencoder-kl", "latent-diffusion"], "vq": ["vq-vae", "image-tokenizer", "latent-diffusion"]}
+    tokenizer_tags = ["image-tokenizer", "latent-diffusion"]
+    kind_tags = {"kl": ["autoencoder-kl", "latent-diffusion"], "vq": ["vq-vae", *tokenizer_tags],
+                 "fsq": ["fsq", *tokenizer_tags], "lfq": ["lfq", *tokenizer_tags]}
     hub_id = hub_dataset_id(cfg.data.source, cfg.data.name)
     metadata = ModelCardData(library_name="diffusers", license=cfg.export.license,
                              tags=["ldm-vae", "autoencoder", *kind_tags[cfg.model.kind]],
@@ -119,10 +121,16 @@ def _model_card(cfg: Config, state: dict, stats: dict, vae: AutoencoderKL | VQMo
         dim = vae.config.vq_embed_dim or vae.config.latent_channels
         if cfg.train.ema_decay > 0:
             fields["weights"] += "; the codebook is the live one (not averaged, see ldm_vae/autoencoder/models.py)"
+        levels = cfg.model.levels
+        lookup = {"vq": "l2-normalised codes: cosine lookup" if q.l2_normalize else "Euclidean lookup",
+                  "fsq": f"the fixed FSQ grid of levels {'x'.join(map(str, levels or []))}, evenly spaced in "
+                         f"[-1, 1] per dimension: the nearest code is per-dimension rounding",
+                  "lfq": f"the fixed LFQ codes {{-1, +1}}^{dim}: the nearest code is the sign of each dimension",
+                  }[cfg.model.kind]
         fields.update(
-            title=f"VQ tokenizer f{factor}, {codes} codes x {dim} dims ({dataset.dataset_id})",
+            title=f"{cfg.model.kind.upper()} tokenizer f{factor}, {codes} codes x {dim} dims ({dataset.dataset_id})",
             grid=res // factor, tokens_per_image=(res // factor) ** 2, num_codes=codes, code_dim=dim,
-            lookup="l2-normalised codes: cosine lookup" if q.l2_normalize else "Euclidean lookup",
+            lookup=lookup,
             usage=(f"{100 * stats['codebook_usage']:.1f}% of the codes are used by the {stats['num_images']} training "
                    f"images measured for `scaling_factor` (code perplexity {stats['codebook_perplexity']:.0f})"))
     return render_card("autoencoder_kl.md" if cfg.model.kind == "kl" else "vq_model.md", metadata, fields)

@@ -21,9 +21,11 @@ from torch import nn
 
 from ..errors import UserError
 from .config import Config, DiffusabilityConfig, ModelConfig
+from .fsq import ScalarQuantizer
 from .quantize import VectorQuantizer, nearest_code
 
-MODEL_CLASSES = {"kl": AutoencoderKL, "vq": VQModel}
+# fsq and lfq are VQModels whose codebook is a fixed grid (autoencoder/fsq.py)
+MODEL_CLASSES = {"kl": AutoencoderKL, "vq": VQModel, "fsq": VQModel, "lfq": VQModel}
 
 
 def load_autoencoder(path: str | Path) -> AutoencoderKL | VQModel:
@@ -68,8 +70,9 @@ def fold_shift(vae):
 def build_autoencoder(cfg: ModelConfig, sample_size: int) -> AutoencoderKL | VQModel:
     n = len(cfg.block_out_channels)
     extra = {}
-    if cfg.kind == "vq":
-        extra = dict(num_vq_embeddings=cfg.num_vq_embeddings, vq_embed_dim=cfg.vq_embed_dim)
+    if cfg.kind != "kl":
+        codes, dim = cfg.codebook_shape
+        extra = {"num_vq_embeddings": codes, "vq_embed_dim": dim}
     return MODEL_CLASSES[cfg.kind](
         in_channels=3,  # RGB: data sources convert every image to 3 channels
         out_channels=3,
@@ -93,7 +96,10 @@ def build_training_model(cfg: Config) -> nn.Module:
     if cfg.model.kind == "kl":
         return KLAutoencoder(vae, cfg.diffusability)
     codebook = vae.quantize.embedding.weight
-    quantizer = VectorQuantizer(codebook.shape[0], codebook.shape[1], cfg.quantizer, seed=cfg.seed)
+    if cfg.model.levels is not None:
+        quantizer = ScalarQuantizer(cfg.model.levels, cfg.quantizer)
+    else:
+        quantizer = VectorQuantizer(codebook.shape[0], codebook.shape[1], cfg.quantizer, seed=cfg.seed)
     quantizer.prepare_codebook(codebook)
     return VQAutoencoder(vae, quantizer)
 
@@ -209,10 +215,11 @@ class VQAutoencoder(nn.Module):
     """Training view of a `VQModel`: x -> (reconstruction, QuantizerOutput).
 
     Encoder and 1x1 `quant_conv` as in VQModel.encode, our quantizer on VQModel's own
-    codebook, then VQModel.decode on the already-quantized latents (force_not_quantize).
+    codebook (learned for vq, the fixed grid for fsq/lfq), then VQModel.decode on the
+    already-quantized latents (force_not_quantize).
     """
 
-    def __init__(self, vae: VQModel, quantizer: VectorQuantizer):
+    def __init__(self, vae: VQModel, quantizer: VectorQuantizer | ScalarQuantizer):
         super().__init__()
         self.vae = vae
         self.quantizer = quantizer

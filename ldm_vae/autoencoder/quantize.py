@@ -103,28 +103,76 @@ class QuantizerOutput:
     logs: dict
 
 
-class VectorQuantizer(nn.Module):
+def straight_through(z: torch.Tensor, zq: torch.Tensor, idx: torch.Tensor, shape: torch.Size, loss: torch.Tensor,
+                     logs: dict) -> QuantizerOutput:
+    """A quantizer's output from its [N, D] rows: the codes zq in the forward, the identity to z
+    in the backward (straight-through estimator, arXiv:1711.00937, sec. 3.1), as [B, D, H, W]."""
+    b, d, hh, ww = shape
+    quantized = (z + (zq - z).detach()).view(b, hh, ww, d).permute(0, 3, 1, 2)
+    return QuantizerOutput(quantized, idx.view(b, hh, ww), z.detach(), loss, {k: v.detach() for k, v in logs.items()})
+
+
+class CodeUsage(nn.Module):
+    """What every quantizer keeps about its codes (buffers that checkpoints carry): when each
+    code was last picked, and the hit counts of the usage histogram since the last picture.
+
+    Hits are counted per forward (`observe`) and summed over processes once per optimizer
+    step (`count_step`), so every process holds the same buffers.
+    """
+
+    def __init__(self, num_codes: int, cfg: QuantizerConfig):
+        super().__init__()
+        self.cfg, self.num_codes = cfg, num_codes
+        self.register_buffer("last_hit", torch.full((num_codes,), -1, dtype=torch.long))
+        self.register_buffer("hist", torch.zeros(num_codes, dtype=torch.long))
+        # the current optimizer step's hits (never in a checkpoint: `count_step` consumes them)
+        self._pending_counts = None
+
+    @torch.no_grad()
+    def observe(self, out: QuantizerOutput) -> tuple[torch.Tensor, torch.Tensor]:
+        """After each forward (every gradient-accumulation micro-step): add its code hits to
+        the optimizer step's pending counts; returns (indices, finite-row mask) of the counted rows."""
+        # rows from a non-finite forward (a step the trainer skips) must not reach the state
+        finite = torch.isfinite(out.z).all(1)
+        idx = out.indices.reshape(-1)[finite]
+        counts = torch.bincount(idx, minlength=self.num_codes)
+        self._pending_counts = counts if self._pending_counts is None else self._pending_counts + counts
+        return idx, finite
+
+    @torch.no_grad()
+    def count_step(self, step: int, stepped: torch.Tensor) -> torch.Tensor:
+        """Once per optimizer step: the step's hits summed over processes (none where the step
+        was skipped, `stepped` being a device flag), added to the histogram and `last_hit`."""
+        counts = reduce(self._pending_counts, "sum") * stepped
+        self.hist += counts
+        self.last_hit[counts > 0] = step
+        self._pending_counts = None
+        return counts
+
+    def usage(self, step: int) -> torch.Tensor:
+        """Share of codes picked at least once in the last `usage_window` steps."""
+        return ((self.last_hit >= 0) & (self.last_hit > step - self.cfg.usage_window)).float().mean()
+
+
+class VectorQuantizer(CodeUsage):
     """Quantizes `VQModel.encode(x).latents` against VQModel's own codebook.
 
     The codebook is passed in (`vae.quantize.embedding.weight`) rather than owned, so the
     trained and exported codebook are one tensor. This module holds the bookkeeping buffers,
-    which checkpoints carry: when each code was last picked and last restarted, the counts
-    for the usage histogram, and the EMA statistics.
+    which checkpoints carry: besides `CodeUsage`'s, when each code was last restarted and
+    the EMA statistics.
     """
 
     def __init__(self, num_codes: int, dim: int, cfg: QuantizerConfig, seed: int = 0):
-        super().__init__()
-        self.cfg, self.num_codes, self.dim, self.seed = cfg, num_codes, dim, seed
+        super().__init__(num_codes, cfg)
+        self.dim, self.seed = dim, seed
         self.register_buffer("initialized", torch.tensor(not cfg.kmeans_init))
-        self.register_buffer("last_hit", torch.full((num_codes,), -1, dtype=torch.long))
         self.register_buffer("last_restart", torch.zeros(num_codes, dtype=torch.long))
-        self.register_buffer("hist", torch.zeros(num_codes, dtype=torch.long))
         if cfg.ema_decay > 0:
             self.register_buffer("ema_count", torch.ones(num_codes))
             self.register_buffer("ema_sum", torch.zeros(num_codes, dim))
-        # statistics of the current optimizer step's forwards (never in a checkpoint: they are
-        # consumed by `update` at the end of every step)
-        self._pending_counts = self._pending_sums = self._candidates = None
+        # the step's EMA sums and restart candidates, consumed by `update` like the counts
+        self._pending_sums = self._candidates = None
 
     def prepare_codebook(self, codebook: torch.Tensor) -> None:
         """Before training: normalise a cosine codebook; EMA mode: start the statistics from it."""
@@ -140,7 +188,7 @@ class VectorQuantizer(nn.Module):
         return F.normalize(z, dim=1) if self.cfg.l2_normalize else z
 
     def forward(self, h: torch.Tensor, codebook: torch.Tensor) -> QuantizerOutput:
-        b, d, hh, ww = h.shape
+        d = h.shape[1]
         cfg = self.cfg
         # fp32 whatever the autocast context: bf16 distances pick wrong codes
         with torch.autocast(h.device.type, enabled=False):
@@ -159,10 +207,7 @@ class VectorQuantizer(nn.Module):
                 ent = entropy_penalty(z, e, cfg.entropy_temperature)
                 loss = loss + cfg.entropy_weight * ent
                 logs["vq_entropy"] = ent
-            # straight-through estimator (arXiv:1711.00937, sec. 3.1)
-            quantized = (z + (zq - z).detach()).view(b, hh, ww, d).permute(0, 3, 1, 2)
-        return QuantizerOutput(quantized, idx.view(b, hh, ww), z.detach(), loss,
-                               {k: v.detach() for k, v in logs.items()})
+            return straight_through(z, zq, idx, h.shape, loss, logs)
 
     @torch.no_grad()
     def kmeans_init(self, z: torch.Tensor, codebook: torch.Tensor) -> None:
@@ -184,13 +229,9 @@ class VectorQuantizer(nn.Module):
 
     @torch.no_grad()
     def observe(self, out: QuantizerOutput) -> None:
-        """After each forward (every gradient-accumulation micro-step): add its code hits (and,
-        for an EMA codebook, its assigned sums) to the optimizer step's pending statistics."""
-        # rows from a non-finite forward (a step the trainer skips) must not reach the state
-        finite = torch.isfinite(out.z).all(1)
-        idx, z = out.indices.reshape(-1)[finite], out.z[finite]
-        counts = torch.bincount(idx, minlength=self.num_codes)
-        self._pending_counts = counts if self._pending_counts is None else self._pending_counts + counts
+        """`CodeUsage.observe`, and for an EMA codebook the step's sums of assigned outputs."""
+        idx, finite = super().observe(out)
+        z = out.z[finite]
         if self.cfg.ema_decay > 0:
             sums = torch.zeros_like(self.ema_sum).index_add_(0, idx, z)
             self._pending_sums = sums if self._pending_sums is None else self._pending_sums + sums
@@ -209,9 +250,7 @@ class VectorQuantizer(nn.Module):
         """
         cfg = self.cfg
         # same on every rank; a skipped step counts no hits (so no usage, EMA or restart change)
-        counts = reduce(self._pending_counts, "sum") * stepped
-        self.hist += counts
-        self.last_hit[counts > 0] = step
+        counts = self.count_step(step, stepped)
         perplexity = code_perplexity(counts).float()
         if cfg.ema_decay > 0:
             sums = reduce(self._pending_sums, "sum")
@@ -228,7 +267,7 @@ class VectorQuantizer(nn.Module):
         restarted = torch.zeros(0, dtype=torch.long, device=codebook.device)
         if cfg.restart_after_steps > 0:
             restarted = self._restart_dead(self._candidates, codebook, step, stepped)
-        self._pending_counts = self._pending_sums = self._candidates = None
+        self._pending_sums = self._candidates = None
         logs = {"usage": self.usage(step), "perplexity": perplexity,
                 "restarted": torch.tensor(float(len(restarted)), device=codebook.device)}
         return logs, restarted
@@ -260,7 +299,3 @@ class VectorQuantizer(nn.Module):
         VQModel's Euclidean lookup needs."""
         if self.cfg.l2_normalize:
             codebook.copy_(torch.where(stepped, F.normalize(codebook, dim=1), codebook))
-
-    def usage(self, step: int) -> torch.Tensor:
-        """Share of codes picked at least once in the last `usage_window` steps."""
-        return ((self.last_hit >= 0) & (self.last_hit > step - self.cfg.usage_window)).float().mean()
