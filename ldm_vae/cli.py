@@ -217,12 +217,13 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("train-vae", help="train a KL autoencoder or a VQ/FSQ/LFQ tokenizer (LPIPS + PatchGAN) under "
-                                         "Accelerate",
+    p = sub.add_parser("train-vae", help="train a KL or DC autoencoder or a VQ/FSQ/LFQ tokenizer (LPIPS + PatchGAN) "
+                                         "under Accelerate",
                        description="Train an autoencoder (model.kind: kl -> diffusers AutoencoderKL; vq -> "
                                    "VQModel with our quantizer, see configs/vq_f4_fashion.yaml; fsq, lfq -> VQModel "
                                    "whose codebook is the fixed grid, see configs/fsq_f4_fashion.yaml and "
-                                   "configs/lfq_f4_fashion.yaml). "
+                                   "configs/lfq_f4_fashion.yaml; dc -> AutoencoderDC, see "
+                                   "configs/dc_f8_fashion.yaml). "
                                    "Runs on one process, or on many under "
                                    "`accelerate launch -m ldm_vae train-vae ...`. Writes checkpoints, "
                                    "TensorBoard logs (OUTPUT_DIR/logs), reconstruction grids "
@@ -234,7 +235,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Export the newest complete checkpoint of RUN_DIR as a diffusers folder "
                                    "(safetensors, measured scaling_factor (and shift_factor for KL), README.md "
                                    "model card). "
-                                   "Loads with stock diffusers AutoencoderKL / VQModel.from_pretrained.")
+                                   "Loads with stock diffusers AutoencoderKL / VQModel / "
+                                   "AutoencoderDC.from_pretrained.")
     p.add_argument("run_dir")
     p.add_argument("out_dir")
     p.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it already holds files")

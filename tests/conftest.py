@@ -23,6 +23,7 @@ CONFIGS = ROOT / "ldm_vae" / "configs"  # the bundled configs (configs/ links he
 TINY_KL = CONFIGS / "tiny_kl.yaml"
 TINY_VQ = CONFIGS / "tiny_vq.yaml"
 TINY_FSQ = CONFIGS / "tiny_fsq.yaml"
+TINY_DC = CONFIGS / "tiny_dc.yaml"
 TINY_LDM = CONFIGS / "tiny_ldm.yaml"
 
 

@@ -30,7 +30,7 @@ def test_shipped_configs_load_by_path_and_by_name():
         by_path = load_config(path, [], schema)
         assert isinstance(by_path, schema), path
         assert load_config(path.stem, [], schema) == load_config(path.name, [], schema) == by_path
-    with pytest.raises(UserError, match="bundled configs, usable by name: fsq_f4_fashion, kl_f4_fashion"):
+    with pytest.raises(UserError, match="bundled configs, usable by name: dc_f8_fashion, fsq_f4_fashion, kl_f4"):
         load_config("kl_f4_fashon", [], Config)
 
 

@@ -4,6 +4,7 @@ and the `data:` section of data/config.py."""
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 from dataclasses import dataclass, field
 from typing import Optional
@@ -21,7 +22,7 @@ from ..config import (
 from ..data.config import DataConfig
 from ..run.config import OptimConfig
 
-MODEL_KINDS = ("kl", "vq", "fsq", "lfq")
+MODEL_KINDS = ("kl", "vq", "fsq", "lfq", "dc")
 # the largest grid an fsq/lfq model may materialise as its exported codebook (Open-MAGVIT2's
 # 2^18): stock VQModel.decode compares every token with every code
 MAX_GRID_CODES = 2**18
@@ -33,12 +34,16 @@ class ModelConfig:
 
     # kl: diffusers AutoencoderKL; vq: diffusers VQModel with a learned codebook
     # (autoencoder/quantize.py); fsq, lfq: diffusers VQModel whose codebook is a fixed grid
-    # (autoencoder/fsq.py)
+    # (autoencoder/fsq.py); dc: diffusers AutoencoderDC, a deterministic deep-compression
+    # autoencoder (DC-AE, Chen et al. 2024, arXiv:2410.10733)
     kind: str = "kl"
     # one entry per resolution level; the downsampling factor is 2 ** (len - 1)
     block_out_channels: list[int] = field(default_factory=lambda: [64, 128, 256])
+    # blocks per level (dc: in the encoder and in the decoder alike)
     layers_per_block: int = 1
     latent_channels: int = 4
+    # GroupNorm groups and the mid-block attention of the KL/VQ encoder and decoder (AutoencoderDC
+    # has neither: RMSNorm, and attention in the EfficientViT levels below)
     norm_num_groups: int = 32
     mid_block_add_attention: bool = True
     # vq only: codebook size, and the code dimension of the lookup (VQModel's 1x1
@@ -52,12 +57,22 @@ class ModelConfig:
     # lfq only: code bits K, codes {-1, +1}^K (lookup-free quantization, MAGVIT-v2,
     # arXiv:2310.05737), e.g. 14 = 16,384 codes
     lfq_bits: int | None = None
+    # dc only: how many of the deepest levels use EfficientViT blocks (multi-scale linear
+    # attention + GLU MBConv, DC-AE sec. 3) instead of ResBlocks; DC-AE f32 has 3 of its 6
+    dc_vit_levels: int = 0
+    # dc only: channels per head of the EfficientViT blocks' linear attention (AutoencoderDC's
+    # attention_head_dim); it must divide the widths of those levels
+    attention_head_dim: int = 32
 
     def __post_init__(self):
         one_of(self, "kind", MODEL_KINDS)
         positive(self, "latent_channels", "layers_per_block", "norm_num_groups", "num_vq_embeddings", "vq_embed_dim",
-                 "lfq_bits")
-        multiples(self, "block_out_channels", "norm_num_groups", "model")
+                 "lfq_bits", "attention_head_dim")
+        non_negative(self, "dc_vit_levels")
+        if self.kind == "dc":
+            self._check_dc()
+        else:
+            multiples(self, "block_out_channels", "norm_num_groups", "model")
         if self.fsq_levels is not None and (not self.fsq_levels or min(self.fsq_levels) < 2):
             raise FieldError("model.fsq_levels", f"({self.fsq_levels}) needs at least one dimension, each with "
                              f"at least 2 levels")
@@ -66,6 +81,34 @@ class ModelConfig:
             raise FieldError("model.fsq_levels" if self.kind == "fsq" else "model.lfq_bits",
                              f"gives {math.prod(levels)} codes; at most {MAX_GRID_CODES} (2^18) are supported, since "
                              f"the export materialises them all as a VQModel codebook")
+
+    def _check_dc(self) -> None:
+        """What AutoencoderDC's blocks need of the widths (its asserts and reshapes, as errors naming the key)."""
+        widths = self.block_out_channels
+        if not widths or min(widths) <= 0:
+            raise FieldError("model.block_out_channels", f"must be positive widths, got {widths}")
+        # the down/up blocks' shortcuts pixel-(un)shuffle by 2 and average or repeat channels in groups
+        for before, after in itertools.pairwise(widths):
+            if after % 4 or (4 * before) % after:
+                raise FieldError("model.block_out_channels", f"({widths}): for model.kind 'dc' each width after the "
+                                 f"first must be a multiple of 4 that divides 4x the width before it ({after} after "
+                                 f"{before})")
+        if widths[-1] % self.latent_channels:
+            raise FieldError("model.latent_channels", f"({self.latent_channels}) must divide the last width "
+                             f"{widths[-1]} (AutoencoderDC's encoder/decoder shortcuts group channels by it)")
+        if self.dc_vit_levels > len(widths):
+            raise FieldError("model.dc_vit_levels", f"({self.dc_vit_levels}) must be at most the number of levels "
+                             f"({len(widths)}, len(model.block_out_channels))")
+        vit_widths = [w for w, block in zip(widths, self.dc_block_types) if block == "EfficientViTBlock"]
+        if any(w % self.attention_head_dim for w in vit_widths):
+            raise FieldError("model.attention_head_dim", f"({self.attention_head_dim}) must divide the widths of the "
+                             f"EfficientViT levels ({vit_widths})")
+
+    @property
+    def dc_block_types(self) -> list[str]:
+        """AutoencoderDC's block type per level: ResBlock, then EfficientViTBlock in the deepest `dc_vit_levels`."""
+        n = len(self.block_out_channels)
+        return ["EfficientViTBlock" if i >= n - self.dc_vit_levels else "ResBlock" for i in range(n)]
 
     @property
     def levels(self) -> list[int] | None:
@@ -78,7 +121,7 @@ class ModelConfig:
 
     @property
     def codebook_shape(self) -> tuple[int, int] | None:
-        """(codes, code dimension) of VQModel's codebook; None for kl."""
+        """(codes, code dimension) of VQModel's codebook; None for kl and dc."""
         if self.kind == "vq":
             return self.num_vq_embeddings, self.vq_embed_dim or self.latent_channels
         levels = self.levels
@@ -242,8 +285,12 @@ KIND_ONLY = {
            *(f"quantizer.{f.name}" for f in dataclasses.fields(QuantizerConfig) if f.name not in GRID_QUANTIZER)),
     "fsq": ("model.fsq_levels",),
     "lfq": ("model.lfq_bits",),
+    "dc": ("model.dc_vit_levels", "model.attention_head_dim"),
 }
 DISCRETE_ONLY = tuple(f"quantizer.{name}" for name in GRID_QUANTIZER)
+# Settings that every kind but these reads: AutoencoderDC has no GroupNorm and no mid-block
+NOT_FOR_KIND = {"dc": ("model.norm_num_groups", "model.mid_block_add_attention")}
+CONTINUOUS_KINDS = ("kl", "dc")  # no quantizer
 
 
 @dataclass
@@ -266,7 +313,8 @@ class Config:
                              f"factor {factor} (2 ** (len(model.block_out_channels) - 1))")
         kind = self.model.kind
         others = [key for other, keys in KIND_ONLY.items() if other != kind for key in keys]
-        unused(self, others + list(DISCRETE_ONLY if kind == "kl" else ()), f"model.kind '{kind}'")
+        others += [*(DISCRETE_ONLY if kind in CONTINUOUS_KINDS else ()), *NOT_FOR_KIND.get(kind, ())]
+        unused(self, others, f"model.kind '{kind}'")
         if self.diffusability.channel_mask_min > self.model.latent_channels:
             raise FieldError("diffusability.channel_mask_min", f"({self.diffusability.channel_mask_min}) must be at "
                              f"most model.latent_channels ({self.model.latent_channels})")

@@ -1,12 +1,13 @@
 """Export a run as a diffusers folder: EMA weights (safetensors), measured latent scaling, model card.
 
-`AutoencoderKL.from_pretrained(out_dir)` / `VQModel.from_pretrained(out_dir)` in stock
-diffusers loads the result. The scaling factor and, for KL, the shift factor are measured on
-latents of thousands of training images spread over the whole split, never one batch and
-never SD's constant: for KL, posterior samples, shift = their mean and scale = 1/std; for VQ,
+`AutoencoderKL` / `VQModel` / `AutoencoderDC.from_pretrained(out_dir)` in stock diffusers
+loads the result. The scaling factor and, for KL, the shift factor are measured on latents of
+thousands of training images spread over the whole split, never one batch and never SD's
+constant: for KL, posterior samples, shift = their mean and scale = 1/std; for VQ,
 `encode(x).latents` (what `VQModel.decode` quantizes, and what LDM trains its diffusion model
 on) and scale = 1/RMS, the uncentred root mean square, because a VQModel has no shift: the
 latents are used uncentred, and 1/std would leave them a second moment of 1 + (mean/std)^2.
+The same holds for DC (`encode(x).latent`; AutoencoderDC's config has no shift either).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import json
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, VQModel
+from diffusers import AutoencoderDC, AutoencoderKL, VQModel
 from huggingface_hub import ModelCard, ModelCardData
 from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
@@ -28,11 +29,11 @@ from ..errors import UserError
 from ..files import atomic_folder, refuse_nonempty, render_card
 from ..run.checkpoint import find_checkpoint, read_state
 from .config import Config
-from .models import MODEL_CLASSES, code_indices
+from .models import MODEL_CLASSES, code_indices, deterministic_latent
 from .quantize import code_stats
 
 
-def load_run(run_dir: str | Path) -> tuple[AutoencoderKL | VQModel, Config, dict, Path]:
+def load_run(run_dir: str | Path) -> tuple[AutoencoderKL | VQModel | AutoencoderDC, Config, dict, Path]:
     """(autoencoder with EMA weights, config, trainer state, checkpoint) of a run's newest complete checkpoint."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
@@ -45,11 +46,12 @@ def load_run(run_dir: str | Path) -> tuple[AutoencoderKL | VQModel, Config, dict
 
 
 @torch.no_grad()
-def measure_latent_stats(vae: AutoencoderKL | VQModel, dataset, cfg: Config, device: torch.device,
+def measure_latent_stats(vae: AutoencoderKL | VQModel | AutoencoderDC, dataset, cfg: Config, device: torch.device,
                          seed: int = 0) -> dict:
     """Mean, std and the scaling of latents over `export.scale_num_images` images of `dataset`
-    (1/std for KL, whose mean is subtracted as `shift_factor`; 1/RMS for a VQModel, which has
-    no shift) and, for a VQModel, which share of its codebook those images use."""
+    (1/std for KL, whose mean is subtracted as `shift_factor`; 1/RMS for a VQModel or an
+    AutoencoderDC, which have no shift) and, for a VQModel, which share of its codebook those
+    images use."""
     n = min(cfg.export.scale_num_images, len(dataset))
     # evenly spaced over the split, so no single class or shard dominates
     indices = torch.linspace(0, len(dataset) - 1, n).round().long().unique().tolist()
@@ -57,15 +59,17 @@ def measure_latent_stats(vae: AutoencoderKL | VQModel, dataset, cfg: Config, dev
     generator = torch.Generator(device=device).manual_seed(seed)
     total, total_sq, count = 0.0, 0.0, 0
     is_vq = isinstance(vae, VQModel)
+    uncentred = not isinstance(vae, AutoencoderKL)  # no shift_factor in the config
     hits = torch.zeros(vae.config.num_vq_embeddings if is_vq else 0, dtype=torch.long, device=device)
     vae.to(device).eval()
     for batch in tqdm(loader, desc="measuring latent scale", leave=False):
         x = batch["pixel_values"].to(device)
-        if is_vq:
-            z = vae.encode(x).latents
-            hits += torch.bincount(code_indices(vae, z).flatten(), minlength=len(hits))
+        if uncentred:
+            z = deterministic_latent(vae, x)
         else:
             z = vae.encode(x).latent_dist.sample(generator=generator)
+        if is_vq:
+            hits += torch.bincount(code_indices(vae, z).flatten(), minlength=len(hits))
         z = z.double()
         total += z.sum().item()
         total_sq += z.pow(2).sum().item()
@@ -75,7 +79,7 @@ def measure_latent_stats(vae: AutoencoderKL | VQModel, dataset, cfg: Config, dev
     if not std > 0:
         raise UserError("the latents have zero variance; the model did not train (check the run's losses)")
     rms = (total_sq / count) ** 0.5
-    stats = {"scaling_factor": 1.0 / (rms if is_vq else std), "shift_factor": mean, "std": std, "rms": rms,
+    stats = {"scaling_factor": 1.0 / (rms if uncentred else std), "shift_factor": mean, "std": std, "rms": rms,
              "num_values": count, "num_images": len(indices)}
     if is_vq:
         usage = code_stats(hits)
@@ -83,14 +87,15 @@ def measure_latent_stats(vae: AutoencoderKL | VQModel, dataset, cfg: Config, dev
     return stats
 
 
-def _model_card(cfg: Config, state: dict, stats: dict, vae: AutoencoderKL | VQModel, dataset,
+def _model_card(cfg: Config, state: dict, stats: dict, vae: AutoencoderKL | VQModel | AutoencoderDC, dataset,
                 where: str) -> ModelCard:
     """The export's README.md; its usage snippets load from `where` (the folder, or the Hub repo it goes to)."""
     factor = cfg.model.downsampling_factor
     res = cfg.data.resolution
     tokenizer_tags = ["image-tokenizer", "latent-diffusion"]
     kind_tags = {"kl": ["autoencoder-kl", "latent-diffusion"], "vq": ["vq-vae", *tokenizer_tags],
-                 "fsq": ["fsq", *tokenizer_tags], "lfq": ["lfq", *tokenizer_tags]}
+                 "fsq": ["fsq", *tokenizer_tags], "lfq": ["lfq", *tokenizer_tags],
+                 "dc": ["dc-ae", "latent-diffusion"]}
     hub_id = hub_dataset_id(cfg.data.source, cfg.data.name)
     metadata = ModelCardData(library_name="diffusers", license=cfg.export.license,
                              tags=["ldm-vae", "autoencoder", *kind_tags[cfg.model.kind]],
@@ -112,10 +117,16 @@ def _model_card(cfg: Config, state: dict, stats: dict, vae: AutoencoderKL | VQMo
         losses=losses if logs else "(no step was logged)",
         config=config_lib.to_yaml(cfg).strip(),
     )
+    latent_shape = f"{cfg.model.latent_channels}x{res // factor}x{res // factor}"
     if cfg.model.kind == "kl":
         fields.update(
             title=f"KL autoencoder f{factor}, {cfg.model.latent_channels} latent channels ({dataset.dataset_id})",
-            latent_shape=f"{cfg.model.latent_channels}x{res // factor}x{res // factor}")
+            latent_shape=latent_shape)
+    elif cfg.model.kind == "dc":
+        fields.update(
+            title=f"DC-AE f{factor}, {cfg.model.latent_channels} latent channels ({dataset.dataset_id})",
+            latent_shape=latent_shape, values_per_image=cfg.model.latent_channels * (res // factor) ** 2,
+            blocks=_dc_blocks(cfg))
     else:
         q, codes = cfg.quantizer, vae.config.num_vq_embeddings
         dim = vae.config.vq_embed_dim or vae.config.latent_channels
@@ -133,7 +144,16 @@ def _model_card(cfg: Config, state: dict, stats: dict, vae: AutoencoderKL | VQMo
             lookup=lookup,
             usage=(f"{100 * stats['codebook_usage']:.1f}% of the codes are used by the {stats['num_images']} training "
                    f"images measured for `scaling_factor` (code perplexity {stats['codebook_perplexity']:.0f})"))
-    return render_card("autoencoder_kl.md" if cfg.model.kind == "kl" else "vq_model.md", metadata, fields)
+    templates = {"kl": "autoencoder_kl.md", "dc": "autoencoder_dc.md"}
+    return render_card(templates.get(cfg.model.kind, "vq_model.md"), metadata, fields)
+
+
+def _dc_blocks(cfg: Config) -> str:
+    """The DC card's architecture line: widths and the block type of each level."""
+    m = cfg.model
+    levels = [f"{w} ({block})" for w, block in zip(m.block_out_channels, m.dc_block_types)]
+    heads = f", attention head dim {m.attention_head_dim}" if m.dc_vit_levels else ""
+    return f"{', '.join(levels)}; {m.layers_per_block} block(s) per level{heads}"
 
 
 def export_run(run_dir: str | Path, out_dir: str | Path, replace: bool = False, repo_id: str | None = None) -> Path:
@@ -148,7 +168,8 @@ def export_run(run_dir: str | Path, out_dir: str | Path, replace: bool = False, 
     stats = measure_latent_stats(vae, dataset, cfg, device)
     if cfg.model.kind == "kl":
         vae.register_to_config(scaling_factor=stats["scaling_factor"], shift_factor=stats["shift_factor"])
-    else:  # VQModel's config has no shift_factor: 1/RMS scales the uncentred latents (the mean is in the card)
+    else:  # VQModel's and AutoencoderDC's configs have no shift_factor: 1/RMS scales the uncentred latents
+        # (their mean is in the card)
         vae.register_to_config(scaling_factor=stats["scaling_factor"])
 
     with atomic_folder(out_dir) as tmp:

@@ -9,6 +9,8 @@ Conventions (stated because the public recipes mix them up):
   1e-6 means the same trade-off here, at any resolution.
 - A VQ model's latent term is the quantizer's own (codebook + beta * commitment, means
   over latent elements, see quantize.py), added to the loss unweighted.
+- A DC model (AutoencoderDC) has no latent term: its latent is deterministic and, as in
+  DC-AE (arXiv:2410.10733), unregularised.
 - The GAN term is scaled by the adaptive weight of Esser et al. 2021 (arXiv:2012.09841,
   eq. 7), measured at the decoder's last layer in fp32, with one backward through LPIPS
   and the discriminator per step, not two (`AutoencoderLoss._adaptive_gan_loss`). With
@@ -26,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import LossConfig
+from .models import DCLatent
 from .quantize import QuantizerOutput
 
 
@@ -118,7 +121,7 @@ class LeCamEMA(nn.Module):
 
 
 class AutoencoderLoss:
-    """Reconstruction + LPIPS + latent term (KL or VQ) + adaptive-weighted PatchGAN loss."""
+    """Reconstruction + LPIPS + latent term (KL, VQ or none) + adaptive-weighted PatchGAN loss."""
 
     def __init__(self, cfg: LossConfig, perceptual: nn.Module | None, equivariance_weight: float = 0.0):
         self.cfg = cfg
@@ -143,10 +146,12 @@ class AutoencoderLoss:
         return self.cfg.kl_weight * min(1.0, step / self.cfg.kl_warmup_steps)
 
     def latent_term(self, latent, step: int, pixels: int) -> tuple[torch.Tensor, dict]:
-        """KL (for a `GaussianLatent`, plus its equivariance term if it carries one) or the
-        quantizer's loss (for a `QuantizerOutput`)."""
+        """KL (for a `GaussianLatent`, plus its equivariance term if it carries one), the
+        quantizer's loss (for a `QuantizerOutput`) or nothing (for a `DCLatent`: zero, no logs)."""
         if isinstance(latent, QuantizerOutput):
             return latent.loss, dict(latent.logs)
+        if isinstance(latent, DCLatent):
+            return torch.zeros((), device=latent.latent.device), {}
         kl_map = kl_divergence(latent.mean, latent.logvar)
         logs = {"kl": kl_map.sum(dim=(1, 2, 3)).mean()}
         loss = self.kl_weight(step) * kl_with_free_bits(kl_map, self.cfg.free_bits) / pixels

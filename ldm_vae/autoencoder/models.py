@@ -1,6 +1,7 @@
 """Build the diffusers autoencoder from config, and the thin training wrappers around it.
 
-Architecture lives in diffusers (`AutoencoderKL`, `VQModel`); everything here is wiring.
+Architecture lives in diffusers (`AutoencoderKL`, `VQModel`, `AutoencoderDC`); everything
+here is wiring.
 The wrappers exist so that one forward call through the DDP-wrapped module returns what
 the losses need (reconstruction and the latent's regulariser inputs): calling
 `unwrap_model(vae)` for the forward, as diffusers' research `train_autoencoderkl.py`
@@ -16,7 +17,7 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
-from diffusers import AutoencoderKL, VQModel
+from diffusers import AutoencoderDC, AutoencoderKL, VQModel
 from torch import nn
 
 from ..errors import UserError
@@ -25,10 +26,13 @@ from .fsq import ScalarQuantizer
 from .quantize import VectorQuantizer, nearest_code
 
 # fsq and lfq are VQModels whose codebook is a fixed grid (autoencoder/fsq.py)
-MODEL_CLASSES = {"kl": AutoencoderKL, "vq": VQModel, "fsq": VQModel, "lfq": VQModel}
+MODEL_CLASSES = {"kl": AutoencoderKL, "vq": VQModel, "fsq": VQModel, "lfq": VQModel, "dc": AutoencoderDC}
+# the EfficientViT levels' multi-scale token aggregation: one 5x5 depthwise branch, as in every
+# DC-AE release (AutoencoderDC's default qkv_multiscales for its attention levels)
+DC_QKV_MULTISCALES = (5,)
 
 
-def load_autoencoder(path: str | Path) -> AutoencoderKL | VQModel:
+def load_autoencoder(path: str | Path) -> AutoencoderKL | VQModel | AutoencoderDC:
     """Stock diffusers model of an export folder, by the class named in its config.json;
     weights from safetensors only (never a pickle)."""
     path = Path(path)
@@ -38,7 +42,7 @@ def load_autoencoder(path: str | Path) -> AutoencoderKL | VQModel:
     name = json.loads(cfg_file.read_text()).get("_class_name")
     classes = {cls.__name__: cls for cls in MODEL_CLASSES.values()}
     if name not in classes:
-        raise UserError(f"{path} holds a {name}; ldm-vae handles {' and '.join(classes)}")
+        raise UserError(f"{path} holds a {name}; ldm-vae handles {', '.join(classes)}")
     try:
         return classes[name].from_pretrained(path, use_safetensors=True)
     except OSError as e:
@@ -67,7 +71,9 @@ def fold_shift(vae):
     return folded
 
 
-def build_autoencoder(cfg: ModelConfig, sample_size: int) -> AutoencoderKL | VQModel:
+def build_autoencoder(cfg: ModelConfig, sample_size: int) -> AutoencoderKL | VQModel | AutoencoderDC:
+    if cfg.kind == "dc":
+        return build_dc(cfg)
     n = len(cfg.block_out_channels)
     extra = {}
     if cfg.kind != "kl":
@@ -90,11 +96,32 @@ def build_autoencoder(cfg: ModelConfig, sample_size: int) -> AutoencoderKL | VQM
     )
 
 
+def build_dc(cfg: ModelConfig) -> AutoencoderDC:
+    """AutoencoderDC with the same levels in encoder and decoder: ResBlocks, then EfficientViT
+    blocks in the deepest `dc_vit_levels` levels (DC-AE, arXiv:2410.10733, sec. 3)."""
+    n = len(cfg.block_out_channels)
+    blocks = tuple(cfg.dc_block_types)
+    scales = tuple(DC_QKV_MULTISCALES if b == "EfficientViTBlock" else () for b in blocks)
+    widths, layers = tuple(cfg.block_out_channels), (cfg.layers_per_block,) * n
+    return AutoencoderDC(
+        in_channels=3,
+        latent_channels=cfg.latent_channels,
+        attention_head_dim=cfg.attention_head_dim,
+        encoder_block_types=blocks, decoder_block_types=blocks,
+        encoder_block_out_channels=widths, decoder_block_out_channels=widths,
+        encoder_layers_per_block=layers, decoder_layers_per_block=layers,
+        encoder_qkv_multiscales=scales, decoder_qkv_multiscales=scales,
+        scaling_factor=1.0,  # "not measured yet": export measures it from data
+    )
+
+
 def build_training_model(cfg: Config) -> nn.Module:
-    """The autoencoder in its training wrapper (`KLAutoencoder` or `VQAutoencoder`)."""
+    """The autoencoder in its training wrapper (`KLAutoencoder`, `VQAutoencoder` or `DCAutoencoder`)."""
     vae = build_autoencoder(cfg.model, cfg.data.resolution)
     if cfg.model.kind == "kl":
         return KLAutoencoder(vae, cfg.diffusability)
+    if cfg.model.kind == "dc":
+        return DCAutoencoder(vae)
     codebook = vae.quantize.embedding.weight
     if cfg.model.levels is not None:
         quantizer = ScalarQuantizer(cfg.model.levels, cfg.quantizer)
@@ -114,13 +141,20 @@ def ema_parameters(vae: nn.Module) -> list[nn.Parameter]:
     return [p for name, p in vae.named_parameters() if not name.startswith("quantize.")]
 
 
-@torch.no_grad()
-def reconstruct(vae: AutoencoderKL | VQModel, x: torch.Tensor) -> torch.Tensor:
-    """Deterministic reconstruction the way stock diffusers computes it (posterior mean /
-    `decode(encode(x).latents)`, which quantizes with VQModel's own lookup)."""
+def deterministic_latent(vae: AutoencoderKL | VQModel | AutoencoderDC, x: torch.Tensor) -> torch.Tensor:
+    """The deterministic latent stock diffusers decodes: AutoencoderKL's posterior mean,
+    VQModel's `encode(x).latents` (which its `decode` quantizes), AutoencoderDC's `encode(x).latent`."""
     if isinstance(vae, VQModel):
-        return vae.decode(vae.encode(x).latents).sample
-    return vae.decode(vae.encode(x).latent_dist.mean).sample
+        return vae.encode(x).latents
+    if isinstance(vae, AutoencoderDC):
+        return vae.encode(x).latent
+    return vae.encode(x).latent_dist.mean
+
+
+@torch.no_grad()
+def reconstruct(vae: AutoencoderKL | VQModel | AutoencoderDC, x: torch.Tensor) -> torch.Tensor:
+    """Deterministic reconstruction the way stock diffusers computes it (`decode` of `deterministic_latent`)."""
+    return vae.decode(deterministic_latent(vae, x)).sample
 
 
 def code_indices(vq: VQModel, latents: torch.Tensor) -> torch.Tensor:
@@ -235,3 +269,27 @@ class VQAutoencoder(nn.Module):
         q = self.quantizer(self.vae.encode(x).latents, self.codebook)
         recon = self.vae.decode(q.quantized, force_not_quantize=True).sample
         return recon, q
+
+
+class DCLatent(NamedTuple):
+    """AutoencoderDC's latent: deterministic and unregularised (no KL, no quantizer; DC-AE
+    trains with reconstruction, perceptual and GAN terms only)."""
+
+    latent: torch.Tensor  # [B, C, H/f, W/f]
+
+
+class DCAutoencoder(nn.Module):
+    """Training view of an `AutoencoderDC`: x -> (decode(encode(x).latent), DCLatent)."""
+
+    def __init__(self, vae: AutoencoderDC):
+        super().__init__()
+        self.vae = vae
+
+    def last_layer(self) -> torch.Tensor:
+        # a Conv2d, since layers_per_block >= 1 (with 0 blocks at the first level it would be
+        # a pixel-shuffle DCUpBlock2d)
+        return self.vae.decoder.conv_out.weight
+
+    def forward(self, x: torch.Tensor):
+        z = self.vae.encode(x).latent
+        return self.vae.decode(z).sample, DCLatent(z)

@@ -2,7 +2,7 @@
 the autoencoder's two-network step.
 
 Per batch, inside ONE `accelerator.accumulate(ae, disc)`:
-  1. autoencoder step: recon + LPIPS + KL or VQ terms (+ adaptive-weighted GAN term once
+  1. autoencoder step: recon + LPIPS + KL or VQ terms, none for DC (+ adaptive-weighted GAN term once
      `loss.disc_start` is reached, through a frozen, unwrapped discriminator so no
      discriminator gradient is produced);
   2. discriminator step (from `disc_start - disc_pretrain_steps` on): one forward of
@@ -46,7 +46,7 @@ NOTICE_RULE = "!" * 88
 
 @dataclass
 class AutoencoderRun(RunResult):
-    autoencoder: nn.Module  # the training wrapper (KLAutoencoder / VQAutoencoder), unwrapped
+    autoencoder: nn.Module  # the training wrapper (KLAutoencoder / VQAutoencoder / DCAutoencoder), unwrapped
     discriminator: nn.Module
     lecam: LeCamEMA
 
@@ -190,7 +190,10 @@ class AutoencoderTrainer(Trainer):
         return (ae_ok & d_ok if train_d else ae_ok), logs
 
     def log_extras(self, step: int) -> dict:
-        return {"lr": self.sched_ae.get_last_lr()[0], "kl_weight": self.loss_fn.kl_weight(step)}
+        extras = {"lr": self.sched_ae.get_last_lr()[0]}
+        if self.cfg.model.kind == "kl":  # other kinds have no KL term to weigh
+            extras["kl_weight"] = self.loss_fn.kl_weight(step)
+        return extras
 
     # --- pictures, checkpoints, summary ----------------------------------------------------------
 
@@ -296,9 +299,11 @@ def reset_adam_rows(optimizer, param: torch.Tensor, rows: torch.Tensor) -> None:
 def _compile(ae: nn.Module, disc: nn.Module, perceptual: nn.Module | None) -> None:
     """torch.compile in place (train.compile). The decoder's output convolution stays eager:
     the adaptive GAN weight takes gradients at it alone, and in a compiled graph that would
-    run the whole compiled backward."""
+    run the whole compiled backward. (AutoencoderDC's decoder has no mid block: its levels
+    are all in up_blocks.)"""
     vae = ae.vae
-    for module in (vae.encoder, vae.decoder.mid_block, *vae.decoder.up_blocks, disc, perceptual):
+    mid = getattr(vae.decoder, "mid_block", None)
+    for module in (vae.encoder, mid, *vae.decoder.up_blocks, disc, perceptual):
         if module is not None:
             module.compile()
 

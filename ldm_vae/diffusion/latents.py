@@ -6,7 +6,8 @@ would spend most of each step in the encoder. `ldm-vae encode` writes:
     OUT/shard-00000.safetensors ...   KL: "mean", "std" (the posterior, so training draws a
                                       fresh sample each time, not one frozen sample);
                                       VQ: "latents" (`encode(x).latents`, which
-                                      `VQModel.decode` quantizes); "labels" when the source
+                                      `VQModel.decode` quantizes); DC: "latents"
+                                      (`encode(x).latent`); "labels" when the source
                                       has them; "caption" (int64, an index into captions.json)
                                       when it has captions; "*_flipped" twins of the latents
                                       when data.random_flip is on (a flipped row keeps its
@@ -35,12 +36,12 @@ from pathlib import Path
 from typing import BinaryIO
 
 import torch
-from diffusers import VQModel
+from diffusers import AutoencoderKL
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
-from ..autoencoder.models import load_autoencoder
+from ..autoencoder.models import deterministic_latent, load_autoencoder
 from ..data.config import DataConfig
 from ..data.sources import build_dataset
 from ..errors import UserError
@@ -165,8 +166,8 @@ def _data_key(data: DataConfig) -> dict:
 
 
 def _encode(vae, x: torch.Tensor) -> dict:
-    if isinstance(vae, VQModel):
-        return {"latents": vae.encode(x).latents}
+    if not isinstance(vae, AutoencoderKL):  # a deterministic latent (VQModel before quantization, AutoencoderDC)
+        return {"latents": deterministic_latent(vae, x)}
     posterior = vae.encode(x).latent_dist
     return {"mean": posterior.mean, "std": posterior.std}
 

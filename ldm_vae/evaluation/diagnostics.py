@@ -2,8 +2,9 @@
 
 KL: KL per latent channel, active units (the posterior-collapse check of Burda et al. 2016),
 posterior std ranges, ELBO / IWAE bounds, interpolations and prior samples. VQ: codebook
-usage and perplexity, and the usage histogram. `diagnostics_for(vae)` picks the kind; the
-evaluation loop (report.py) calls the same four methods for both.
+usage and perplexity, and the usage histogram. DC: nothing beyond what every model gets (its
+latent is deterministic and unregularised). `diagnostics_for(vae)` picks the kind; the
+evaluation loop (report.py) calls the same methods for each.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, VQModel
+from diffusers import AutoencoderDC, AutoencoderKL, VQModel
 from torch.utils.data import DataLoader, Subset
 
 from ..autoencoder.models import code_indices
@@ -107,7 +108,27 @@ class KLDiagnostics:
                                                             opts.bound_images, opts.iwae_k, opts.likelihood_sigma)}
 
 
-def diagnostics_for(vae) -> VQDiagnostics | KLDiagnostics:
+class DCDiagnostics:
+    """An `AutoencoderDC`: no posterior and no codebook to check; the per-channel mean and std
+    of its latents are in every model's metrics (report.py)."""
+
+    def __init__(self, vae: AutoencoderDC):
+        self.vae = vae
+
+    def encode(self, x: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        latent = self.vae.encode(x).latent
+        return latent, latent
+
+    def observe(self, latents: torch.Tensor) -> None:
+        pass
+
+    def finish(self, n: int, dataset, out_dir: Path, generator: torch.Generator, opts) -> dict:
+        return {}
+
+
+def diagnostics_for(vae) -> VQDiagnostics | KLDiagnostics | DCDiagnostics:
+    if isinstance(vae, AutoencoderDC):
+        return DCDiagnostics(vae)
     return VQDiagnostics(vae) if isinstance(vae, VQModel) else KLDiagnostics(vae)
 
 

@@ -8,7 +8,7 @@ On the same images for every model, this measures:
 
 - **Latent spectrum**: the radially averaged power spectrum of each channel of the scaled
   latents `(z - shift) * scale` (z: posterior samples for KL, what the LDM trains on;
-  `encode(x).latents` for VQ), next to the spectrum of the images downsampled to the latent
+  `encode(x).latents` for VQ, `encode(x).latent` for DC), next to the spectrum of the images downsampled to the latent
   resolution (box filter), and the share of the non-DC power above half the Nyquist
   frequency (radius > 1/4 cycle per latent pixel). Skorokhodov et al. found that latents
   carry far more high-frequency power than images, and that diffusion models spend their
@@ -28,10 +28,11 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from diffusers import VQModel
+from diffusers import AutoencoderDC, VQModel
 from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
+from ..autoencoder.models import deterministic_latent
 from ..files import put_card_section, read_card, save_line_plot, write_card
 from .metrics import psnr
 
@@ -92,19 +93,18 @@ class LatentView:
         self.vae = vae
         self.scale = vae.config.scaling_factor
         self.shift = getattr(vae.config, "shift_factor", None) or 0.0
-        self.vq = isinstance(vae, VQModel)
+        self.deterministic = isinstance(vae, (VQModel, AutoencoderDC))  # no posterior to sample
 
     def encode(self, x: torch.Tensor, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(scaled latents as the LDM trains on them, unscaled decoder input)."""
-        if self.vq:
-            z = self.vae.encode(x).latents
+        if self.deterministic:
+            z = deterministic_latent(self.vae, x)
             return (z - self.shift) * self.scale, z
         posterior = self.vae.encode(x).latent_dist
         return (posterior.sample(generator=generator) - self.shift) * self.scale, posterior.mean
 
     def scaled_mean(self, x: torch.Tensor) -> torch.Tensor:
-        z = self.vae.encode(x).latents if self.vq else self.vae.encode(x).latent_dist.mean
-        return (z - self.shift) * self.scale
+        return (deterministic_latent(self.vae, x) - self.shift) * self.scale
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         return self.vae.decode(z).sample
@@ -119,7 +119,8 @@ def latent_measures(vae, dataset, num_images: int, batch_size: int, device: torc
     n = min(num_images, len(dataset))
     loader = DataLoader(Subset(dataset, range(n)), batch_size=batch_size)
     generator = torch.Generator(device=device).manual_seed(seed)
-    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    widths = getattr(vae.config, "block_out_channels", None) or vae.config.encoder_block_out_channels  # DC: per side
+    factor = 2 ** (len(widths) - 1)
     latents, images = [], []
     dec_psnr, enc_err, enc_var = 0.0, 0.0, 0.0
     for batch in tqdm(loader, desc="latent spectrum and equivariance", leave=False):

@@ -1,7 +1,7 @@
 """`ldm-vae eval`: reconstruction metrics, pictures and VAE diagnostics of exported
 autoencoders, the report folder and the model-card results.
 
-Every model is loaded with STOCK diffusers (`AutoencoderKL` / `VQModel.from_pretrained`),
+Every model is loaded with STOCK diffusers (`AutoencoderKL` / `VQModel` / `AutoencoderDC.from_pretrained`),
 so the numbers are those of what users get. Real images and reconstructions go through
 the identical pipeline (same dataset order, same [0, 1] conversion, same resize for
 feature extractors). A metric that cannot be computed (missing weights, missing package)
