@@ -46,6 +46,7 @@ parser.add_argument("--fd-features", help="a `ldm-vae train-fd-features` folder:
 parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="applied to every run")
 args = parser.parse_args()
 out = Path(args.out)
+out.mkdir(parents=True, exist_ok=True)
 
 
 def latent_of(vae, x: torch.Tensor) -> torch.Tensor:
