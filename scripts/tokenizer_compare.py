@@ -29,7 +29,11 @@ from diffusers import VQModel
 from ldm_vae.autoencoder.config import Config
 from ldm_vae.autoencoder.export import training_data
 from ldm_vae.autoencoder.fsq import ScalarQuantizer
-from ldm_vae.autoencoder.models import build_autoencoder, load_autoencoder
+from ldm_vae.autoencoder.models import (
+    build_autoencoder,
+    deterministic_latent,
+    load_autoencoder,
+)
 from ldm_vae.config import load_config
 from ldm_vae.data.sources import build_dataset
 from ldm_vae.evaluation.report import EvalOptions, run_eval
@@ -49,24 +53,14 @@ out = Path(args.out)
 out.mkdir(parents=True, exist_ok=True)
 
 
-def latent_of(vae, x: torch.Tensor) -> torch.Tensor:
-    """What the diffusion model / tokenizer sees: encode(x)'s mean or latents."""
-    enc = vae.encode(x)
-    for name in ("latent_dist", "latents", "latent"):  # AutoencoderKL, VQModel, AutoencoderDC
-        if hasattr(enc, name):
-            value = getattr(enc, name)
-            return value.mean if name == "latent_dist" else value
-    raise TypeError(f"{type(vae).__name__}.encode returned none of latent_dist, latents, latent")
-
-
 @torch.no_grad()
 def throughput(vae, x: torch.Tensor, repeats: int = 3) -> tuple[float, float]:
     """(encode, decode) images/s of the model on the batch x, after one warm-up batch."""
-    z = latent_of(vae, x)
+    z = deterministic_latent(vae, x)
     vae.decode(z)
     t0 = time.perf_counter()
     for _ in range(repeats):
-        latent_of(vae, x)
+        deterministic_latent(vae, x)
     t1 = time.perf_counter()
     for _ in range(repeats):
         vae.decode(z)
@@ -103,7 +97,7 @@ for name in args.runs:
     test = build_dataset(data, data.test_split, train=False)
     images = torch.stack([test[i]["pixel_values"] for i in range(len(test))])
     with torch.no_grad():
-        latent_shape = tuple(latent_of(vae, images[:1]).shape[1:])
+        latent_shape = tuple(deterministic_latent(vae, images[:1]).shape[1:])
     summary = json.loads((run / "summary.json").read_text())
     row = {"name": name, "config": CONFIGS[name], "kind": cfg.model.kind, "latent_shape": latent_shape,
            "steps": summary["steps"], "train_wall_s": summary["wall_time_s"],
