@@ -92,12 +92,23 @@ from ldm_vae.diffusion.networks import (
 from ldm_vae.files import make_grid, save_image, sha256  # noqa: E402
 
 
+def _device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _sync() -> None:
+    """Wait for queued GPU work, so that host clocks measure it (a no-op on the CPU)."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def _median_step_time(step, batches, warmup: int, repeats: int) -> list[float]:
     """Seconds per step (loading the batch included) for `repeats` steps after `warmup`."""
     times = []
     for i in range(warmup + repeats):
         t0 = time.perf_counter()
         step(next(batches))
+        _sync()
         if i >= warmup:
             times.append(time.perf_counter() - t0)
     return times
@@ -113,35 +124,42 @@ def _reference_ae_step(cfg, gan: bool):
     AutoencoderKL, LPIPS, the same PatchGAN, fp32, AdamW, and the adaptive weight from
     grad(nll) and grad(g) at the last layer before the whole loss's backward. No EMA, no
     clipping, no guard, no logging. gan=False: the phase before disc_start (no GAN term, no
-    discriminator step)."""
+    discriminator step). train.mixed_precision=bf16: forward passes and losses under bf16
+    autocast, as Accelerate runs them; train.channels_last is applied as the trainer does."""
     torch.manual_seed(cfg.seed)
-    vae = build_autoencoder(cfg.model, cfg.data.resolution).train()
-    disc = PatchDiscriminator(3, cfg.loss.disc_channels, cfg.loss.disc_layers).train()
-    lpips = build_lpips(cfg.loss.lpips_net, random_backbone=True)  # ours equals lpips.LPIPS (tests/test_perceptual.py)
+    device, bf16 = _device(), cfg.train.mixed_precision == "bf16"
+    fmt = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
+    vae = build_autoencoder(cfg.model, cfg.data.resolution).to(device, memory_format=fmt).train()
+    disc = PatchDiscriminator(3, cfg.loss.disc_channels, cfg.loss.disc_layers).to(device, memory_format=fmt).train()
+    # ours equals lpips.LPIPS (tests/test_perceptual.py)
+    lpips = build_lpips(cfg.loss.lpips_net, random_backbone=True).to(device, memory_format=fmt)
     betas = (cfg.train.adam_beta1, cfg.train.adam_beta2)
     opt_g = torch.optim.AdamW(vae.parameters(), lr=cfg.train.lr, betas=betas)
     opt_d = torch.optim.AdamW(disc.parameters(), lr=cfg.train.disc_lr, betas=betas)
     last = vae.decoder.conv_out.weight
 
     def step(batch):
-        x = batch["pixel_values"]
-        posterior = vae.encode(x).latent_dist
-        recon = vae.decode(posterior.sample()).sample
-        nll = (x - recon).abs().mean() + cfg.loss.perceptual_weight * lpips(x, recon).mean()
+        x = batch["pixel_values"].to(device, non_blocking=True).contiguous(memory_format=fmt)
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
+            posterior = vae.encode(x).latent_dist
+            recon = vae.decode(posterior.sample()).sample
+            nll = (x - recon).abs().mean() + cfg.loss.perceptual_weight * lpips(x, recon).mean()
+            kl = posterior.kl().mean()
+            g = -disc(recon).mean() if gan else None
         if not gan:
             opt_g.zero_grad()
-            (nll + cfg.loss.kl_weight * posterior.kl().mean()).backward()
+            (nll + cfg.loss.kl_weight * kl).backward()
             opt_g.step()
             return
-        g = -disc(recon).mean()
         nll_grad, = torch.autograd.grad(nll, last, retain_graph=True)
         g_grad, = torch.autograd.grad(g, last, retain_graph=True)
         weight = cfg.loss.disc_weight * (nll_grad.norm() / (g_grad.norm() + 1e-4)).clamp(0, 1e4).detach()
-        loss = nll + cfg.loss.kl_weight * posterior.kl().mean() + weight * g
+        loss = nll + cfg.loss.kl_weight * kl + weight * g
         opt_g.zero_grad()
         loss.backward()
         opt_g.step()
-        d_loss = 0.5 * (F.relu(1 - disc(x)).mean() + F.relu(1 + disc(recon.detach())).mean())
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
+            d_loss = 0.5 * (F.relu(1 - disc(x)).mean() + F.relu(1 + disc(recon.detach())).mean())
         opt_d.zero_grad()
         d_loss.backward()
         opt_d.step()
@@ -163,6 +181,7 @@ def _window_means(times: list[float], k: int) -> list[float]:
     return [statistics.mean(times[i:i + k]) for i in range(0, len(times) - k + 1, k)]
 
 
+MFU_MODEL = ["model.block_out_channels=[128,256,512,512]", "model.layers_per_block=2"]  # SD-VAE's KL-f8 shape
 AE_STEP_WINDOW = 5  # steps per timed window: the trainer logs its throughput once per window
 
 
@@ -173,11 +192,16 @@ def bench_ae_step(args) -> dict:
     overrides = ["loss.lpips_random_backbone=true", f"loss.disc_start={0 if gan else n + 1}",
                  "loss.disc_pretrain_steps=0", f"train.max_steps={n}", f"train.log_every={k}", f"train.image_every={n}",
                  f"train.checkpoint_every={n}", f"data.max_images={args.images}", "export.scale_num_images=64",
-                 "export.scale_batch_size=64"]
+                 "export.scale_batch_size=64", f"train.mixed_precision={args.precision}",
+                 *(MFU_MODEL if args.layout == "sd-vae" else []),
+                 *([f"data.resolution={args.resolution}"] if args.resolution else []),
+                 *([f"train.batch_size={args.batch_size}"] if args.batch_size else []),
+                 *([f"data.num_workers={args.workers}"] if args.workers is not None else [])]
     cfg = load_config("kl_f4_fashion", overrides, Config)
-    bs = cfg.train.batch_size
+    bs, workers = cfg.train.batch_size, cfg.data.num_workers
     images = build_dataset(cfg.data, cfg.data.train_split, train=True, seed=cfg.seed)
-    loader = DataLoader(images, batch_size=bs, shuffle=True, drop_last=True)
+    loader = DataLoader(images, batch_size=bs, shuffle=True, drop_last=True, num_workers=workers,
+                        pin_memory=torch.cuda.is_available(), persistent_workers=workers > 0)
     tmp = Path(tempfile.mkdtemp(prefix="bench-"))
     reference = _median_step_time(_reference_ae_step(cfg, gan), _forever(loader), warmup, repeats)
     times = {"reference loop": _window_means(reference, k)}
@@ -193,8 +217,10 @@ def bench_ae_step(args) -> dict:
     for r in results.values():
         r["vs_reference"] = r["images_per_s"] / ref
     phase = "GAN phase (disc_start=0)" if gan else "before disc_start (no discriminator)"
-    return {"comparison": "ae-step", "config": f"configs/kl_f4_fashion.yaml, {phase}",
-            "batch_size": bs, "resolution": cfg.data.resolution, "precision": "fp32",
+    model = " with " + ", ".join(MFU_MODEL) if args.layout == "sd-vae" else ""
+    return {"comparison": "ae-step", "config": f"configs/kl_f4_fashion.yaml{model}, {phase}",
+            "device": _device_name(), "batch_size": bs, "resolution": cfg.data.resolution,
+            "precision": args.precision, "num_workers": workers,
             "lpips": f"{cfg.loss.lpips_net}, random backbone (offline; same cost as the pretrained one)",
             "warmup": warmup, "repeats": repeats, "timing": f"median of {k}-step window means",
             "results": results, "speedup": results["ldm-vae train-vae"]["vs_reference"],
@@ -203,7 +229,6 @@ def bench_ae_step(args) -> dict:
 
 # dense bf16 tensor-core peaks (NVIDIA data sheets, SXM parts; without sparsity)
 BF16_PEAK_TFLOPS = {"H100": 989.4, "H200": 989.4, "A100": 312.0}
-MFU_MODEL = ["model.block_out_channels=[128,256,512,512]", "model.layers_per_block=2"]  # SD-VAE's KL-f8 shape
 
 
 def _step_flops(cfg, device: str) -> float:
@@ -230,20 +255,27 @@ def _step_flops(cfg, device: str) -> float:
     return float(counter.get_total_flops())
 
 
+def _device_name() -> str:
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu"
+
+
 def bench_ae_mfu(args) -> dict:
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    n = args.warmup + args.repeats
-    overrides = [*MFU_MODEL, f"data.resolution={args.resolution}", f"train.batch_size={args.batch_size}",
+    device = _device()
+    n, resolution, batch_size = args.warmup + args.repeats, args.resolution or 256, args.batch_size or 32
+    workers = 8 if args.workers is None else args.workers
+    overrides = [*MFU_MODEL, f"data.resolution={resolution}", f"train.batch_size={batch_size}",
                  "train.mixed_precision=bf16", "loss.lpips_random_backbone=true", "loss.disc_start=0",
                  "loss.disc_pretrain_steps=0", f"train.max_steps={n}", "train.log_every=1", f"train.image_every={n}",
-                 f"train.checkpoint_every={n}", f"data.max_images={max(args.images, args.batch_size * n)}",
-                 f"data.num_workers={args.workers}", "export.scale_num_images=64", "export.scale_batch_size=16"]
+                 f"train.checkpoint_every={n}", f"data.max_images={max(args.images, batch_size * n)}",
+                 f"data.num_workers={workers}", "export.scale_num_images=64", "export.scale_batch_size=16"]
     cfg = load_config("kl_f4_fashion", overrides, Config)
     flops = _step_flops(cfg, device)
-    name = torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu"
+    name = _device_name()
     peak = args.peak_tflops or next((v for k, v in BF16_PEAK_TFLOPS.items() if k in name), None)
-    variants = {"eager": [], "channels_last": ["train.channels_last=true"], "torch.compile": ["train.compile=true"],
-                "channels_last + torch.compile": ["train.channels_last=true", "train.compile=true"]}
+    variants = {"eager": [], "channels_last": ["train.channels_last=true"]}
+    if args.compile:
+        variants |= {"torch.compile": ["train.compile=true"],
+                     "channels_last + torch.compile": ["train.channels_last=true", "train.compile=true"]}
     tmp, results = Path(tempfile.mkdtemp(prefix="bench-")), {}
     for i, (variant, extra) in enumerate(variants.items()):
         times = _ours_step_seconds(load_config("kl_f4_fashion", overrides + extra, Config),
@@ -253,8 +285,8 @@ def bench_ae_mfu(args) -> dict:
                             "tflops_per_s": flops / median / 1e12,
                             "mfu": flops / median / (peak * 1e12) if peak else float("nan")}
     return {"comparison": "ae-mfu", "device": name, "bf16_peak_tflops": peak or "unknown: pass --peak-tflops",
-            "model": "configs/kl_f4_fashion.yaml with " + ", ".join(MFU_MODEL), "resolution": args.resolution,
-            "batch_size": args.batch_size, "precision": "bf16 autocast", "step_tflop": flops / 1e12,
+            "model": "configs/kl_f4_fashion.yaml with " + ", ".join(MFU_MODEL), "resolution": resolution,
+            "batch_size": batch_size, "num_workers": workers, "precision": "bf16 autocast", "step_tflop": flops / 1e12,
             "warmup": args.warmup, "repeats": args.repeats, "results": results, "target": ">= 35% MFU on H100/H200"}
 
 
@@ -276,11 +308,12 @@ def _jpeg_folder(root: Path, count: int, size: int = 512) -> Path:
 
 
 def bench_data_loading(args) -> dict:
+    resolution = args.resolution or 256
     root = _jpeg_folder(Path(tempfile.mkdtemp(prefix="bench-")), args.images)
     results = {}
     for name, cache_mb in (("decoded on every access", 0), ("decoded-image cache (default)", 2048)):
         cfg = load_config("kl_f4_fashion",
-                          ["data.source=imagefolder", f"data.path={root}", f"data.resolution={args.resolution}",
+                          ["data.source=imagefolder", f"data.path={root}", f"data.resolution={resolution}",
                            "data.center_crop=false", f"data.decoded_cache_mb={cache_mb}"], Config).data
         t0 = time.perf_counter()
         ds = build_dataset(cfg, "train", train=True)
@@ -297,47 +330,57 @@ def bench_data_loading(args) -> dict:
     cached, uncached = results["decoded-image cache (default)"], results["decoded on every access"]
     ratio = cached["images_per_s"] / uncached["images_per_s"]
     return {"comparison": "data-loading", "data": f"imagefolder of {args.images} JPEGs (512x512, quality 90)",
-            "resolution": args.resolution, "batch_size": 64, "num_workers": 0, "repeats": args.repeats,
+            "resolution": resolution, "batch_size": 64, "num_workers": 0, "repeats": args.repeats,
             "results": results, "speedup": ratio}
 
 
+def _layout_overrides(args) -> list[str]:
+    """--layout and --resolution as overrides of configs/kl_f4_fashion.yaml."""
+    return [*(MFU_MODEL if args.layout == "sd-vae" else []),
+            *([f"data.resolution={args.resolution}"] if args.resolution else [])]
+
+
 def bench_ldm_cache(args) -> dict:
-    vae_cfg = load_config("kl_f4_fashion", [], Config)
+    device, workers = _device(), args.workers or 0
+    vae_cfg = load_config("kl_f4_fashion", _layout_overrides(args), Config)
     ldm_cfg = load_config("ldm_fashion", [], LDMConfig)
     bs = ldm_cfg.train.batch_size
     tmp = Path(tempfile.mkdtemp(prefix="bench-"))
-    vae_dir = Path(args.vae) if args.vae else _untrained_autoencoder(tmp)
+    vae_dir = Path(args.vae) if args.vae else _untrained_autoencoder(tmp, vae_cfg)
     from ldm_vae.autoencoder.models import load_autoencoder
 
-    vae = load_autoencoder(vae_dir).eval()
+    vae = load_autoencoder(vae_dir).to(device).eval()
     data = vae_cfg.data
     data.max_images = args.images
-    encode_dataset(vae_dir, data, "train", tmp / "cache", batch_size=256)
-    cached = DataLoader(LatentDataset(tmp / "cache"), batch_size=bs, shuffle=True, drop_last=True)
+    encode_dataset(vae_dir, data, "train", tmp / "cache", batch_size=max(1, min(256, 2**22 // data.resolution**2)),
+                   device=device)
+    loader = {"batch_size": bs, "shuffle": True, "drop_last": True, "num_workers": workers,
+              "persistent_workers": workers > 0, "pin_memory": device == "cuda"}
+    cached = DataLoader(LatentDataset(tmp / "cache"), **loader)
     images = build_dataset(data, "train", train=True)
-    raw = DataLoader(Subset(images, range(len(images))), batch_size=bs, shuffle=True, drop_last=True)
+    raw = DataLoader(Subset(images, range(len(images))), **loader)
 
     meta = json.loads((tmp / "cache" / "cache.json").read_text())
     torch.manual_seed(0)
-    unet = build_unet(ldm_cfg.model, meta["latent_shape"], meta["num_classes"]).train()
+    unet = build_unet(ldm_cfg.model, meta["latent_shape"], meta["num_classes"]).to(device).train()
     opt = torch.optim.AdamW(unet.parameters(), lr=ldm_cfg.train.lr)
     sched = noise_schedule(ldm_cfg.diffusion)
     scale, shift = vae.config.scaling_factor, vae.config.shift_factor or 0.0
 
     def unet_step(z, labels):
         noise = torch.randn_like(z)
-        t = torch.randint(0, sched.config.num_train_timesteps, (len(z),))
-        loss = F.mse_loss(unet(sched.add_noise(z, noise, t), t, class_labels=labels).sample, noise)
+        t = torch.randint(0, sched.config.num_train_timesteps, (len(z),), device=device)
+        loss = F.mse_loss(unet(sched.add_noise(z, noise, t), t, class_labels=labels.to(device)).sample, noise)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
     def step_cached(batch):
-        unet_step(batch["latents"], batch["label"])
+        unet_step(batch["latents"].to(device), batch["label"])
 
     @torch.no_grad()
     def encode(x):
-        return (vae.encode(x).latent_dist.sample() - shift) * scale
+        return (vae.encode(x.to(device)).latent_dist.sample() - shift) * scale
 
     def step_on_the_fly(batch):
         unet_step(encode(batch["pixel_values"]), batch["label"])
@@ -349,14 +392,16 @@ def bench_ldm_cache(args) -> dict:
         results[name] = {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times),
                          "images_per_s": bs / statistics.median(times)}
     speedup = results["images encoded on the fly"]["median_s"] / results["cached latents"]["median_s"]
-    return {"comparison": "ldm-cache", "batch_size": bs, "latent_shape": meta["latent_shape"],
-            "autoencoder": str(args.vae or "untrained configs/kl_f4_fashion.yaml"),
+    model = " with " + ", ".join(MFU_MODEL) if args.layout == "sd-vae" else ""
+    return {"comparison": "ldm-cache", "device": _device_name(), "batch_size": bs, "resolution": data.resolution,
+            "latent_shape": meta["latent_shape"], "num_workers": workers,
+            "autoencoder": str(args.vae or f"untrained configs/kl_f4_fashion.yaml{model}"),
             "warmup": args.warmup, "repeats": args.repeats, "results": results, "speedup": speedup,
             "target": ">= 5x"}
 
 
-def _untrained_autoencoder(tmp: Path) -> Path:
-    vae_cfg = load_config("kl_f4_fashion", [], Config)
+def _untrained_autoencoder(tmp: Path, vae_cfg: Config | None = None) -> Path:
+    vae_cfg = vae_cfg or load_config("kl_f4_fashion", [], Config)
     torch.manual_seed(0)
     vae = build_autoencoder(vae_cfg.model, vae_cfg.data.resolution)
     vae.register_to_config(scaling_factor=1.0, shift_factor=0.0)
@@ -366,8 +411,8 @@ def _untrained_autoencoder(tmp: Path) -> Path:
 
 def bench_sampling(args) -> dict:
     from ldm_vae.autoencoder.models import load_autoencoder
-    from ldm_vae.diffusion.pipeline import LatentDiffusionPipeline, make_scheduler
-    from ldm_vae.diffusion.sample import generate, load_run_pipeline
+    from ldm_vae.diffusion.pipeline import make_scheduler
+    from ldm_vae.diffusion.sample import generate, load_run_pipeline, run_pipeline
 
     if args.ldm:
         pipe, _ = load_run_pipeline(args.ldm)
@@ -376,8 +421,9 @@ def bench_sampling(args) -> dict:
         vae = load_autoencoder(_untrained_autoencoder(Path(tempfile.mkdtemp(prefix="bench-"))))
         torch.manual_seed(0)
         unet = build_unet(ldm_cfg.model, [4, 8, 8], 10)
-        pipe = LatentDiffusionPipeline(unet.eval(), vae.eval(),
-                                       make_scheduler("dpm++", noise_schedule(ldm_cfg.diffusion).config))
+        pipe = run_pipeline(unet.eval(), vae.eval(), make_scheduler("dpm++", noise_schedule(ldm_cfg.diffusion).config),
+                            [str(i) for i in range(10)])
+    pipe.to(_device())
     batch, results = 100, {}
     labels = [i % max(pipe.num_classes, 1) for i in range(batch)] if pipe.num_classes else None
     for solver, steps in (("ddim", 50), ("dpm++", 20)):
@@ -390,8 +436,64 @@ def bench_sampling(args) -> dict:
             times.append(time.perf_counter() - t0)
         results[f"{solver}, {steps} steps"] = {"median_s": statistics.median(times), "min_s": min(times),
                                                 "max_s": max(times), "images_per_s": batch / statistics.median(times)}
-    return {"comparison": "sampling", "batch_size": batch, "guidance_scale": 3.0, "ldm": str(args.ldm or "untrained"),
+    return {"comparison": "sampling", "device": _device_name(), "batch_size": batch, "guidance_scale": 3.0, "ldm": str(args.ldm or "untrained"),
             "warmup": 1, "repeats": args.repeats, "results": results}
+
+
+def _time_calls(fn, warmup: int, repeats: int) -> tuple[list[float], torch.Tensor]:
+    """Seconds per call of fn() after `warmup` calls, and its last output."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        _sync()
+        t0 = time.perf_counter()
+        out = fn()
+        _sync()
+        times.append(time.perf_counter() - t0)
+    return times, out
+
+
+@torch.no_grad()
+def bench_codec(args) -> dict:
+    device = _device()
+    cfg = load_config("kl_f4_fashion", MFU_MODEL, Config)
+    torch.manual_seed(0)
+    vae = build_autoencoder(cfg.model, 256).to(device).eval()
+    # (bf16 autocast, channels_last, torch.compile); compiled callables are made once, per format
+    variants = {"fp32": (False, False, False), "bf16 autocast": (True, False, False),
+                "bf16 autocast + channels_last": (True, True, False)}
+    if args.compile:
+        variants["bf16 autocast + channels_last + torch.compile"] = (True, True, True)
+    compiled = {}
+    results = {}
+    for res in args.resolutions:
+        batch = max(1, (args.batch_size or 16) * 256**2 // res**2)  # the same pixels per call at every size
+        x = torch.rand(batch, 3, res, res, generator=torch.Generator().manual_seed(res)).to(device) * 2 - 1
+        z = vae.encode(x).latent_dist.mean  # one fp32 latent, so that every variant decodes the same input
+        reference = None
+        for name, (bf16, channels_last, compile_) in variants.items():
+            fmt = torch.channels_last if channels_last else torch.contiguous_format
+            vae.to(memory_format=fmt)
+            xf, zf = x.contiguous(memory_format=fmt), z.contiguous(memory_format=fmt)
+            encode, decode = vae.encode, vae.decode
+            if compile_:
+                encode, decode = compiled.setdefault("fns", (torch.compile(vae.encode), torch.compile(vae.decode)))
+            with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
+                enc, _ = _time_calls(lambda f=encode, a=xf: f(a).latent_dist.mean, args.warmup, args.repeats)
+                dec, image = _time_calls(lambda f=decode, a=zf: f(a).sample, args.warmup, args.repeats)
+            image = image.float()
+            reference = image if reference is None else reference
+            results[f"{res}px, {name}"] = {
+                "batch": batch, "encode_images_per_s": batch / statistics.median(enc),
+                "decode_images_per_s": batch / statistics.median(dec),
+                "decode_rel_err_vs_fp32": float((image - reference).norm() / reference.norm())}
+        vae.to(memory_format=torch.contiguous_format)
+    return {"comparison": "codec", "device": _device_name(),
+            "model": "untrained AutoencoderKL, configs/kl_f4_fashion.yaml with " + ", ".join(MFU_MODEL),
+            "calls": "stock diffusers vae.encode(x).latent_dist.mean and vae.decode(z).sample, torch.no_grad",
+            "timing": "median seconds per call, synchronized", "warmup": args.warmup, "repeats": args.repeats,
+            "results": results}
 
 
 def _rss_mb(field: str) -> float:
@@ -560,7 +662,7 @@ def bench_latent_memory(args) -> dict:
             "target": "peak RSS grows < 10% from 10^4 to 10^6 latents"}
 
 
-BENCHES = {"ae-step": bench_ae_step, "ae-mfu": bench_ae_mfu, "data-loading": bench_data_loading,
+BENCHES = {"ae-step": bench_ae_step, "ae-mfu": bench_ae_mfu, "codec": bench_codec, "data-loading": bench_data_loading,
            "ldm-cache": bench_ldm_cache, "sampling": bench_sampling,
            "tiled-decode": bench_tiled_decode, "latent-memory": bench_latent_memory}
 
@@ -576,13 +678,23 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=3, help="ae-step, ldm-cache: steps before timing")
     p.add_argument("--repeats", type=int, default=20, help="ae-step, ldm-cache: steps; sampling: batches; "
                                                                      "data-loading: timed epochs")
-    p.add_argument("--resolution", type=int, default=256, help="ae-mfu, data-loading: image size")
-    p.add_argument("--batch-size", type=int, default=32, help="ae-mfu: images per step")
-    p.add_argument("--workers", type=int, default=8, help="ae-mfu: data loader workers")
+    p.add_argument("--resolution", type=int,
+                   help="ae-mfu, data-loading: image size (default 256); ae-step, ldm-cache: default the config's")
+    p.add_argument("--batch-size", type=int, help="ae-mfu: images per step (default 32); ae-step: default the "
+                                                   "config's; codec: images per call at 256 px (default 16)")
+    p.add_argument("--workers", type=int, help="ae-mfu: data loader workers (default 8); ae-step: default the config's")
+    p.add_argument("--layout", choices=["config", "sd-vae"], default="config",
+                   help="ae-step, ldm-cache: the autoencoder of configs/kl_f4_fashion.yaml, or SD-VAE's KL-f8 "
+                        "layout (128-256-512-512 channels, 2 layers per block)")
+    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                   help="ae-step: both loops in fp32, or under bf16 autocast (the trainer's train.mixed_precision)")
+    p.add_argument("--resolutions", type=int, nargs="+", default=[256, 512, 1024], help="codec: image sizes")
     p.add_argument("--peak-tflops", type=float, help="ae-mfu: the device's dense bf16 peak (known: H100, H200, A100)")
     p.add_argument("--phase", choices=["gan", "recon"], default="gan",
                    help="ae-step: the GAN phase, or the reconstruction phase before loss.disc_start")
-    p.add_argument("--compile", action="store_true", help="ae-step: also time train.compile (slow to compile)")
+    p.add_argument("--compile", action="store_true",
+                   help="ae-step, ae-mfu: also time train.compile; codec: also a compiled encoder/decoder "
+                        "(slow to compile)")
     p.add_argument("--sizes", type=int, nargs="+", default=[10**4, 10**5, 10**6],
                    help="latent-memory: latents in each synthetic cache")
     p.add_argument("--out", default="reports/bench")
