@@ -189,7 +189,9 @@ def _add_bootstrap_arg(p) -> None:
 
 
 def _add_data_args(p, source_default=None) -> None:
-    p.add_argument("--data", default=source_default, choices=("fashion-mnist", "imagefolder", "hub", "photos"),
+    from .data.config import SOURCES
+
+    p.add_argument("--data", default=source_default, choices=SOURCES,
                    help="data source" + ("" if source_default else " (default: the model's training data)"))
     p.add_argument("--data-path", help="fashion-mnist idx folder or image folder")
     p.add_argument("--data-name", help="hub dataset name (needs internet)")

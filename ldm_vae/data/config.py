@@ -7,7 +7,7 @@ from typing import Optional
 
 from ..config import FieldError, non_negative, one_of, positive, unit_interval, unused
 
-SOURCES = ("fashion-mnist", "imagefolder", "hub", "photos")
+SOURCES = ("fashion-mnist", "imagefolder", "hub", "photos", "wallpapers")
 # The keys each source reads, beyond those every source reads (resolution, splits, flips,
 # max_images, num_workers). A key outside its source's list must keep its default.
 SOURCE_KEYS = {
@@ -17,12 +17,15 @@ SOURCE_KEYS = {
     "hub": ("name", "image_column", "label_column", "caption_column", "center_crop", "max_bad_fraction",
             "decoded_cache_mb"),
     "photos": ("photos_per_epoch",),
+    "wallpapers": ("photos_per_epoch", "wallpaper_art", "max_side"),
 }
 
 
 @dataclass
 class DataConfig:
-    # fashion-mnist | imagefolder | hub | photos (see ldm_vae/data/sources.py)
+    # fashion-mnist | imagefolder | hub | photos | wallpapers (see ldm_vae/data/sources.py).
+    # wallpapers: the photographs among Debian's plasma-workspace-wallpapers plus
+    # scikit-image's photos; its test split is 5 whole images held out of training
     source: str = "fashion-mnist"
     # fashion-mnist: folder with the idx .gz files; imagefolder: the image folder root
     path: Optional[str] = None
@@ -48,8 +51,14 @@ class DataConfig:
     # imagefolder/hub: files that cannot be decoded are skipped and listed; above this share
     # of the split, stop before training
     max_bad_fraction: float = 0.05
-    # photos: how many random crops make one epoch
+    # photos/wallpapers: how many random crops make one epoch
     photos_per_epoch: int = 2048
+    # wallpapers: also train on the rendered and painted wallpapers (Plasma's art and
+    # gnome-backgrounds); the test split stays the held-out photographs
+    wallpaper_art: bool = False
+    # wallpapers: each image is decoded once per process and kept with its longer side at
+    # most this; crops come from that copy, so this sets the finest scale a crop sees
+    max_side: int = 1024
     num_workers: int = 0
     # imagefolder/hub: keep each file's decoded, resized image in memory, filled when the
     # dataset is built (every file is decoded then anyway, to find bad ones), up to this many
@@ -58,7 +67,7 @@ class DataConfig:
 
     def __post_init__(self):
         one_of(self, "source", SOURCES)
-        positive(self, "resolution", "photos_per_epoch", "max_images")
+        positive(self, "resolution", "photos_per_epoch", "max_images", "max_side")
         non_negative(self, "num_workers", "decoded_cache_mb")
         unit_interval(self, "max_bad_fraction")
         own = SOURCE_KEYS[self.source]
@@ -66,5 +75,8 @@ class DataConfig:
                f"data.source '{self.source}'")
         if self.source == "imagefolder" and not self.path:
             raise FieldError("path", "is needed by data.source 'imagefolder' (the image folder)")
+        if self.source == "wallpapers" and self.max_side < self.resolution:
+            raise FieldError("max_side", f"must be at least data.resolution ({self.resolution}): crops would be "
+                                         f"upsampled")
         if self.source == "hub" and not self.name:
             raise FieldError("name", "is needed by data.source 'hub' (a dataset name on the hub)")

@@ -2,8 +2,10 @@
 plus "caption": str where the dataset `has_captions` (imagefolder/hub with data.caption_column).
 
 Sources (DataConfig.source): fashion-mnist (local idx files, else the hub copy), imagefolder
-(HF `datasets` "imagefolder"), hub (a dataset name on the Hugging Face hub) and photos
-(random crops of the RGB photos shipped inside scikit-image's wheel; the `photos` extra).
+(HF `datasets` "imagefolder"), hub (a dataset name on the Hugging Face hub), photos (random
+crops of the RGB photos shipped inside scikit-image's wheel; the `photos` extra) and wallpapers
+(the photographs among Debian's wallpapers plus scikit-image's photos, with whole images held
+out for the test split; see Wallpapers).
 
 Augmentation randomness comes from a generator seeded by (seed, epoch, index), never from
 the global RNG: an item is augmented the same way whichever process or worker loads it and
@@ -32,7 +34,7 @@ from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 
 from ..errors import UserError
-from .config import DataConfig
+from .config import SOURCES, DataConfig
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"  # Debian package dataset-fashion-mnist
 FASHION_MNIST_HUB = "zalando-datasets/fashion_mnist"
@@ -498,12 +500,18 @@ def _load_hf(what: str, hint: str = "", **kwargs):
         raise UserError(f"could not load {what} ({_first_line(e)}){hint}") from None
 
 
-def _load_photos() -> list[Image.Image]:
+# ==============================================================================================
+# Photo crops: scikit-image's photos and the wallpaper corpus
+# ==============================================================================================
+
+
+def _load_photos(source: str = "photos") -> list[Image.Image]:
+    """scikit-image's RGB photos (PHOTO_NAMES), decoded once per process."""
     if not _PHOTOS:
         try:
             import skimage.data
         except ImportError as e:
-            raise UserError(f"data.source=photos needs scikit-image ({_first_line(e)}); install it with "
+            raise UserError(f"data.source={source} needs scikit-image ({_first_line(e)}); install it with "
                             f'pip install "ldm-vae[photos]"') from None
 
         for name in PHOTO_NAMES:
@@ -513,52 +521,232 @@ def _load_photos() -> list[Image.Image]:
     return _PHOTOS
 
 
-class Photos(Augmented):
-    """Crops of scikit-image's RGB photos. train split: random crops; test split: a fixed 4x4 grid."""
+def _check_split(source: str, split: str) -> None:
+    if split not in ("train", "test"):
+        raise UserError(f"{source} has splits train, test; got '{split}'")
+
+
+class PhotoCrops(Augmented):
+    """Square crops of photos held in memory (PIL images), resized to data.resolution.
+
+    Subclasses say which photo and box each item is (`_box`); the crop, the resize and the flip
+    are shared. `train=False` keeps the epoch at 0: a train split's crops are then the same
+    every time. Label: the photo's index where `has_labels`, else -1.
+    """
+
+    def __init__(self, photos: list[Image.Image], n: int, cfg: DataConfig, split: str, train: bool):
+        self.photos, self.res, self.split = photos, cfg.resolution, split
+        self.flip = train and cfg.random_flip
+        self.n = min(n, cfg.max_images) if cfg.max_images is not None else n
+
+    def __len__(self):
+        return self.n
+
+    def _box(self, i: int, g: torch.Generator) -> tuple[int, int, int, int]:
+        """(photo index, left, top, side) of item i; random draws come from g."""
+        raise NotImplementedError
+
+    def _corner(self, w: int, h: int, crop: int, g: torch.Generator, cell: int | None, grid: int) -> tuple[int, int]:
+        """(left, top) of a crop: random (cell None), else cell `cell` of a grid x grid lattice spanning the photo."""
+        if cell is None:
+            left, top = (int(torch.randint(0, n - crop + 1, (), generator=g)) for n in (w, h))
+            return left, top
+        row, col = divmod(cell, grid)
+        return (w - crop) * col // (grid - 1), (h - crop) * row // (grid - 1)
+
+    def __getitem__(self, i):
+        g = self.item_generator(i)
+        p, left, top, crop = self._box(i, g)
+        patch = self.photos[p].crop((left, top, left + crop, top + crop))
+        patch = patch.resize((self.res, self.res), Image.BICUBIC, reducing_gap=3.0)
+        return _item(_maybe_flip(pil_to_tensor(patch), self.flip, g), p if self.has_labels else -1)
+
+
+class Photos(PhotoCrops):
+    """Crops of scikit-image's RGB photos. train split: random crops; test split: a fixed 4x4 grid.
+    The test crops come from the same photos as the training crops (a smoke-test source; the
+    wallpapers source holds whole images out)."""
 
     GRID = 4
 
     def __init__(self, cfg: DataConfig, split: str, train: bool):
-        if split not in ("train", "test"):
-            raise UserError(f"photos has splits train, test; got '{split}'")
-        self.photos, self.res, self.split = _load_photos(), cfg.resolution, split
-        # train=False keeps the epoch at 0: the train split's crops are then the same every time
-        self.flip = train and cfg.random_flip
-        n = cfg.photos_per_epoch if split == "train" else len(self.photos) * self.GRID**2
-        self.n = min(n, cfg.max_images) if cfg.max_images is not None else n
+        _check_split("photos", split)
+        photos = _load_photos()
+        n = cfg.photos_per_epoch if split == "train" else len(photos) * self.GRID**2
+        super().__init__(photos, n, cfg, split, train)
         kind = "random crops" if split == "train" else f"{self.GRID}x{self.GRID} grid crops"
         self.has_labels, self.dataset_id = True, "skimage-photos"
         self.description = (f"scikit-image photos ({split}, {self.n} {kind} of {len(self.photos)} photos) "
                             f"at {self.res}x{self.res}")
 
-    def __len__(self):
-        return self.n
-
-    def __getitem__(self, i):
-        g = self.item_generator(i)
+    def _box(self, i, g):
         if self.split == "train":
-            p = int(torch.randint(0, len(self.photos), (), generator=g))
+            p, cell = int(torch.randint(0, len(self.photos), (), generator=g)), None
         else:
             p, cell = divmod(i, self.GRID**2)
-        img = self.photos[p]
-        w, h = img.size
+        w, h = self.photos[p].size
         # Half the short side: a real-world object scale (not texture noise), yet many distinct
         # positions per photo, so 8 photos give plenty of different RGB patches for smoke tests.
         # Never below the resolution (no upsampling unless the photo itself is smaller).
         crop = min(max(min(w, h) // 2, self.res), w, h)
+        return (p, *self._corner(w, h, crop, g, cell, self.GRID), crop)
+
+
+# Debian packages with wallpapers: (folder, glob of one wallpaper's files given its name). A Plasma
+# wallpaper ships several resolutions of the same picture; the largest one is used.
+WALLPAPER_PACKAGES = {
+    "plasma-workspace-wallpapers": ("/usr/share/wallpapers", "{}/contents/images/*"),
+    "gnome-backgrounds": ("/usr/share/backgrounds/gnome", "{}.*"),
+}
+# The wallpapers that are photographs, chosen by looking at every one (plasma-workspace-wallpapers
+# 5.27, Debian 12; all LGPL-3 by their metadata.json). The other Plasma wallpapers and all of
+# gnome-backgrounds are rendered or painted art: WALLPAPER_ART.
+WALLPAPER_PHOTOS = ("BytheWater", "ColdRipple", "ColorfulCups", "DarkestHour", "EveningGlow", "FallenLeaf", "Grey",
+                    "Kite", "OneStandsOut", "Path", "summer_1am")
+# data.wallpaper_art adds these to the training split: each design once (Plasma's light
+# `images/` folder, not `images_dark/`; GNOME's light `-l` variant; not GNOME's flat vnc-*).
+WALLPAPER_ART = {
+    "plasma-workspace-wallpapers": (
+        "Altai", "Autumn", "Canopee", "Cascade", "Cluster", "Elarun", "Flow", "FlyingKonqui", "Honeywave", "IceCold",
+        "Kay", "Kokkini", "MilkyWay", "Opal", "PastelHills", "Patak", "SafeLanding", "Shell", "Volna"),
+    "gnome-backgrounds": ("adwaita-l", "grid-l", "licorice-l", "pixels-l", "symbolic-l", "truchet-l", "wood-l"),
+}
+# The test split: whole photographs that training never sees (5 of 19). Chosen to cover the
+# failure cases of issue 20: blue sky (Kite: colour cast), a smooth gradient with reflections
+# (summer_1am: borders on flat images), fine natural texture (OneStandsOut), saturated colours
+# with hard edges (ColorfulCups) and fur (scikit-image's chelsea).
+WALLPAPERS_HELD_OUT = ("Kite", "OneStandsOut", "summer_1am", "ColorfulCups", "chelsea")
+_CAPPED: dict[tuple[str, int], Image.Image] = {}  # (file or skimage:name, max_side) -> downscaled image
+
+
+def _install_hint(packages) -> str:
+    return f"install as root: apt-get install -y {' '.join(packages)}"
+
+
+def _wallpaper_files(package: str, names: tuple[str, ...]) -> dict[str, Path]:
+    """name -> the largest file (by pixels, from its header) of each wallpaper of `package` that is
+    installed; a UserError when none is."""
+    folder, pattern = WALLPAPER_PACKAGES[package]
+    found = {}
+    for name in names:
+        sizes = {}
+        for f in sorted(Path(folder).glob(pattern.format(name))):
+            try:
+                with Image.open(f) as img:  # the header only
+                    sizes[f] = img.width * img.height
+            except OSError as e:  # e.g. GNOME's .xml slide shows: not an image
+                logger.debug("%s: not an image (%s)", f, _first_line(e))
+        if sizes:
+            found[name] = max(sizes, key=sizes.get)
+    if not found:
+        where = "does not exist" if not Path(folder).is_dir() else "holds none of the wallpapers this source uses"
+        raise UserError(f"data.source=wallpapers needs Debian's {package} ({folder} {where}); "
+                        f"{_install_hint(WALLPAPER_PACKAGES)}")
+    if len(found) < len(names):
+        logger.warning("%s: %d of the %d wallpapers used are not installed (%s): another package version; this "
+                       "corpus differs from the documented one", package, len(names) - len(found), len(names),
+                       ", ".join(n for n in names if n not in found))
+    return found
+
+
+def _capped(key: str, max_side: int, load) -> Image.Image:
+    """The image `load()` gives, downscaled (bicubic, antialiased) so its longer side is at most
+    `max_side`; loaded once per process."""
+    if (key, max_side) not in _CAPPED:
+        img = load()
+        scale = max_side / max(img.size)
+        if scale < 1:
+            img = img.resize((round(img.width * scale), round(img.height * scale)), Image.BICUBIC,
+                             reducing_gap=3.0)
+        _CAPPED[key, max_side] = img
+    return _CAPPED[key, max_side]
+
+
+def _decode_wallpaper(path: Path) -> Image.Image:
+    try:
+        return decode_image(str(path))
+    except BadImage as e:
+        raise UserError(f"{path}: cannot be decoded ({e}); reinstall its package "
+                        f"(apt-get install --reinstall)") from None
+
+
+def wallpaper_corpus(split: str, art: bool, max_side: int) -> list[tuple[str, Image.Image]]:
+    """(name, image with its longer side at most max_side) of the wallpapers source's split: the
+    photographs in WALLPAPERS_HELD_OUT for "test", the others (and the art, if `art`) for "train"."""
+    held_out = split == "test"
+    files = _wallpaper_files("plasma-workspace-wallpapers", WALLPAPER_PHOTOS)
+    if art and not held_out:
+        for package, names in WALLPAPER_ART.items():
+            files.update(_wallpaper_files(package, names))
+    corpus = [(name, _capped(str(path), max_side, lambda path=path: _decode_wallpaper(path)))
+              for name, path in files.items() if (name in WALLPAPERS_HELD_OUT) == held_out]
+    photos = _load_photos("wallpapers")
+    corpus += [(name, _capped(f"skimage:{name}", max_side, lambda img=img: img))
+               for name, img in zip(PHOTO_NAMES, photos) if (name in WALLPAPERS_HELD_OUT) == held_out]
+    return corpus
+
+
+class Wallpapers(PhotoCrops):
+    """Crops of an offline corpus of natural photographs: the Debian wallpapers that are
+    photographs (WALLPAPER_PHOTOS, plasma-workspace-wallpapers) and scikit-image's photos.
+
+    Test split: whole images held out of training (WALLPAPERS_HELD_OUT, a fixed list: never a
+    crop of a training image), each cut into a fixed grid of crops at fixed scales. Train split:
+    the other 14 images; with data.wallpaper_art also the rendered and painted wallpapers
+    (WALLPAPER_ART, plasma-workspace-wallpapers and gnome-backgrounds), in training only, so the
+    test split stays the same photographs.
+
+    Each file is decoded once per process and kept downscaled (longer side at most
+    data.max_side); crops come from that copy. A crop's side is drawn log-uniformly between
+    data.resolution and the copy's short side, then resized to the resolution: from the finest
+    detail the copy keeps to the whole scene, every scale equally often (the random-size crops of
+    GoogLeNet's training, arXiv:1409.4842, log-uniform here). The cap sets the finest scale: at
+    1024 a 2560x1600 wallpaper is downscaled at least 2.5x and a 5120x2880 one 5x; it also bounds
+    memory (about 2 MB per image). Images are drawn uniformly, whatever their size. No labels:
+    held-out images share no class with the training ones.
+
+    Licences (README, "Data"): plasma-workspace-wallpapers is GPL-2+ by its Debian copyright file
+    (/usr/share/doc/plasma-workspace-wallpapers/copyright), each photograph LGPL-3 by its
+    metadata.json; gnome-backgrounds (art only) GPL-2+, adwaita* CC BY-SA 3.0 by its copyright
+    file; scikit-image's photos public domain or CC0 by skimage.data's docstrings, except the
+    motorcycle (Middlebury 2014 stereo benchmark; no licence stated).
+    """
+
+    SCALES, GRID = 3, 3  # test split: crops at 3 scales x a 3x3 grid of positions per image
+
+    def __init__(self, cfg: DataConfig, split: str, train: bool):
+        _check_split("wallpapers", split)
+        corpus = wallpaper_corpus(split, cfg.wallpaper_art, cfg.max_side)
+        self.names = [name for name, _ in corpus]
+        n = cfg.photos_per_epoch if split == "train" else len(corpus) * self.SCALES * self.GRID**2
+        super().__init__([img for _, img in corpus], n, cfg, split, train)
+        self.has_labels, self.dataset_id = False, "debian-wallpapers"
+        kind = ("random crops" if split == "train"
+                else f"crops at {self.SCALES} scales x {self.GRID}x{self.GRID} positions")
+        of = f"{len(corpus)} held-out images" if split == "test" else f"{len(corpus)} images"
+        art = ", art included" if cfg.wallpaper_art and split == "train" else ""
+        self.description = (f"Debian wallpaper photographs + scikit-image photos ({split}, {self.n} {kind} of {of}"
+                            f"{art}) at {self.res}x{self.res}")
+
+    def _box(self, i, g):
         if self.split == "train":
-            left, top = (int(torch.randint(0, n - crop + 1, (), generator=g)) for n in (w, h))
-        else:
-            row, col = divmod(cell, self.GRID)
-            left, top = (w - crop) * col // (self.GRID - 1), (h - crop) * row // (self.GRID - 1)
-        patch = img.crop((left, top, left + crop, top + crop))
-        patch = patch.resize((self.res, self.res), Image.BICUBIC, reducing_gap=3.0)
-        return _item(_maybe_flip(pil_to_tensor(patch), self.flip, g), p)
+            p, cell = int(torch.randint(0, len(self.photos), (), generator=g)), None
+            t = float(torch.rand((), generator=g))
+        else:  # image index fastest: any prefix (data.max_images, eval's num_images) covers every image
+            k, p = divmod(i, len(self.photos))
+            scale, cell = divmod(k, self.GRID**2)
+            t = (scale + 0.5) / self.SCALES  # the middles of equal thirds of the train split's log range
+        w, h = self.photos[p].size
+        # log-uniform side: from the finest detail the downscaled copy keeps (data.resolution) to
+        # the whole short side; never below the resolution unless the photo itself is smaller
+        lo, hi = math.log(min(self.res, w, h)), math.log(min(w, h))
+        crop = min(round(math.exp(lo + (hi - lo) * t)), w, h)
+        return (p, *self._corner(w, h, crop, g, cell, self.GRID), crop)
 
 
 def hub_dataset_id(source: str, name: str | None = None) -> str | None:
     """The Hugging Face Hub id of a source's data (for model cards' `datasets:`), or None:
-    the photos and local image folders are on no hub."""
+    the photos, the wallpapers and local image folders are on no hub."""
     return {"fashion-mnist": FASHION_MNIST_HUB, "hub": name}.get(source)
 
 
@@ -574,6 +762,8 @@ def _build(cfg: DataConfig, split: str, train: bool) -> Augmented:
         return _fashion_mnist(cfg, split, train)
     if cfg.source == "photos":
         return Photos(cfg, split, train)
+    if cfg.source == "wallpapers":
+        return Wallpapers(cfg, split, train)
     if cfg.source == "imagefolder":
         if not cfg.path or not Path(cfg.path).is_dir():
             raise UserError(f"data.path {cfg.path}: image folder does not exist")
@@ -586,4 +776,4 @@ def _build(cfg: DataConfig, split: str, train: bool) -> Augmented:
         hint = "; hub datasets need internet (offline, use data.source=imagefolder with a local folder)"
         ds = _load_hf(f"hub dataset '{cfg.name}' split '{split}'", hint, path=cfg.name, split=split)
         return HFImages(ds, cfg, split, train, f"hub dataset {cfg.name}", cfg.name)
-    raise UserError(f"unknown data.source '{cfg.source}' (fashion-mnist, imagefolder, hub, photos)")
+    raise UserError(f"unknown data.source '{cfg.source}' ({', '.join(SOURCES)})")
