@@ -8,12 +8,18 @@ tiny config uses an explicitly RANDOM LPIPS backbone (wiring only, not a metric)
 from __future__ import annotations
 
 import gzip
+import json
+import os
 import struct
+import subprocess
+import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from ldm_vae.autoencoder.config import Config
 from ldm_vae.config import load_config
@@ -95,6 +101,19 @@ def tiny_cache(tmp_path_factory, fake_fashion) -> Path:
     return root / "cache"
 
 
+@pytest.fixture(scope="session")
+def tiny_exports(tmp_path_factory, fake_fashion) -> Path:
+    """ROOT/kl/export and ROOT/vq/export: tiny KL and VQ autoencoders trained for 6 steps (no GAN),
+    shared by test_latents.py and test_evaluate.py (eval --update-card rewrites their model cards)."""
+    from ldm_vae.autoencoder.train import train
+
+    root = tmp_path_factory.mktemp("exports")
+    for name, path in (("kl", TINY_KL), ("vq", TINY_VQ)):
+        train(load_config(path, [f"data.path={fake_fashion}", "train.max_steps=6", "loss.disc_start=100"], Config),
+              root / name)
+    return root
+
+
 @pytest.fixture
 def tiny_ldm_cfg(tiny_cache):
     """tiny_ldm.yaml on the tiny cache; call with extra KEY=VALUE overrides."""
@@ -114,6 +133,74 @@ def _fresh_accelerate_state():
 
     yield
     AcceleratorState._reset_state(reset_partial_state=True)
+
+
+# ==============================================================================================
+# Two-process training: one `accelerate launch` for every two-process test of the session
+# ==============================================================================================
+
+
+@dataclass(frozen=True)
+class TwoProcessJob:
+    """A training run under 2-process CPU DDP (tests/ddp_worker.py). A test names its job with
+    `@pytest.mark.parametrize("two_process_run", [job], indirect=True, ids=...)`; `overrides` may
+    hold {fake_fashion} and {tiny_cache}; `nan` makes the loss NaN on one rank ("RANK:STEP,STEP")."""
+
+    name: str
+    config: Path
+    overrides: tuple[str, ...]
+    trainer: str = "train-vae"
+    nan: str | None = None
+
+
+@dataclass
+class TwoProcessRun:
+    """A finished job: its output folder (summary.json) and each rank's final state."""
+
+    out: Path
+    ranks: list[dict[str, torch.Tensor]]
+
+
+@pytest.fixture(scope="session")
+def _two_process_launch(request, tmp_path_factory, fake_fashion) -> tuple[dict[str, Path], subprocess.CompletedProcess]:
+    """Runs the jobs of every selected test in one 2-process launch (two processes start in
+    about 15 s on 2 cores, longer than a tiny run): each job's output folder, and the launch."""
+    jobs = {}
+    for item in request.session.items:
+        job = getattr(item, "callspec", None) and item.callspec.params.get("two_process_run")
+        if isinstance(job, TwoProcessJob):
+            assert jobs.setdefault(job.name, job) == job, f"two different two-process jobs named {job.name!r}"
+    paths = {"fake_fashion": fake_fashion}
+    if any("{tiny_cache}" in o for job in jobs.values() for o in job.overrides):
+        paths["tiny_cache"] = request.getfixturevalue("tiny_cache")
+    root = tmp_path_factory.mktemp("ddp")
+    outs = {name: root / name for name in jobs}
+    spec = [{"trainer": job.trainer, "config": str(job.config), "output_dir": str(outs[name]),
+             "overrides": [o.format(**paths) for o in job.overrides], "nan": job.nan} for name, job in jobs.items()]
+    (root / "jobs.json").write_text(json.dumps(spec, indent=1))
+    env = dict(os.environ, ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           str(ROOT / "tests" / "ddp_worker.py"), str(root / "jobs.json")]
+    return outs, subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, check=False)
+
+
+@pytest.fixture
+def two_process_run(request, _two_process_launch) -> TwoProcessRun:
+    """This test's job (request.param, a TwoProcessJob) from the shared launch, checked to have
+    run as two processes to the end, with the same state keys on both ranks."""
+    job: TwoProcessJob = request.param
+    outs, proc = _two_process_launch
+    out = outs[job.name]
+    # both ranks saved their state after the job's last step (a later job's failure does not undo that)
+    failure = proc.stderr[max(proc.stderr.find("Traceback"), 0):][:4000]  # the first rank's traceback
+    assert (out / "rank0.safetensors").is_file() and (out / "rank1.safetensors").is_file(), failure
+    summary = json.loads((out / "summary.json").read_text())
+    max_steps = int(next(o.split("=")[1] for o in job.overrides if o.startswith("train.max_steps=")))
+    assert summary["num_processes"] == 2 and summary["steps"] == max_steps
+    ranks = [load_file(out / f"rank{r}.safetensors") for r in (0, 1)]
+    assert ranks[0].keys() == ranks[1].keys()
+    return TwoProcessRun(out, ranks)
 
 
 def fake_hub(monkeypatch, error: Exception | None = None) -> list[tuple[str, str, dict]]:

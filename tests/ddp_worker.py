@@ -1,17 +1,23 @@
-"""Run under `accelerate launch`: train a config, then save this rank's final state.
+"""Run under `accelerate launch`: train each job of a list in turn, saving this rank's final
+state after each.
 
-    ddp_worker.py train-vae|train-ldm CONFIG OUTPUT_DIR [KEY=VALUE ...]
+    ddp_worker.py JOBS.json
 
-Used by the two-process tests. LDM_VAE_TEST_NAN="RANK:STEP,STEP" makes the training loss
-NaN on that rank at those steps (the other ranks stay finite), to check that every rank
-skips the same steps.
+JOBS.json is a list of {"trainer": "train-vae"|"train-ldm", "config": PATH, "output_dir": PATH,
+"overrides": [KEY=VALUE, ...], "nan": null or "RANK:STEP,STEP"}. One launch serves every
+two-process test of a session (tests/conftest.py, `two_process_run`): starting two processes
+costs more than a tiny run. "nan" makes the training loss NaN on that rank at those steps of
+that job (the other ranks stay finite), to check that every rank skips the same steps.
 """
 
+import contextlib
+import json
 import os
 import sys
 from pathlib import Path
 
 import torch
+from accelerate.state import AcceleratorState, GradientState, PartialState
 from diffusers import UNet2DModel
 from safetensors.torch import save_file
 
@@ -22,38 +28,63 @@ from ldm_vae.config import load_config
 from ldm_vae.diffusion.config import LDMConfig
 from ldm_vae.diffusion.train import train_ldm
 
-trainer, config, output_dir, *overrides = sys.argv[1:]
-if os.environ.get("LDM_VAE_TEST_NAN"):
-    rank, steps = os.environ["LDM_VAE_TEST_NAN"].split(":")
+
+@contextlib.contextmanager
+def nan_losses(trainer: str, nan: str | None):
+    """NaN training losses on rank RANK at steps STEP,STEP of this job ("RANK:STEP,STEP"), then
+    the real loss again."""
+    if not nan:
+        yield
+        return
+    rank, steps = nan.split(":")
     nan_steps = {int(s) for s in steps.split(",")}
     mine = os.environ.get("RANK") == rank
     if trainer == "train-vae":
+        owner, name = AutoencoderLoss, "generator"
         original = AutoencoderLoss.generator
 
-        def generator(self, x, recon, latent, step, *args, **kwargs):
+        def patched(self, x, recon, latent, step, *args, **kwargs):
             loss, logs = original(self, x, recon, latent, step, *args, **kwargs)
             return (loss * float("nan") if mine and step in nan_steps else loss), logs
-
-        AutoencoderLoss.generator = generator
     else:  # one training forward per step (no accumulation): count them
-        original_forward, calls = UNet2DModel.forward, [0]
+        owner, name = UNet2DModel, "forward"
+        original, calls = UNet2DModel.forward, [0]
 
-        def forward(self, *args, **kwargs):
-            out = original_forward(self, *args, **kwargs)
+        def patched(self, *args, **kwargs):
+            out = original(self, *args, **kwargs)
             if self.training and torch.is_grad_enabled():
                 if mine and calls[0] in nan_steps:
                     out.sample = out.sample * float("nan")
                 calls[0] += 1
             return out
+    setattr(owner, name, patched)
+    try:
+        yield
+    finally:
+        setattr(owner, name, original)
 
-        UNet2DModel.forward = forward
 
-run, schema = {"train-vae": (train, Config), "train-ldm": (train_ldm, LDMConfig)}[trainer]
-result = run(load_config(config, overrides, schema), output_dir)
-modules = {"ae": result.autoencoder, "disc": result.discriminator, "lecam": result.lecam} \
-    if trainer == "train-vae" else {"unet": result.unet}
-state = {f"{name}.{k}": v.reshape(-1).contiguous() for name, module in modules.items()
-         for k, v in module.state_dict().items()}
-if result.ema is not None:
-    state.update({f"ema.{i}": p.contiguous() for i, p in enumerate(result.ema.shadow_params)})
-save_file(state, str(Path(output_dir) / f"rank{result.process_index}.safetensors"))
+def run_job(trainer: str, config: str, output_dir: str, overrides: list[str], nan: str | None = None) -> None:
+    run, schema = {"train-vae": (train, Config), "train-ldm": (train_ldm, LDMConfig)}[trainer]
+    with nan_losses(trainer, nan):
+        result = run(load_config(config, overrides, schema), output_dir)
+    modules = {"ae": result.autoencoder, "disc": result.discriminator, "lecam": result.lecam} \
+        if trainer == "train-vae" else {"unet": result.unet}
+    state = {f"{name}.{k}": v.reshape(-1).contiguous() for name, module in modules.items()
+             for k, v in module.state_dict().items()}
+    if result.ema is not None:
+        state.update({f"ema.{i}": p.contiguous() for i, p in enumerate(result.ema.shadow_params)})
+    save_file(state, str(Path(output_dir) / f"rank{result.process_index}.safetensors"))
+    # the next job builds its Accelerator from scratch, as a new `ldm-vae` process would
+    # (tests/conftest.py does the same between tests), on the same processes and process group
+    AcceleratorState._reset_state()
+    GradientState._reset_state()
+
+
+# One process group for all the jobs: each run's end_training() would destroy it, and a second
+# init_process_group on the launcher's rendezvous store can read the first group's stale gloo
+# addresses (connection refused). It is destroyed after the last job instead.
+destroy_process_group, PartialState.destroy_process_group = PartialState.destroy_process_group, lambda *_: None
+for job in json.loads(Path(sys.argv[1]).read_text()):
+    run_job(**job)
+destroy_process_group(PartialState())

@@ -23,9 +23,9 @@ from ldm_vae.errors import UserError
 from ldm_vae.evaluation.latent_space import latent_measures
 from ldm_vae.evaluation.report import EvalOptions, run_eval
 
-from .conftest import TINY_DC, TINY_KL
+from .conftest import TINY_DC, TINY_KL, TwoProcessJob
 from .test_resume import STEPS, _assert_same_run
-from .test_train import _offline_hub, _run_two_processes
+from .test_train import _offline_hub
 
 BAD_DC_CONFIGS = {
     "model.block_out_channels=[8,16,48]": "model.block_out_channels.*multiple of 4 that divides 4x",
@@ -156,9 +156,13 @@ def test_resumed_dc_run_ends_bit_identical(dc_run, tmp_path):
     _assert_same_run(out, copy)
 
 
-def test_two_process_dc_training_keeps_ranks_identical(tmp_path, fake_fashion):
-    ranks = _run_two_processes(tmp_path, TINY_DC, [f"data.path={fake_fashion}", "train.max_steps=10",
-                                                   "loss.disc_start=5", "train.checkpoint_every=10"])
+DC_TWO_PROCESSES = TwoProcessJob("dc", TINY_DC, ("data.path={fake_fashion}", "train.max_steps=10",
+                                                 "loss.disc_start=5", "train.checkpoint_every=10"))
+
+
+@pytest.mark.parametrize("two_process_run", [DC_TWO_PROCESSES], indirect=True, ids=["dc"])
+def test_two_process_dc_training_keeps_ranks_identical(two_process_run):
+    ranks = two_process_run.ranks
     assert any(k.startswith("ema.") for k in ranks[0])
     for k in ranks[0]:
         assert torch.equal(ranks[0][k], ranks[1][k]), k

@@ -19,7 +19,6 @@ import yaml
 from torch import nn
 from torchmetrics.image.fid import FrechetInceptionDistance
 
-from ldm_vae.autoencoder.train import train
 from ldm_vae.errors import UserError
 from ldm_vae.evaluation.diagnostics import KLDiagnostics
 from ldm_vae.evaluation.features import FeatureExtractor
@@ -317,17 +316,8 @@ def test_active_units_count_channels_whose_mean_varies():
 
 
 @pytest.fixture(scope="module")
-def exports(tmp_path_factory, fake_fashion):
-    from ldm_vae.autoencoder.config import Config
-    from ldm_vae.config import load_config
-
-    from .conftest import TINY_KL, TINY_VQ
-
-    root = tmp_path_factory.mktemp("eval")
-    for name, path in (("kl", TINY_KL), ("vq", TINY_VQ)):
-        train(load_config(path, [f"data.path={fake_fashion}", "train.max_steps=10", "loss.disc_start=100"], Config),
-              root / name)
-    return root
+def exports(tiny_exports):
+    return tiny_exports
 
 
 def test_iwae_bound_is_tighter_than_the_elbo(exports):
@@ -466,16 +456,19 @@ def test_with_weights_in_the_hub_cache_eval_computes_every_metric(exports, tmp_p
     assert {k: again[k] for k in expected} == {k: m[k] for k in expected}
 
 
-def test_cli_eval_writes_all_files_and_updates_the_cards(exports, tmp_path, fake_fashion):
+def test_cli_eval_writes_all_files_and_updates_the_cards(exports, tmp_path, fake_fashion, monkeypatch):
+    from ldm_vae.cli import main
+
     features = tmp_path / "features"
     env = {**os.environ, "LDM_VAE_CACHE": str(tmp_path / "cache")}
+    monkeypatch.setenv("LDM_VAE_CACHE", env["LDM_VAE_CACHE"])  # for the commands run in this process
 
-    def run(*args):
+    def run(*args):  # the command as users run it: its exit codes, its output
         return subprocess.run([sys.executable, "-m", "ldm_vae", *args], capture_output=True, text=True, env=env)
 
-    proc = run("train-fd-features", "--data", "fashion-mnist", "--data-path", str(fake_fashion), "--resolution", "16",
-               "--steps", "20", "--batch-size", "32", "--name", "shapes", "--out", str(features))
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    # the setup and the last call run in this process (starting python and importing torch costs ~10 s a call)
+    assert main(["train-fd-features", "--data", "fashion-mnist", "--data-path", str(fake_fashion), "--resolution",
+                 "16", "--steps", "20", "--batch-size", "32", "--name", "shapes", "--out", str(features)]) == 0
     assert load_fd_features(features).name == "fd_shapes"
 
     out = tmp_path / "report"
@@ -538,5 +531,5 @@ def test_cli_eval_writes_all_files_and_updates_the_cards(exports, tmp_path, fake
     # a second run replaces the section instead of adding one, and refuses to overwrite the report
     again = run("eval", str(vq), "--out", str(out), "--num-images", "16")
     assert again.returncode == 2 and "--overwrite" in again.stderr
-    assert run("eval", str(vq), "--out", str(out), "--num-images", "16", "--overwrite", "--update-card").returncode == 0
+    assert main(["eval", str(vq), "--out", str(out), "--num-images", "16", "--overwrite", "--update-card"]) == 0
     assert (vq / "README.md").read_text().count("## Evaluation") == 1

@@ -26,9 +26,8 @@ from ldm_vae.config import load_config
 from ldm_vae.data.sources import build_dataset
 from ldm_vae.errors import UserError
 
-from .conftest import TINY_FSQ
+from .conftest import TINY_FSQ, TwoProcessJob
 from .test_resume import _logged, _state
-from .test_train import _run_two_processes
 
 LFQ = ["model.kind=lfq", "model.fsq_levels=null", "model.lfq_bits=5", "quantizer.entropy_weight=0.1"]
 
@@ -204,11 +203,15 @@ def test_resumed_grid_run_ends_bit_identical(grid_run, tmp_path):
     assert _logged(out) == _logged(copy)
 
 
-def test_two_process_lfq_training_keeps_ranks_identical(tmp_path, fake_fashion):
+LFQ_TWO_PROCESSES = TwoProcessJob("lfq", TINY_FSQ, ("data.path={fake_fashion}", *LFQ, "train.max_steps=10",
+                                                   "loss.disc_start=5", "train.checkpoint_every=10"))
+
+
+@pytest.mark.parametrize("two_process_run", [LFQ_TWO_PROCESSES], indirect=True, ids=["lfq"])
+def test_two_process_lfq_training_keeps_ranks_identical(two_process_run):
     """Usage counts are summed over processes, so the quantizer's buffers agree; the weights
     are DDP's (with the entropy term's gradients)."""
-    ranks = _run_two_processes(tmp_path, TINY_FSQ, [f"data.path={fake_fashion}", *LFQ, "train.max_steps=10",
-                                                    "loss.disc_start=5", "train.checkpoint_every=10"])
+    ranks = two_process_run.ranks
     assert ranks[0]["ae.quantizer.last_hit"].max() == 9  # codes were counted up to the last step (from 0)
     for k in ranks[0]:
         assert torch.equal(ranks[0][k], ranks[1][k]), k

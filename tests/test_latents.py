@@ -15,7 +15,6 @@ from torch.utils.data import DataLoader
 
 from ldm_vae.autoencoder.config import Config
 from ldm_vae.autoencoder.models import load_autoencoder
-from ldm_vae.autoencoder.train import train
 from ldm_vae.config import load_config
 from ldm_vae.diffusion import latents
 from ldm_vae.diffusion.latents import (
@@ -27,16 +26,12 @@ from ldm_vae.diffusion.latents import (
 )
 from ldm_vae.errors import UserError
 
-from .conftest import TINY_KL, TINY_VQ
+from .conftest import TINY_KL
 
 
 @pytest.fixture(scope="module")
-def exports(tmp_path_factory, fake_fashion):
-    root = tmp_path_factory.mktemp("latents")
-    for name, path in (("kl", TINY_KL), ("vq", TINY_VQ)):
-        cfg = load_config(path, [f"data.path={fake_fashion}", "train.max_steps=6", "loss.disc_start=100"], Config)
-        train(cfg, root / name)
-    return root
+def exports(tiny_exports):
+    return tiny_exports
 
 
 def _data(fake_fashion, flip=True):

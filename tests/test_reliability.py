@@ -25,8 +25,7 @@ from ldm_vae.errors import UserError
 from ldm_vae.run.checkpoint import EXTRA_FILE, STATE_FILE, checksums, complete_checkpoints
 from ldm_vae.run.lock import LOCK_FILE, _start_time
 
-from .conftest import TINY_KL, TINY_LDM
-from .test_train import _run_two_processes
+from .conftest import TINY_KL, TINY_LDM, TwoProcessJob
 
 
 def _inject_nan(monkeypatch, steps: set[int]) -> None:
@@ -95,17 +94,21 @@ def test_ldm_nan_steps_are_skipped_then_a_run_of_them_stops_training(tiny_ldm_cf
     assert train_ldm(cfg, tmp_path / "stops", resume="latest").summary["steps"] == 30
 
 
-@pytest.mark.parametrize("trainer", ["train-vae", "train-ldm"])
-def test_two_processes_skip_the_same_nan_steps(tmp_path, fake_fashion, tiny_cache, trainer):
-    # NaN on rank 1 only, at steps 4 and 5: both ranks must skip both steps and stay identical
-    config, overrides = {"train-vae": (TINY_KL, [f"data.path={fake_fashion}", "loss.disc_start=3"]),
-                         "train-ldm": (TINY_LDM, [f"latents={tiny_cache}"])}[trainer]
-    r0, r1 = _run_two_processes(tmp_path, config, [*overrides, "train.max_steps=10", "train.batch_size=4"],
-                                trainer, LDM_VAE_TEST_NAN="1:4,5")
+# NaN on rank 1 only, at steps 4 and 5: both ranks must skip both steps and stay identical
+NAN_TWO_PROCESSES = [
+    TwoProcessJob("nan-vae", TINY_KL, ("data.path={fake_fashion}", "loss.disc_start=3", "train.max_steps=10",
+                                       "train.batch_size=4"), "train-vae", nan="1:4,5"),
+    TwoProcessJob("nan-ldm", TINY_LDM, ("latents={tiny_cache}", "train.max_steps=10", "train.batch_size=4"),
+                  "train-ldm", nan="1:4,5")]
+
+
+@pytest.mark.parametrize("two_process_run", NAN_TWO_PROCESSES, indirect=True, ids=["train-vae", "train-ldm"])
+def test_two_processes_skip_the_same_nan_steps(two_process_run):
+    r0, r1 = two_process_run.ranks
     for k in r0:
         assert torch.equal(r0[k], r1[k]), k
         assert torch.isfinite(r0[k].float()).all(), k
-    summary = json.loads((tmp_path / "ddp" / "summary.json").read_text())
+    summary = json.loads((two_process_run.out / "summary.json").read_text())
     assert summary["skipped_steps"] == 2
 
 

@@ -10,16 +10,12 @@ from __future__ import annotations
 import copy
 import json
 import math
-import os
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
 import yaml
 from diffusers import AutoencoderKL
-from safetensors.torch import load_file
 from torch import nn
 
 from ldm_vae.autoencoder.models import build_autoencoder
@@ -29,8 +25,8 @@ from ldm_vae.data.sources import build_dataset
 from ldm_vae.errors import UserError
 
 from .conftest import (
-    ROOT,
     TINY_KL,
+    TwoProcessJob,
     assert_trains_the_same,
     fake_hub,
     files_in,
@@ -131,47 +127,32 @@ def test_refuses_to_overwrite_a_run(trained):
         train(cfg, started)
 
 
-def _run_two_processes(tmp_path, config, overrides: list[str], trainer: str = "train-vae", **env_extra) -> list[dict]:
-    """Train `config` under a 2-process CPU `accelerate launch`; each rank's final state."""
-    out = tmp_path / "ddp"
-    env = dict(os.environ, ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1", **env_extra)
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           str(ROOT / "tests" / "ddp_worker.py"), trainer, str(config), str(out), *overrides]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    # it really ran as two processes, to the end
-    summary = json.loads((out / "summary.json").read_text())
-    max_steps = int(next(o.split("=")[1] for o in overrides if o.startswith("train.max_steps=")))
-    assert summary["num_processes"] == 2 and summary["steps"] == max_steps
-    ranks = [load_file(out / f"rank{r}.safetensors") for r in (0, 1)]
-    assert ranks[0].keys() == ranks[1].keys()
-    return ranks
+KL_TWO_PROCESSES = TwoProcessJob("kl", TINY_KL, (
+    "data.path={fake_fashion}", "train.max_steps=24", "loss.disc_start=12", "loss.lecam_weight=0.1",
+    "train.batch_size=4", "train.grad_accum_steps=2", "train.checkpoint_every=12", "train.image_every=12"))
 
 
-def test_two_process_training_keeps_ranks_identical(tmp_path, fake_fashion):
-    r0, r1 = _run_two_processes(tmp_path, TINY_KL, [
-        f"data.path={fake_fashion}", "train.max_steps=24", "loss.disc_start=12", "loss.lecam_weight=0.1",
-        "train.batch_size=4", "train.grad_accum_steps=2", "train.checkpoint_every=12", "train.image_every=12"])
+@pytest.mark.parametrize("two_process_run", [KL_TWO_PROCESSES], indirect=True, ids=["kl"])
+def test_two_process_training_keeps_ranks_identical(two_process_run):
+    r0, r1 = two_process_run.ranks
     assert {"ema.0", "lecam.real", "lecam.fake"} <= set(r0)
     assert r0["lecam.real"] != 0  # the LeCam EMA was updated (from process-averaged logits)
     for k in r0:
         assert torch.equal(r0[k], r1[k]), k
 
 
-def test_cli_export_refuses_to_overwrite(trained, tmp_path):
-    cfg, out, _ = trained
+def test_cli_export_refuses_to_overwrite(trained, tmp_path, capsys):
+    # in this process, as the tests below (the exit codes of `python -m ldm_vae` itself, 0 and 2
+    # with the same --overwrite refusal, are checked on `eval` in test_evaluate.py)
+    _, out, _ = trained
     dest = tmp_path / "exp"
-
-    def run(*extra):
-        return subprocess.run([sys.executable, "-m", "ldm_vae", "export", str(out), str(dest), *extra],
-                              capture_output=True, text=True)
-
-    assert run().returncode == 0
+    assert main(["export", str(out), str(dest)]) == 0
     AutoencoderKL.from_pretrained(dest)
-    again = run()
-    assert again.returncode == 2 and "--overwrite" in again.stderr and "Traceback" not in again.stderr
-    assert run("--overwrite").returncode == 0
+    capsys.readouterr()
+    assert main(["export", str(out), str(dest)]) == 2  # an unexpected exception would raise here
+    err = capsys.readouterr().err
+    assert "--overwrite" in err and "Traceback" not in err
+    assert main(["export", str(out), str(dest), "--overwrite"]) == 0
 
 
 def test_cli_export_pushes_the_folder_and_its_card_names_the_repo(trained, tmp_path, monkeypatch):

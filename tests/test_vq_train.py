@@ -21,7 +21,7 @@ from ldm_vae.autoencoder.train import train
 from ldm_vae.data.sources import build_dataset
 from ldm_vae.errors import UserError
 
-from .test_train import _run_two_processes
+from .conftest import TINY_VQ, TwoProcessJob
 
 
 @pytest.fixture(scope="module")
@@ -122,17 +122,18 @@ def test_vq_resume_refuses_another_codebook_update_rule(tmp_path, tiny_vq_cfg):
               resume="latest")
 
 
-def test_two_process_vq_training_keeps_the_codebook_identical(tmp_path, fake_fashion):
+# more codes than a few batches can hit, so dead codes are restarted
+VQ_TWO_PROCESSES = TwoProcessJob("vq", TINY_VQ, (
+    "data.path={fake_fashion}", "train.max_steps=20", "loss.disc_start=10", "model.num_vq_embeddings=1024",
+    "quantizer.restart_after_steps=2", "quantizer.entropy_weight=0.01", "quantizer.ema_decay=0.9"))
+
+
+@pytest.mark.parametrize("two_process_run", [VQ_TWO_PROCESSES], indirect=True, ids=["vq"])
+def test_two_process_vq_training_keeps_the_codebook_identical(two_process_run):
     """k-means, usage counts, restarts and the EMA codebook statistics (all-reduced by us)
     under 2-process DDP. (The gradient-mode codebook is a parameter that DDP keeps in step;
     its two-process run is resumed and compared bit for bit in tests/test_resume.py.)"""
-    from .conftest import TINY_VQ
-
-    # more codes than a few batches can hit, so dead codes are restarted
-    extra = ["model.num_vq_embeddings=1024", "quantizer.restart_after_steps=2", "quantizer.entropy_weight=0.01",
-             "quantizer.ema_decay=0.9"]
-    ranks = _run_two_processes(tmp_path, TINY_VQ, [f"data.path={fake_fashion}", "train.max_steps=20",
-                                                   "loss.disc_start=10", *extra])
+    ranks = two_process_run.ranks
     assert ranks[0]["ae.quantizer.last_restart"].max() > 0  # restarts happened
     assert ranks[0]["ae.quantizer.initialized"].item()
     for k in ranks[0]:
