@@ -187,6 +187,12 @@ MFU_MODEL = ["model.block_out_channels=[128,256,512,512]", "model.layers_per_blo
 AE_STEP_WINDOW = 5  # steps per timed window: the trainer logs its throughput once per window
 
 
+def _layout_overrides(args) -> list[str]:
+    """--layout and --resolution as overrides of configs/kl_f4_fashion.yaml."""
+    return [*(MFU_MODEL if args.layout == "sd-vae" else []),
+            *([f"data.resolution={args.resolution}"] if args.resolution else [])]
+
+
 def bench_ae_step(args) -> dict:
     gan, k = args.phase == "gan", AE_STEP_WINDOW
     warmup, repeats = -(-args.warmup // k) * k, max(k, args.repeats // k * k)  # whole windows
@@ -194,9 +200,7 @@ def bench_ae_step(args) -> dict:
     overrides = ["loss.lpips_random_backbone=true", f"loss.disc_start={0 if gan else n + 1}",
                  "loss.disc_pretrain_steps=0", f"train.max_steps={n}", f"train.log_every={k}", f"train.image_every={n}",
                  f"train.checkpoint_every={n}", f"data.max_images={args.images}", "export.scale_num_images=64",
-                 "export.scale_batch_size=64", f"train.mixed_precision={args.precision}",
-                 *(MFU_MODEL if args.layout == "sd-vae" else []),
-                 *([f"data.resolution={args.resolution}"] if args.resolution else []),
+                 "export.scale_batch_size=64", f"train.mixed_precision={args.precision}", *_layout_overrides(args),
                  *([f"train.batch_size={args.batch_size}"] if args.batch_size else []),
                  *([f"data.num_workers={args.workers}"] if args.workers is not None else [])]
     cfg = load_config("kl_f4_fashion", overrides, Config)
@@ -334,12 +338,6 @@ def bench_data_loading(args) -> dict:
     return {"comparison": "data-loading", "data": f"imagefolder of {args.images} JPEGs (512x512, quality 90)",
             "resolution": resolution, "batch_size": 64, "num_workers": 0, "repeats": args.repeats,
             "results": results, "speedup": ratio}
-
-
-def _layout_overrides(args) -> list[str]:
-    """--layout and --resolution as overrides of configs/kl_f4_fashion.yaml."""
-    return [*(MFU_MODEL if args.layout == "sd-vae" else []),
-            *([f"data.resolution={args.resolution}"] if args.resolution else [])]
 
 
 def bench_ldm_cache(args) -> dict:
