@@ -1,7 +1,9 @@
 """Side-by-side benchmarks, each comparison measured in one process: warm-up, repeats, median.
 
     python scripts/bench.py ae-step --repeats 40 [--phase gan|recon] [--compile]
-    python scripts/bench.py ae-mfu  # on a GPU
+    python scripts/bench.py ae-step --layout sd-vae --resolution 256 --precision bf16 --workers 8  # on a GPU
+    python scripts/bench.py ae-mfu [--compile]  # on a GPU
+    python scripts/bench.py codec [--resolutions 256 512 1024] [--compile]
     python scripts/bench.py data-loading --images 1000 --resolution 128 --repeats 3
     python scripts/bench.py ldm-cache [--vae runs/kl/export] [--out reports/bench]
     python scripts/bench.py sampling [--ldm runs/ldm]
@@ -22,6 +24,12 @@ ae-mfu: the same trainer at 256x256, batch 32, bf16 autocast, with SD-VAE's KL-f
 (FlopCounterMode's count of one step's forward and backward passes, times steps/s, over
 the device's dense bf16 peak), eager / channels_last / torch.compile / both. Meant for a
 GPU; on a CPU it runs (use a small --resolution) but has no peak to divide by.
+
+codec: encode and decode images/s of an untrained AutoencoderKL of SD-VAE's KL-f8 layout
+through the stock diffusers calls (`encode(x).latent_dist.mean`, `decode(z).sample`, no_grad)
+at each resolution, the same pixels per call at every size: fp32, bf16 autocast, bf16 with
+channels_last (and compiled, with --compile); with each bf16 decode's relative L2 error
+against the fp32 decode of the same latent. scripts/gpu_bench.sh runs the GPU comparisons.
 
 data-loading: one epoch of an imagefolder of JPEGs (random crops of scikit-image's photos,
 written to a temporary folder) through the training dataset (random crop and flip), with
