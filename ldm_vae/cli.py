@@ -71,8 +71,9 @@ def _eval(args) -> None:
     report = run_eval(args.models, args.out, opts, split=args.split, source=args.data, data_path=args.data_path,
                       data_name=args.data_name, resolution=args.resolution, update_card=args.update_card,
                       overwrite=args.overwrite)
-    print(f"{report['dataset']}, {report['split']} split, {report['num_images']} images\n\n{report['table']}\n")
-    logging.getLogger("ldm_vae").info(f"wrote {args.out}/metrics.json and pictures")
+    if report is not None:  # the main process's (under accelerate launch)
+        print(f"{report['dataset']}, {report['split']} split, {report['num_images']} images\n\n{report['table']}\n")
+        logging.getLogger("ldm_vae").info(f"wrote {args.out}/metrics.json and pictures")
 
 
 def _diffusability(args) -> None:
@@ -113,10 +114,12 @@ def _encode(args) -> None:
     if args.no_flip:
         data.random_flip = False
     device = _device(args)
-    meta = encode_dataset(args.model, data, args.split, args.out, batch_size=args.batch_size, device=device,
-                          overwrite=args.overwrite)
-    logging.getLogger("ldm_vae").info(f"{args.out}: {meta['num_images']} latents {meta['latent_shape']} of "
-                                      f"{meta['dataset']}{' (+ flipped twins)' if meta['flipped'] else ''}")
+    if args.batch_size < 1 or args.shard_size < 1:
+        raise UserError("--batch-size and --shard-size must be at least 1")
+    meta = encode_dataset(args.model, data, args.split, args.out, batch_size=args.batch_size,
+                          shard_size=args.shard_size, device=device, overwrite=args.overwrite)
+    _main_log(f"{args.out}: {meta['num_images']} latents {meta['latent_shape']} of "
+              f"{meta['dataset']}{' (+ flipped twins)' if meta['flipped'] else ''}")
 
 
 def _train_ldm(args) -> None:
@@ -132,12 +135,7 @@ def _train_ldm(args) -> None:
 
 
 def _sample(args) -> None:
-    from .diffusion.sample import (
-        generate,
-        load_pipeline,
-        sample_conditions,
-        write_samples,
-    )
+    from .diffusion.sample import load_pipeline, sample_conditions, write_samples
     from .files import refuse_nonempty
 
     out = Path(args.out)
@@ -148,9 +146,9 @@ def _sample(args) -> None:
     pipe = load_pipeline(args.model, args.solver)
     pipe.to(_device(args))
     labels = sample_conditions(pipe, args.class_label, args.prompt, args.num_images)
-    images = generate(pipe, args.num_images, labels, args.steps, args.guidance_scale, args.seed, args.batch_size)
-    write_samples(images, out, nrow=args.nrow or min(args.num_images, 10))
-    logging.getLogger("ldm_vae").info(f"wrote {len(images)} samples and grid.png to {out}")
+    write_samples(pipe, args.num_images, labels, args.steps, args.guidance_scale, args.seed, args.batch_size, out,
+                  nrow=args.nrow or min(args.num_images, 10))
+    _main_log(f"wrote {args.num_images} samples and grid.png to {out}")
 
 
 def _export_pipeline(args) -> None:
@@ -174,9 +172,21 @@ def _demo(args) -> None:
 
 
 def _device(args) -> str:
+    """--device; else this process's GPU under `accelerate launch` (cuda:LOCAL_RANK), cuda on one
+    process with a GPU, cpu without."""
     import torch
 
-    return args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    from .run.processes import process_state
+
+    return args.device or (str(process_state().device) if torch.cuda.is_available() else "cpu")
+
+
+def _main_log(message: str) -> None:
+    """Log once, from the main process, under `accelerate launch` as without."""
+    from .run.processes import process_state
+
+    if process_state().is_main_process:
+        logging.getLogger("ldm_vae").info(message)
 
 
 def _add_bootstrap_arg(p) -> None:
@@ -195,7 +205,8 @@ def _add_data_args(p, source_default=None) -> None:
                    help="data source" + ("" if source_default else " (default: the model's training data)"))
     p.add_argument("--data-path", help="fashion-mnist idx folder or image folder")
     p.add_argument("--data-name", help="hub dataset name (needs internet)")
-    p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available; under accelerate launch, "
+                                     "each process its own GPU)")
     p.add_argument("--overwrite", action="store_true", help="replace the output if it exists")
 
 
@@ -252,7 +263,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "images: writes OUT/metrics.json, reconstruction grids, error heatmaps, a code "
                                    "usage histogram (VQ), interpolation / prior-sample grids and likelihood bounds "
                                    "(KL), and with several models OUT/comparison.md. Metrics whose weights are "
-                                   "missing are reported as unavailable with the reason.")
+                                   "missing are reported as unavailable with the reason. Under `accelerate launch` "
+                                   "the batches are dealt out to the processes and every metric is the one a single "
+                                   "process computes (the likelihood bounds and pictures stay on the main process).")
     p.add_argument("models", nargs="+", metavar="MODEL_DIR", help="export folder(s), e.g. runs/kl/export")
     p.add_argument("--out", required=True, help="report folder (refused if not empty, unless --overwrite)")
     p.add_argument("--split", default="test")
@@ -308,7 +321,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--guidance-scale", type=float, default=3.0)
     p.add_argument("--update-card", action="store_true", help="add a Diffusability section to each model card")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available; under accelerate launch, "
+                                     "each process its own GPU)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it holds files")
     p.set_defaults(func=_diffusability)
 
@@ -316,12 +330,17 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Encode a dataset split once with an exported autoencoder into safetensors "
                                    "shards (KL: posterior mean and std; VQ: pre-quantization latents; labels; "
                                    "flipped twins when the data flips). Idempotent: a finished cache is reused, "
-                                   "an interrupted one is completed.")
+                                   "an interrupted one is completed. Under `accelerate launch` the shards are dealt "
+                                   "out to the processes; the cache is the one a single process writes.")
     p.add_argument("model", metavar="MODEL_DIR", help="export folder, e.g. runs/kl/export")
     p.add_argument("--out", required=True, help="cache folder, e.g. latents/kl")
     p.add_argument("--split", default="train")
     p.add_argument("--resolution", type=int, help="default: the model's training resolution")
     p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--shard-size", type=int, default=10_000,
+                   help="images per shard file: the unit an interrupted encode resumes from, and the unit of work "
+                        "that `accelerate launch -m ldm_vae encode ...` deals out to its processes (at least one "
+                        "shard per process to use them all)")
     p.add_argument("--no-flip", action="store_true", help="do not store flipped twins")
     _add_data_args(p)
     p.set_defaults(func=_encode)
@@ -339,8 +358,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("sample", help="generate images from a train-ldm run or an exported pipeline",
                        description="Sample with the EMA network of a train-ldm run (newest checkpoint) or an exported "
-                                   "pipeline folder; writes OUT/sample_NNNNN.png and OUT/grid.png. Images depend "
-                                   "on --seed and --batch-size.")
+                                   "pipeline folder; writes OUT/sample_NNNNN.png and OUT/grid.png (the first 100). "
+                                   "Each image's noise has its own seed, from (--seed, its index): an image depends "
+                                   "on those and on its batch (--batch-size), not on the number of processes. "
+                                   "`accelerate launch -m ldm_vae sample ...` splits the batches over processes "
+                                   "(leave --device out: each process takes its own GPU).")
     p.add_argument("model", metavar="RUN_OR_PIPELINE", help="train-ldm run folder or export-pipeline folder")
     p.add_argument("--out", required=True, help="folder for the PNGs (refused if not empty, unless --overwrite)")
     p.add_argument("--num-images", type=int, default=64)
@@ -355,7 +377,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=100)
     p.add_argument("--nrow", type=int, help="images per row of grid.png (default: 10)")
-    p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available; under accelerate launch, "
+                                     "each process its own GPU)")
     p.add_argument("--overwrite", action="store_true", help="write into a non-empty --out")
     p.set_defaults(func=_sample)
 

@@ -32,7 +32,7 @@ from .data.sources import build_dataset
 from .diffusion.config import LDMConfig
 from .diffusion.export import export_pipeline
 from .diffusion.latents import encode_dataset
-from .diffusion.sample import generate, load_run_pipeline
+from .diffusion.sample import generate, image_generators, load_run_pipeline
 from .diffusion.train import train_ldm
 from .evaluation.features import train_fd_features
 from .evaluation.frechet import frechet_result, images01, load_fd_features
@@ -162,7 +162,7 @@ def run_demo(out: Path, quick: bool = False, overwrite: bool = False, data_path:
         stock.set_progress_bar_config(disable=True)
         check_labels = list(range(num_classes))
         theirs = stock(class_labels=check_labels, num_inference_steps=plan.sample_steps,
-                       guidance_scale=plan.guidance_scale, generator=torch.Generator().manual_seed(0),
+                       guidance_scale=plan.guidance_scale, generator=image_generators(0, range(num_classes)),
                        output_type="pt").images
         ours = generate(pipe, num_classes, check_labels, plan.sample_steps, plan.guidance_scale, 0, num_classes,
                         progress=False)
@@ -267,7 +267,9 @@ images = pipe(class_labels=[0, 1, 2], guidance_scale={s['guidance_scale']:g}, nu
               generator=torch.Generator().manual_seed(0)).images
 ```
 
-Stock diffusers vs `ldm-vae sample` for the same seed: max abs difference
+Stock diffusers given the per-image noise of `ldm-vae sample --seed 0`
+(`generator=ldm_vae.diffusion.sample.image_generators(0, range(N))` for N images) vs `ldm-vae sample`: max
+abs difference
 {r['stock_diffusers_max_abs_diff']:.3g}.
 
 Reproduce: `ldm-vae demo{' --quick' if r['quick'] else ''}`; numbers in `report.json`.

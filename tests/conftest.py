@@ -114,6 +114,33 @@ def tiny_exports(tmp_path_factory, fake_fashion) -> Path:
     return root
 
 
+@pytest.fixture(scope="session")
+def tiny_ldm_run(tmp_path_factory, tiny_cache) -> Path:
+    """A tiny class-conditional LDM run (4 steps on tiny_cache), to sample from."""
+    from accelerate.state import AcceleratorState
+
+    from ldm_vae.diffusion.config import LDMConfig
+    from ldm_vae.diffusion.train import train_ldm
+
+    out = tmp_path_factory.mktemp("tiny_ldm") / "run"
+    train_ldm(load_config(TINY_LDM, [f"latents={tiny_cache}", "train.max_steps=4", "train.image_every=4",
+                                     "train.checkpoint_every=4"], LDMConfig), out)
+    AcceleratorState._reset_state(reset_partial_state=True)
+    return out
+
+
+@pytest.fixture(scope="session")
+def fd_features(tmp_path_factory) -> Path:
+    """An untrained (seeded) `--fd-features` extractor folder for 16x16 images: exercises the
+    Fréchet distance wiring; its numbers mean nothing."""
+    from ldm_vae.evaluation.features import FeatureExtractor
+
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp("fd") / "fd"
+    FeatureExtractor("shapes", resolution=16, num_classes=10).save_pretrained(out)
+    return out
+
+
 @pytest.fixture
 def tiny_ldm_cfg(tiny_cache):
     """tiny_ldm.yaml on the tiny cache; call with extra KEY=VALUE overrides."""
@@ -142,15 +169,20 @@ def _fresh_accelerate_state():
 
 @dataclass(frozen=True)
 class TwoProcessJob:
-    """A training run under 2-process CPU DDP (tests/ddp_worker.py). A test names its job with
+    """A training run under 2-process CPU DDP (tests/ddp_worker.py), or (trainer "cli") an
+    `ldm-vae` command line, `overrides` its arguments. A test names its job with
     `@pytest.mark.parametrize("two_process_run", [job], indirect=True, ids=...)`; `overrides` may
-    hold {fake_fashion} and {tiny_cache}; `nan` makes the loss NaN on one rank ("RANK:STEP,STEP")."""
+    hold {fake_fashion}, {tiny_cache}, {tiny_exports}, {tiny_ldm_run}, {fd_features} (session
+    fixtures of those names) and {out} (the job's folder); `nan` makes the loss NaN on one rank
+    ("RANK:STEP,STEP"); `delete` (cli): paths under {out} removed after the command, which then
+    runs again (an interrupted run, resumed)."""
 
     name: str
-    config: Path
+    config: Path | None
     overrides: tuple[str, ...]
     trainer: str = "train-vae"
     nan: str | None = None
+    delete: tuple[str, ...] = ()
 
 
 @dataclass
@@ -171,12 +203,14 @@ def _two_process_launch(request, tmp_path_factory, fake_fashion) -> tuple[dict[s
         if isinstance(job, TwoProcessJob):
             assert jobs.setdefault(job.name, job) == job, f"two different two-process jobs named {job.name!r}"
     paths = {"fake_fashion": fake_fashion}
-    if any("{tiny_cache}" in o for job in jobs.values() for o in job.overrides):
-        paths["tiny_cache"] = request.getfixturevalue("tiny_cache")
+    for name in ("tiny_cache", "tiny_exports", "tiny_ldm_run", "fd_features"):  # built only where used
+        if any(f"{{{name}}}" in o for job in jobs.values() for o in job.overrides):
+            paths[name] = request.getfixturevalue(name)
     root = tmp_path_factory.mktemp("ddp")
     outs = {name: root / name for name in jobs}
     spec = [{"trainer": job.trainer, "config": str(job.config), "output_dir": str(outs[name]),
-             "overrides": [o.format(**paths) for o in job.overrides], "nan": job.nan} for name, job in jobs.items()]
+             "overrides": [o.format(**paths, out=outs[name]) for o in job.overrides], "nan": job.nan,
+             "delete": list(job.delete)} for name, job in jobs.items()]
     (root / "jobs.json").write_text(json.dumps(spec, indent=1))
     env = dict(os.environ, ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
@@ -194,6 +228,10 @@ def two_process_run(request, _two_process_launch) -> TwoProcessRun:
     out = outs[job.name]
     # both ranks saved their state after the job's last step (a later job's failure does not undo that)
     failure = proc.stderr[max(proc.stderr.find("Traceback"), 0):][:4000]  # the first rank's traceback
+    if job.trainer == "cli":  # each rank's exit code
+        assert [(out / f"rank{r}.exit").read_text() if (out / f"rank{r}.exit").is_file() else None
+                for r in (0, 1)] == ["0", "0"], failure
+        return TwoProcessRun(out, [])
     assert (out / "rank0.safetensors").is_file() and (out / "rank1.safetensors").is_file(), failure
     summary = json.loads((out / "summary.json").read_text())
     max_steps = int(next(o.split("=")[1] for o in job.overrides if o.startswith("train.max_steps=")))

@@ -3,8 +3,10 @@ state after each.
 
     ddp_worker.py JOBS.json
 
-JOBS.json is a list of {"trainer": "train-vae"|"train-ldm", "config": PATH, "output_dir": PATH,
-"overrides": [KEY=VALUE, ...], "nan": null or "RANK:STEP,STEP"}. One launch serves every
+JOBS.json is a list of {"trainer": "train-vae"|"train-ldm"|"cli", "config": PATH, "output_dir": PATH,
+"overrides": [KEY=VALUE, ...], "nan": null or "RANK:STEP,STEP", "delete": [PATH, ...]}; a "cli"
+job runs `ldm-vae` with the arguments in "overrides" and writes each rank's exit code, and
+with "delete" removes those paths (under output_dir, on rank 0) and runs the command again. One launch serves every
 two-process test of a session (tests/conftest.py, `two_process_run`): starting two processes
 costs more than a tiny run. "nan" makes the training loss NaN on that rank at those steps of
 that job (the other ranks stay finite), to check that every rank skips the same steps.
@@ -24,9 +26,11 @@ from safetensors.torch import save_file
 from ldm_vae.autoencoder.config import Config
 from ldm_vae.autoencoder.losses import AutoencoderLoss
 from ldm_vae.autoencoder.train import train
+from ldm_vae.cli import main
 from ldm_vae.config import load_config
 from ldm_vae.diffusion.config import LDMConfig
 from ldm_vae.diffusion.train import train_ldm
+from ldm_vae.run.processes import process_state
 
 
 @contextlib.contextmanager
@@ -64,7 +68,30 @@ def nan_losses(trainer: str, nan: str | None):
         setattr(owner, name, original)
 
 
-def run_job(trainer: str, config: str, output_dir: str, overrides: list[str], nan: str | None = None) -> None:
+def run_cli(output_dir: Path, argv: list[str], delete: list[str]) -> None:
+    """`ldm-vae ARGV` on every rank; with `delete`, those files are then removed (as if the run
+    had been interrupted) and it runs again; the identity of the files kept is recorded."""
+    state = process_state()
+    output_dir.mkdir(parents=True, exist_ok=True)
+    code = main(argv)
+    if delete and code == 0:
+        state.wait_for_everyone()
+        if state.is_main_process:
+            for path in delete:
+                (output_dir / path).unlink()
+            kept = {str(f.relative_to(output_dir)): [f.stat().st_ino, f.stat().st_mtime_ns]
+                    for f in sorted(output_dir.rglob("*.safetensors"))}
+            (output_dir / "kept.json").write_text(json.dumps(kept))
+        state.wait_for_everyone()
+        code = main(argv)
+    (output_dir / f"rank{state.process_index}.exit").write_text(str(code))
+
+
+def run_job(trainer: str, config: str, output_dir: str, overrides: list[str], nan: str | None = None,
+            delete: list[str] = ()) -> None:
+    if trainer == "cli":
+        run_cli(Path(output_dir), overrides, delete)
+        return
     run, schema = {"train-vae": (train, Config), "train-ldm": (train_ldm, LDMConfig)}[trainer]
     with nan_losses(trainer, nan):
         result = run(load_config(config, overrides, schema), output_dir)

@@ -20,7 +20,7 @@ from torch import nn
 from torchmetrics.image.fid import FrechetInceptionDistance
 
 from ldm_vae.errors import UserError
-from ldm_vae.evaluation.diagnostics import KLDiagnostics
+from ldm_vae.evaluation.diagnostics import KLDiagnostics, Sums
 from ldm_vae.evaluation.features import FeatureExtractor
 from ldm_vae.evaluation.frechet import (
     INCEPTION_FILE,
@@ -303,13 +303,13 @@ def test_bits_per_dim_of_a_uniform_density_is_8():
 
 
 def test_active_units_count_channels_whose_mean_varies():
-    kl = KLDiagnostics(vae=None)
+    kl, sums = KLDiagnostics(vae=None), Sums()
     for _ in range(4):
         mean = torch.zeros(16, 2, 2, 2)
         mean[:, 0] = torch.randn(16, 1, 1)  # channel 0 carries information, channel 1 is collapsed
         kl.posterior = SimpleNamespace(mean=mean, logvar=torch.zeros_like(mean))
-        kl.observe(mean)
-    s = kl.summary(64)
+        kl.observe(mean, sums)
+    s = kl.summary(64, sums.total)
     assert s["active_units"] == 4 and s["latent_units"] == 8
     assert s["active_units_per_channel"] == [1.0, 0.0]
     assert s["kl_per_channel_nats"][1] == 0.0 and s["kl_per_channel_nats"][0] > 0

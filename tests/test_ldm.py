@@ -22,6 +22,7 @@ from ldm_vae.diffusion.networks import NULL_LABEL, build_unet, noise_schedule
 from ldm_vae.diffusion.pipeline import make_scheduler
 from ldm_vae.diffusion.sample import (
     generate,
+    image_generators,
     load_pipeline,
     run_pipeline,
     sample_labels,
@@ -212,7 +213,7 @@ def test_unconditional_training_and_sampling(tiny_ldm_cfg, tmp_path):
     # the folder is a stock LDMPipeline that generates the same images
     stock = LDMPipeline.from_pretrained(str(tmp_path / "pipe"))
     assert type(stock) is LDMPipeline and stock.vqvae.config.shift_factor == 0
-    theirs = stock(batch_size=3, num_inference_steps=2, generator=torch.Generator().manual_seed(0),
+    theirs = stock(batch_size=3, num_inference_steps=2, generator=image_generators(0, range(3)),
                    output_type="np").images
     torch.testing.assert_close(torch.from_numpy(theirs).permute(0, 3, 1, 2), images, atol=1e-5, rtol=0)
     torch.testing.assert_close(generate(load_pipeline(tmp_path / "pipe"), 3, None, 2, 1.0, 0, 3, progress=False),
@@ -229,7 +230,7 @@ def test_stock_diffusers_generates_the_same_images_as_ldm_vae_sample(ldm_run, ti
     assert not (tmp_path / "pipe" / "pipeline.py").exists() and stock.labels["Dress"] == 3
     labels = [3, 3, 0, 9]
     theirs = stock(class_labels=labels, num_inference_steps=5, guidance_scale=3.0,
-                   generator=torch.Generator().manual_seed(7), output_type="pt").images
+                   generator=image_generators(7, range(4)), output_type="pt").images
     ours = load_pipeline(out)  # built from the run's checkpoint, not from the export
     # the run's autoencoder has its shift folded into its biases on load: equal up to float rounding
     assert json.loads((tiny_cache / "cache.json").read_text())["shift_factor"] != 0
@@ -240,7 +241,7 @@ def test_stock_diffusers_generates_the_same_images_as_ldm_vae_sample(ldm_run, ti
     assert main(["sample", str(out), "--num-images", "4", "--steps", "5", "--seed", "7", "--batch-size", "4",
                  "--out", str(tmp_path / "png"), *[a for c in labels for a in ("--class-label", str(c))]]) == 0
     pil = stock(class_labels=labels, num_inference_steps=5, guidance_scale=3.0,
-                generator=torch.Generator().manual_seed(7)).images
+                generator=image_generators(7, range(4))).images
     for i, image in enumerate(pil):
         written = np.asarray(Image.open(tmp_path / "png" / f"sample_{i:05d}.png"))
         assert np.abs(written.astype(int) - np.asarray(image).astype(int)).max() <= 1  # PNG rounding only
@@ -288,7 +289,7 @@ def test_a_dit_run_exports_as_a_stock_dit_pipeline_that_samples_like_ldm_vae_sam
     assert type(stock) is DiTPipeline and stock.labels["Dress"] == 3 and stock.vae.config.shift_factor == 0
     labels = [3, 3, 0, 9]
     theirs = stock(class_labels=labels, num_inference_steps=5, guidance_scale=3.0,
-                   generator=torch.Generator().manual_seed(7), output_type="pt").images
+                   generator=image_generators(7, range(4)), output_type="pt").images
     for source in (tmp_path / "run", tmp_path / "pipe"):  # ldm-vae's pipeline of the run, and of the folder
         ours = generate(load_pipeline(source), 4, labels, 5, 3.0, 7, 4, progress=False)
         torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)  # the run folds its vae on load: rounding

@@ -13,10 +13,16 @@ import pytest
 import torch
 
 from ldm_vae.diffusion.export import export_pipeline
-from ldm_vae.diffusion.sample import generate, load_pipeline, sample_conditions
+from ldm_vae.diffusion.sample import (
+    generate,
+    image_generators,
+    load_pipeline,
+    sample_conditions,
+)
 from ldm_vae.diffusion.text import CAPTION_TEMPLATES, class_prompt
 from ldm_vae.diffusion.train import train_ldm
 from ldm_vae.errors import UserError
+from ldm_vae.run.processes import derived_seed
 
 TEXT = ("diffusion.conditioning=text", "text.hidden_size=32", "text.num_heads=2", "text.num_layers=1")
 
@@ -48,7 +54,7 @@ def test_text_to_image_trains_and_its_export_is_a_stock_stable_diffusion_pipelin
     assert stock.vae.config.shift_factor == 0  # folded in: the pipeline ignores a shift
     prompts = [class_prompt("Dress"), class_prompt("Dress"), "a picture of a sneaker", class_prompt("Bag")]
     assert prompts[0] == "a photo of a dress"
-    theirs = stock(prompts, num_inference_steps=5, guidance_scale=3.0, generator=torch.Generator().manual_seed(7),
+    theirs = stock(prompts, num_inference_steps=5, guidance_scale=3.0, generator=image_generators(7, range(4)),
                    output_type="pt").images
     for source in (out, tmp_path / "pipe"):  # ldm-vae's pipeline of the run, and of the folder
         pipe = load_pipeline(source)
@@ -66,11 +72,12 @@ import torch
 from diffusers import StableDiffusionPipeline
 pipe = StableDiffusionPipeline.from_pretrained(sys.argv[1])
 image = pipe(["a photo of a dress"], num_inference_steps=5, guidance_scale=3.0,
-             generator=torch.Generator().manual_seed(7), output_type="pt").images
+             generator=torch.Generator().manual_seed(int(sys.argv[3])), output_type="pt").images
 torch.save(image, sys.argv[2])
 """
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path / "pipe"), str(tmp_path / "image.pt")],
+    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path / "pipe"), str(tmp_path / "image.pt"),
+                           str(derived_seed(7, 0))],  # image 0's seed of `ldm-vae sample --seed 7`
                           cwd=tmp_path, env={**env, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True,
                           timeout=300, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -5,7 +5,7 @@ diffusers class (pipeline.py): a class-conditional run (UNet or DiT) as `DiTPipe
 `id2label` the dataset's class names in model_index.json), a text-conditional one as
 `StableDiffusionPipeline` (no safety checker), an unconditional one as `LDMPipeline`. Each
 loads with `from_pretrained(dir)` alone, no code of ours and no `trust_remote_code`, and
-generates the same images for the same seed as `ldm-vae sample` (tested).
+generates the same images as `ldm-vae sample` given the same noise (`sample.image_generators`; tested).
 
 The exported autoencoder has its `shift_factor` folded into its 1x1 convolutions
 (`fold_shift`): stock pipelines (StableDiffusionPipeline, DiTPipeline, ...) decode

@@ -46,6 +46,7 @@ from ..data.config import DataConfig
 from ..data.sources import build_dataset
 from ..errors import UserError
 from ..files import atomic_write_text, disk_full, sha256, write_failed
+from ..run.processes import process_state
 
 CACHE_FILE = "cache.json"
 PARTIAL_FILE = "cache.partial.json"
@@ -64,7 +65,14 @@ def _shard_path(out: Path, i: int) -> Path:
 @torch.no_grad()
 def encode_dataset(model_dir: str | Path, data: DataConfig, split: str, out: str | Path, batch_size: int = 256,
                    shard_size: int = 10_000, device: str = "cpu", overwrite: bool = False) -> dict:
-    """Encode `split` of `data` with the autoencoder in `model_dir` into `out`; returns cache.json's content."""
+    """Encode `split` of `data` with the autoencoder in `model_dir` into `out`; returns cache.json's content.
+
+    Under `accelerate launch` the shards still to write are dealt out to the processes in turn
+    (shard i of the list to process i mod N): a shard's rows, batches and so its bytes are the
+    same whichever process encodes it, so N processes write the cache one process writes (same
+    device type). Every process checks the folder (they all fail alike), the main process alone
+    deletes, and writes cache.json once every shard is on disk."""
+    state = process_state()
     out, model_dir = Path(out), Path(model_dir).resolve()
     vae = load_autoencoder(model_dir).to(device).eval()
     dataset = build_dataset(data, split, train=False)  # centre crops, no random flip: flips are stored
@@ -87,21 +95,25 @@ def encode_dataset(model_dir: str | Path, data: DataConfig, split: str, out: str
     if (out / PARTIAL_FILE).is_file() and json.loads((out / PARTIAL_FILE).read_text()) != key and not overwrite:
         raise UserError(f"{out} holds an unfinished cache of another autoencoder or dataset; choose another --out "
                         f"or pass --overwrite")
-    if overwrite:
-        for f in [*out.glob("shard-*.safetensors"), out / CACHE_FILE, out / PARTIAL_FILE, out / CAPTIONS_FILE]:
-            f.unlink(missing_ok=True)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / PARTIAL_FILE).write_text(json.dumps(key))
-
     num_shards = -(-len(dataset) // shard_size)
+    if state.is_main_process:
+        if overwrite:
+            for f in [*out.glob("shard-*.safetensors"), out / CACHE_FILE, out / PARTIAL_FILE, out / CAPTIONS_FILE]:
+                f.unlink(missing_ok=True)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / PARTIAL_FILE).write_text(json.dumps(key))
+    state.wait_for_everyone()
     todo = [i for i in range(num_shards) if not _shard_path(out, i).is_file()]
-    if dataset.has_captions:
-        caption_index = _write_captions(out, dataset.captions, resumed=len(todo) < num_shards)
-    progress = tqdm(total=len(dataset), initial=(num_shards - len(todo)) * shard_size, desc="encoding latents")
-    for i in todo:
-        rows = range(i * shard_size, min((i + 1) * shard_size, len(dataset)))
+    state.wait_for_everyone()  # every process has listed the shards before any writes one
+    caption_index = _write_captions(out, dataset.captions, resumed=len(todo) < num_shards,
+                                    write=state.is_main_process) if dataset.has_captions else None
+    mine = todo[state.process_index::state.num_processes]
+    progress = tqdm(total=sum(len(_shard_rows(i, shard_size, len(dataset))) for i in mine),
+                    desc="encoding latents" + (f" (process 0 of {state.num_processes})" if state.num_processes > 1
+                                               else ""), disable=not state.is_main_process)
+    for i in mine:
         tensors: dict[str, list[torch.Tensor]] = {}
-        for batch in DataLoader(Subset(dataset, rows), batch_size=batch_size):
+        for batch in DataLoader(Subset(dataset, _shard_rows(i, shard_size, len(dataset))), batch_size=batch_size):
             x = batch["pixel_values"].to(device)
             for suffix, images in (("", x), ("_flipped", x.flip(-1))) if data.random_flip else (("", x),):
                 for name, value in _encode(vae, images).items():
@@ -124,34 +136,46 @@ def encode_dataset(model_dir: str | Path, data: DataConfig, split: str, out: str
             raise
         os.replace(tmp, _shard_path(out, i))
     progress.close()
+    state.wait_for_everyone()  # every shard is on disk
+    if state.is_main_process:
+        _finish(out, meta, num_shards, caption_index)
+    state.wait_for_everyone()
+    return json.loads((out / CACHE_FILE).read_text())
+
+
+def _shard_rows(i: int, shard_size: int, num_images: int) -> range:
+    return range(i * shard_size, min((i + 1) * shard_size, num_images))
+
+
+def _finish(out: Path, meta: dict, num_shards: int, caption_index: dict[str, int] | None) -> None:
+    """Complete `meta` from the shards on disk and write it as cache.json (last: the cache is
+    complete from then on)."""
     first = load_file(str(_shard_path(out, 0)))
     meta["latent_shape"] = list(first["mean" if "mean" in first else "latents"].shape[1:])
-    if dataset.has_labels:
+    if meta["has_labels"]:
         meta["num_classes"] = int(max(int(load_file(str(_shard_path(out, i)))["labels"].max())
                                       for i in range(num_shards))) + 1
     meta["shards"] = [_shard_path(out, i).name for i in range(num_shards)]
     meta["shard_sha256"] = [sha256(_shard_path(out, i)) for i in range(num_shards)]  # checked when read
-    if dataset.has_captions:
+    if meta["has_captions"]:
         meta["captions_file"] = CAPTIONS_FILE
         meta["num_captions"] = len(caption_index)
         meta["captions_sha256"] = sha256(out / CAPTIONS_FILE)  # checked by read_captions
-    tmp = out / f".tmp-{CACHE_FILE}"
-    tmp.write_text(json.dumps(meta, indent=2))
-    os.replace(tmp, out / CACHE_FILE)  # the cache is complete from here on
+    atomic_write_text(out / CACHE_FILE, json.dumps(meta, indent=2))
     (out / PARTIAL_FILE).unlink(missing_ok=True)
-    return meta
 
 
-def _write_captions(out: Path, captions: list[str], resumed: bool) -> dict[str, int]:
-    """Write the distinct captions (in order of first use) to captions.json; each caption's
-    index in it. A resumed run must find the list its finished shards index into."""
+def _write_captions(out: Path, captions: list[str], resumed: bool, write: bool = True) -> dict[str, int]:
+    """Write (where `write`: the main process) the distinct captions (in order of first use) to
+    captions.json; each caption's index in it. A resumed run must find the list its finished
+    shards index into."""
     distinct = list(dict.fromkeys(captions))
     text = json.dumps(distinct, ensure_ascii=False)
     path = out / CAPTIONS_FILE
     if resumed and (not path.is_file() or path.read_text(encoding="utf-8") != text):
         raise UserError(f"{out} holds an unfinished cache whose captions differ from the dataset's now (or whose "
                         f"{CAPTIONS_FILE} is missing); re-encode it with `ldm-vae encode ... --overwrite`")
-    if not resumed:
+    if write and not resumed:
         atomic_write_text(path, text)
     return {c: i for i, c in enumerate(distinct)}
 

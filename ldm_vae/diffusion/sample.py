@@ -8,6 +8,7 @@ training noise schedule; export.py writes the same pipeline as a folder of its s
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
@@ -25,6 +26,13 @@ from ..autoencoder.models import fold_shift, load_autoencoder
 from ..errors import UserError
 from ..files import save_image
 from ..run.checkpoint import find_checkpoint, read_state
+from ..run.processes import (
+    Process,
+    derived_seed,
+    gather_in_order,
+    process_state,
+    this_process,
+)
 from .config import LDMConfig
 from .latents import load_cache_autoencoder
 from .networks import TextConditioned, noise_schedule
@@ -38,6 +46,7 @@ from .pipeline import (
 Pipeline = ClassConditionalPipeline | TextToImagePipeline | UnconditionalPipeline
 
 MODEL_INDEX = "model_index.json"
+GRID_IMAGES = 100  # grid.png: the first 100 samples (10 rows of 10 at the default --nrow)
 RECORD = "ldm_vae.json"  # what export.py records of the run next to the pipeline; for a text model,
 # "class_names" are the classes it has prompts for
 
@@ -177,27 +186,56 @@ def sample_conditions(pipe: Pipeline, class_labels: list[int] | None, prompts: l
     return sample_labels(pipe.num_classes, class_labels, num_images)
 
 
+def image_generators(seed: int, indices: Iterable[int]) -> list[torch.Generator]:
+    """One CPU generator per image, seeded by (seed, the image's index) (`derived_seed`): what a
+    stock diffusers pipeline takes as `generator=` to draw exactly the noise that
+    `ldm-vae sample --seed SEED` draws for those images."""
+    return [torch.Generator().manual_seed(derived_seed(seed, i)) for i in indices]
+
+
 @torch.no_grad()
-def generate(pipe: Pipeline, num_images: int, labels: list[int] | list[str] | None, steps: int,
-             guidance_scale: float, seed: int, batch_size: int, progress: bool = True) -> torch.Tensor:
-    """[N, 3, H, W] images in [0, 1]; `labels`: each image's class label or (text-to-image)
-    prompt. One generator seeded with `seed` draws every batch's noise in turn, so the images
-    depend on (seed, batch_size)."""
-    generator = torch.Generator().manual_seed(seed)
+def generate_batches(pipe: Pipeline, num_images: int, labels: list[int] | list[str] | None, steps: int,
+                     guidance_scale: float, seed: int, batch_size: int, process: Process = (0, 1),
+                     progress: bool = True) -> Iterator[tuple[int, torch.Tensor]]:
+    """(index of the first image, [n, 3, H, W] images in [0, 1]) for batch after batch of
+    images 0..num_images-1. The batches are cut at multiples of `batch_size`, and process
+    (index, count) takes every count-th of them from its index on. Each image's noise comes
+    from its own generator (`image_generators`), so an image is the same whichever process
+    draws it: (seed, its index, its batch) decide it. `labels`: each image's class label or
+    (text-to-image) prompt."""
+    rank, world = process
     pipe.set_progress_bar_config(disable=True)
-    out = []
-    for start in tqdm(range(0, num_images, batch_size), desc="sampling", disable=not progress):
+    starts = range(0, num_images, batch_size)[rank::world]
+    for start in tqdm(starts, desc="sampling", disable=not progress or rank != 0):
         n = min(batch_size, num_images - start)
         batch = labels[start:start + n] if labels is not None else None
         condition = {"prompt": batch} if batch and isinstance(batch[0], str) else {"class_labels": batch}
-        out.append(pipe(**condition, batch_size=n, num_inference_steps=steps, guidance_scale=guidance_scale,
-                        generator=generator, output_type="pt").images.cpu())
-    return torch.cat(out)
+        yield start, pipe(**condition, batch_size=n, num_inference_steps=steps, guidance_scale=guidance_scale,
+                          generator=image_generators(seed, range(start, start + n)), output_type="pt").images.cpu()
 
 
-def write_samples(images: torch.Tensor, out: Path, nrow: int) -> None:
-    """Every image as sample_NNNNN.png, and grid.png."""
+def generate(pipe: Pipeline, num_images: int, labels: list[int] | list[str] | None, steps: int,
+             guidance_scale: float, seed: int, batch_size: int, progress: bool = True) -> torch.Tensor:
+    """All [N, 3, H, W] images in [0, 1], drawn in this process (`generate_batches`)."""
+    return torch.cat([images for _, images in generate_batches(pipe, num_images, labels, steps, guidance_scale,
+                                                               seed, batch_size, progress=progress)])
+
+
+def write_samples(pipe: Pipeline, num_images: int, labels: list[int] | list[str] | None, steps: int,
+                  guidance_scale: float, seed: int, batch_size: int, out: Path, nrow: int) -> None:
+    """`ldm-vae sample`: every image as sample_NNNNN.png, and the first GRID_IMAGES in grid.png.
+    Under `accelerate launch` each process draws and writes its share of the batches
+    (`generate_batches`) and the main process writes the grid: the same files whatever the
+    number of processes."""
+    process = this_process()
     out.mkdir(parents=True, exist_ok=True)
-    for i, image in enumerate(images):
-        save_image(image * 2 - 1, out / f"sample_{i:05d}.png")
-    save_image(images * 2 - 1, out / "grid.png", nrow=nrow)
+    firsts = []
+    for start, images in generate_batches(pipe, num_images, labels, steps, guidance_scale, seed, batch_size, process):
+        for i, image in enumerate(images, start):
+            save_image(image * 2 - 1, out / f"sample_{i:05d}.png")
+        if start < GRID_IMAGES:
+            firsts.append((start, images[:GRID_IMAGES - start]))
+    firsts = gather_in_order(firsts, process)
+    if process[0] == 0:
+        save_image(torch.cat([images for _, images in firsts]) * 2 - 1, out / "grid.png", nrow=nrow)
+    process_state().wait_for_everyone()  # every file is written when any process returns

@@ -24,19 +24,25 @@ from .metrics import bits_per_dim, likelihood_bounds
 ACTIVE_UNIT_THRESHOLD = 0.01  # Burda et al. 2016 (arXiv:1509.00519), sec. 5.2
 
 
+_REDUCE = {"sum": torch.add, "min": torch.minimum, "max": torch.maximum}
+
+
 @dataclass
 class Sums:
-    """float64 running sums (so 10 000s of images do not lose precision) and extremes."""
+    """float64 running sums (so 10 000s of images do not lose precision) and extremes; the
+    partial sums of batches measured apart (by other processes) fold in with `merge`."""
 
     total: dict = field(default_factory=dict)
+    how: dict = field(default_factory=dict)  # key -> "sum", "min" or "max"
 
-    def add(self, key: str, value: torch.Tensor) -> None:
+    def add(self, key: str, value: torch.Tensor, how: str = "sum") -> None:
         value = value.detach().double().cpu()
-        self.total[key] = self.total[key] + value if key in self.total else value.clone()
+        self.total[key] = _REDUCE[how](self.total[key], value) if key in self.total else value.clone()
+        self.how[key] = how
 
-    def extreme(self, key: str, value: torch.Tensor, fn) -> None:
-        value = value.detach().double().cpu()
-        self.total[key] = fn(self.total[key], value) if key in self.total else value.clone()
+    def merge(self, other: Sums) -> None:
+        for key, value in other.total.items():
+            self.add(key, value, other.how[key])
 
 
 class VQDiagnostics:
@@ -44,20 +50,21 @@ class VQDiagnostics:
 
     def __init__(self, vae: VQModel):
         self.vae = vae
-        self.hits = torch.zeros(vae.config.num_vq_embeddings, dtype=torch.long, device=vae.device)
 
     def encode(self, x: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """(latents for the statistics, the decoder's input)."""
         latents = self.vae.encode(x).latents
         return latents, latents
 
-    def observe(self, latents: torch.Tensor) -> None:
-        self.hits += torch.bincount(code_indices(self.vae, latents).flatten(), minlength=len(self.hits))
+    def observe(self, latents: torch.Tensor, sums: Sums) -> None:
+        sums.add("code_hits", torch.bincount(code_indices(self.vae, latents).flatten(),
+                                             minlength=self.vae.config.num_vq_embeddings))
 
-    def finish(self, n: int, dataset, out_dir: Path, generator: torch.Generator, opts) -> dict:
-        save_usage_histogram(self.hits, code_perplexity(self.hits).item(), out_dir / "codebook_usage.png",
+    def finish(self, n: int, totals: dict, dataset, out_dir: Path, generator: torch.Generator, opts) -> dict:
+        hits = totals["code_hits"].long()  # counts, exact in float64 below 2**53
+        save_usage_histogram(hits, code_perplexity(hits).item(), out_dir / "codebook_usage.png",
                              f"codebook hits on {n} images")
-        return code_stats(self.hits)
+        return code_stats(hits)
 
 
 class KLDiagnostics:
@@ -65,14 +72,13 @@ class KLDiagnostics:
     scaling factor is measured; reconstructions: from the posterior mean)."""
 
     def __init__(self, vae: AutoencoderKL):
-        self.vae, self.sums, self.posterior = vae, Sums(), None
+        self.vae, self.posterior = vae, None
 
     def encode(self, x: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         self.posterior = self.vae.encode(x).latent_dist
         return self.posterior.sample(generator=generator), self.posterior.mean
 
-    def observe(self, latents: torch.Tensor) -> None:
-        sums = self.sums
+    def observe(self, latents: torch.Tensor, sums: Sums) -> None:
         mean, logvar = self.posterior.mean.double(), self.posterior.logvar.double()
         kl = 0.5 * (mean.pow(2) + logvar.exp() - 1 - logvar)  # [B, C, H, W]
         sums.add("kl_channel", kl.sum(dim=(2, 3)).sum(0))  # nats per channel, summed over positions
@@ -82,12 +88,13 @@ class KLDiagnostics:
         std = (0.5 * logvar).exp()
         sums.add("std_sum", std.sum(dim=(0, 2, 3)))
         sums.add("std_count", torch.tensor(float(std[:, 0].numel())))
-        sums.extreme("std_min", std.amin(dim=(0, 2, 3)), torch.minimum)
-        sums.extreme("std_max", std.amax(dim=(0, 2, 3)), torch.maximum)
+        sums.add("std_min", std.amin(dim=(0, 2, 3)), "min")
+        sums.add("std_max", std.amax(dim=(0, 2, 3)), "max")
 
-    def summary(self, n: int) -> dict:
-        """KL per channel, active units and posterior std ranges over the `n` images observed."""
-        t = self.sums.total
+    @staticmethod
+    def summary(n: int, t: dict) -> dict:
+        """KL per channel, active units and posterior std ranges over the `n` images observed
+        (t: the totals of `observe`'s sums)."""
         mu_var = (t["mu_sq"] / n - (t["mu_sum"] / n).pow(2)).clamp_min(0)  # [C, H, W]
         active_units = mu_var > ACTIVE_UNIT_THRESHOLD
         summary = {
@@ -103,8 +110,8 @@ class KLDiagnostics:
         }
         return summary
 
-    def finish(self, n: int, dataset, out_dir: Path, generator: torch.Generator, opts) -> dict:
-        return {**self.summary(n), **kl_pictures_and_bounds(self.vae, dataset, out_dir, generator, opts.batch_size,
+    def finish(self, n: int, totals: dict, dataset, out_dir: Path, generator: torch.Generator, opts) -> dict:
+        return {**self.summary(n, totals), **kl_pictures_and_bounds(self.vae, dataset, out_dir, generator, opts.batch_size,
                                                             opts.bound_images, opts.iwae_k, opts.likelihood_sigma)}
 
 
@@ -119,10 +126,10 @@ class DCDiagnostics:
         latent = self.vae.encode(x).latent
         return latent, latent
 
-    def observe(self, latents: torch.Tensor) -> None:
+    def observe(self, latents: torch.Tensor, sums: Sums) -> None:
         pass
 
-    def finish(self, n: int, dataset, out_dir: Path, generator: torch.Generator, opts) -> dict:
+    def finish(self, n: int, totals: dict, dataset, out_dir: Path, generator: torch.Generator, opts) -> dict:
         return {}
 
 

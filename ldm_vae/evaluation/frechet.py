@@ -224,13 +224,16 @@ class ReferenceFeatures:
 
     The file is found by `key` (what defines the images: data settings, split, count; and the
     network's protocol with its weights' sha256). The images themselves are fingerprinted as
-    they stream by (sha256 of their exact uint8 pixels); a cached file whose fingerprint
-    differs (the data changed under the same settings) is recomputed, never used.
+    they stream by (the sha256 of each image's exact uint8 pixels, then the sha256 of those
+    digests in order: the same however the images are batched or split over processes); a
+    cached file whose fingerprint differs (the data changed under the same settings) is
+    recomputed, never used. `add` takes a batch; `observe` and `take` are its two halves, for
+    batches measured on other processes (`observe` there, `take` here, in order).
     """
 
     def __init__(self, metric: Frechet, key: dict, cache_dir: str | Path | None = None):
         self.metric = metric
-        key = {**key, "metric": metric.name, "protocol": metric.protocol}
+        key = {**key, "metric": metric.name, "protocol": metric.protocol, "images_sha256": "per image"}
         digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:32]
         self.path = Path(cache_dir or reference_cache_dir()) / f"{metric.name}-{digest}.safetensors"
         self.key = key
@@ -245,9 +248,18 @@ class ReferenceFeatures:
         self.source = None
 
     def add(self, x01: torch.Tensor) -> None:
-        self._fingerprint.update(exact_uint8(x01).cpu().numpy().tobytes())
-        if self.cached is None:
-            self._parts.append(self.metric.features(x01))
+        self.take(*self.observe(x01))
+
+    def observe(self, x01: torch.Tensor) -> tuple[bytes, torch.Tensor | None]:
+        """A batch's share of `add`: each image's sha256, and its features unless a cached file
+        is there to be checked first."""
+        digests = b"".join(hashlib.sha256(image.tobytes()).digest() for image in exact_uint8(x01).cpu().numpy())
+        return digests, None if self.cached is not None else self.metric.features(x01).cpu()
+
+    def take(self, digests: bytes, features: torch.Tensor | None) -> None:
+        self._fingerprint.update(digests)
+        if features is not None:
+            self._parts.append(features)
 
     def finish(self, again: Callable[[], Iterable[torch.Tensor]]) -> torch.Tensor:
         """The features of every image added; `again` yields the same images once more, for
@@ -259,7 +271,7 @@ class ReferenceFeatures:
                 return self.cached["features"]
             logger.warning("%s: the cached reference features in %s are of other images (the data changed); "
                            "recomputing them", self.metric.name, self.path)
-            self._parts = [self.metric.features(x01) for x01 in again()]
+            self._parts = [self.metric.features(x01).cpu() for x01 in again()]
         features = torch.cat(self._parts)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_name(f".tmp-{os.getpid()}-{self.path.name}")

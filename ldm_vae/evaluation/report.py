@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import BatchSampler, DataLoader, Subset
 from tqdm.auto import tqdm
 
 from ..autoencoder.export import training_data
@@ -39,6 +39,7 @@ from ..files import (
     save_image,
     write_card,
 )
+from ..run.processes import Process, derived_seed, gather_in_order, this_process
 from . import metrics as metrics_module
 from .diagnostics import Sums, diagnostics_for
 from .frechet import ReferenceFeatures, build_fid, frechet_result, load_fd_features
@@ -103,15 +104,21 @@ def build_instruments(opts: EvalOptions) -> Instruments:
     return Instruments(lpips, frechet, unavailable_metrics)
 
 
-def evaluate_model(vae, dataset, opts: EvalOptions, out_dir: Path, tools: Instruments, label: str, images: dict):
+def evaluate_model(vae, dataset, opts: EvalOptions, out_dir: Path | None, tools: Instruments, label: str,
+                   images: dict, process: Process = (0, 1)):
     """(metrics, first originals, their reconstructions) of one model on `dataset`; writes its
     pictures into `out_dir`. `images` says which images `dataset` holds (data settings and
-    split: `images_key`), the key of the cached reference features."""
+    split: `images_key`), the key of the cached reference features.
+
+    Under `accelerate launch` (process: (index, count), run/processes.py) each process measures
+    every count-th batch; the batches' sums and features are gathered and folded in batch
+    order, so every number is the one a single process computes. The main process computes
+    the metrics and writes the pictures; the others return None."""
     device = torch.device(opts.device)
     vae = vae.to(device).eval()
     n = len(dataset) if opts.num_images is None else min(opts.num_images, len(dataset))
-    loader = DataLoader(Subset(dataset, range(n)), batch_size=opts.batch_size)
-    generator = torch.Generator(device=device).manual_seed(opts.seed)
+    batches = list(BatchSampler(range(n), opts.batch_size, drop_last=False))
+    mine = range(process[0], len(batches), process[1])
     kind = diagnostics_for(vae)
 
     size = min(dataset[0]["pixel_values"].shape[-2:])
@@ -122,19 +129,21 @@ def evaluate_model(vae, dataset, opts: EvalOptions, out_dir: Path, tools: Instru
     frechet = [f.to(device) for f in tools.frechet]
     key = {"images": images, "num_images": n}
     references = [ReferenceFeatures(f, key, opts.reference_cache) for f in frechet]
-    fakes = {f.name: [] for f in frechet}
 
-    sums = Sums()
-    t_enc = t_dec = 0.0
-    grid_x = grid_r = None
-    for batch in tqdm(loader, desc=f"eval {label}", leave=False):
+    records = []
+    loader = DataLoader(dataset, batch_sampler=[batches[b] for b in mine])
+    for b, batch in zip(mine, tqdm(loader, desc=f"eval {label}", leave=False, disable=process[0] != 0)):
         x = batch["pixel_values"].to(device)
+        # the posterior samples of batch b, whichever process measures it
+        generator = torch.Generator(device=device).manual_seed(derived_seed(opts.seed, b))
+        sums = Sums()
         t0 = clock(device)
         latents, decoder_input = kind.encode(x, generator)
         t1 = clock(device)
         recon = vae.decode(decoder_input).sample
         t2 = clock(device)
-        t_enc, t_dec = t_enc + t1 - t0, t_dec + t2 - t1
+        sums.add("encode_s", torch.tensor(t1 - t0))
+        sums.add("decode_s", torch.tensor(t2 - t1))
         recon = recon.float().clamp(-1, 1)
         x01, r01 = (x + 1) / 2, (recon + 1) / 2
         sums.add("psnr", psnr(x01, r01).sum())
@@ -144,46 +153,56 @@ def evaluate_model(vae, dataset, opts: EvalOptions, out_dir: Path, tools: Instru
         sums.add("border_error", border_error_sums(x01, r01))
         for net, model in lpips_nets.items():
             sums.add(f"lpips_{net}", model(x, recon).sum())
-        for f, reference in zip(frechet, references):
-            reference.add(x01)
-            fakes[f.name].append(f.features(r01))
         # latent statistics per channel: [B, C, h, w] -> [C, B*h*w]
         lat = latents.double().transpose(0, 1).flatten(1)
         sums.add("lat_sum", lat.sum(1))
         sums.add("lat_sq", lat.pow(2).sum(1))
         sums.add("lat_count", torch.tensor(float(lat.shape[1])))
-        kind.observe(latents)
-        if grid_x is None:
-            grid_x, grid_r = x[:GRID_IMAGES].cpu(), recon[:GRID_IMAGES].cpu()
+        kind.observe(latents, sums)
+        records.append((b, {"sums": sums, "fake": [f.features(r01).cpu() for f in frechet],
+                            "real": [reference.observe(x01) for reference in references],
+                            "grid": (x[:GRID_IMAGES].cpu(), recon[:GRID_IMAGES].cpu()) if b == 0 else None}))
+    records = [record for _, record in gather_in_order(records, process)]
+    if process[0] != 0:
+        return None
 
-    m = {"num_images": n, "psnr_db": sums.total["psnr"].item() / n, "ssim": sums.total["ssim"].item() / n}
+    total = Sums()
+    for record in records:
+        total.merge(record["sums"])
+        for reference, real in zip(references, record["real"]):
+            reference.take(*real)
+    t = total.total
+    m = {"num_images": n, "psnr_db": t["psnr"].item() / n, "ssim": t["ssim"].item() / n}
     for net in lpips_nets:
-        m[f"lpips_{net}"] = sums.total[f"lpips_{net}"].item() / n
-    cast = sums.total["color_cast_255"] / n
+        m[f"lpips_{net}"] = t[f"lpips_{net}"].item() / n
+    cast = t["color_cast_255"] / n
     m.update({f"color_cast_255_{c}": v for c, v in zip("rgb", cast.tolist(), strict=True)})
     m["color_cast_max_255"] = cast.abs().max().item()
     undefined = {}
-    ratio, reason = border_error_ratio(sums.total["border_error"])
+    ratio, reason = border_error_ratio(t["border_error"])
     if ratio is None:
         undefined["border_error_ratio"] = reason
     else:
         m["border_error_ratio"] = ratio
     if frechet:
         m["ci95"], m["frechet_reference"] = {}, {}
-    for f, reference in zip(frechet, references):
-        real = reference.finish(lambda: ((b["pixel_values"].to(device) + 1) / 2 for b in loader))
-        result = frechet_result(real, torch.cat(fakes[f.name]), opts.bootstrap, opts.seed, device)
+    for k, (f, reference) in enumerate(zip(frechet, references)):
+        real = reference.finish(lambda: ((b["pixel_values"].to(device) + 1) / 2 for b in
+                                         DataLoader(Subset(dataset, range(n)), batch_size=opts.batch_size)))
+        result = frechet_result(real, torch.cat([record["fake"][k] for record in records]), opts.bootstrap,
+                                opts.seed, device)
         m[f.name], m["ci95"][f.name] = result["value"], result["ci95"]
         m["frechet_reference"][f.name] = reference.record()
-    count = sums.total["lat_count"]
-    lat_mean = sums.total["lat_sum"] / count
-    lat_std = (sums.total["lat_sq"] / count - lat_mean.pow(2)).clamp_min(0).sqrt()
+    lat_mean = t["lat_sum"] / t["lat_count"]
+    lat_std = (t["lat_sq"] / t["lat_count"] - lat_mean.pow(2)).clamp_min(0).sqrt()
     m["latent_channel_mean"] = lat_mean.tolist()
     m["latent_channel_std"] = lat_std.tolist()
-    m["encode_images_per_s"] = n / t_enc
-    m["decode_images_per_s"] = n / t_dec
+    # per second of encoder (decoder) time, summed over the processes: one process's throughput
+    m["encode_images_per_s"] = n / t["encode_s"].item()
+    m["decode_images_per_s"] = n / t["decode_s"].item()
     m["device"] = device_name(device)
-    m.update(kind.finish(n, dataset, out_dir, generator, opts))
+    m.update(kind.finish(n, t, dataset, out_dir, torch.Generator(device=device).manual_seed(opts.seed), opts))
+    grid_x, grid_r = records[0]["grid"]
     save_heatmaps(grid_x, grid_r, out_dir / "error_heatmap.png")
     save_image(torch.cat([grid_x, grid_r]), out_dir / "reconstructions.png", nrow=len(grid_x))
     m["unavailable"] = {**tools.unavailable, **too_small, **undefined}
@@ -245,21 +264,29 @@ def versions() -> dict:
 
 def run_eval(models: list[str], out: str | Path, opts: EvalOptions, split: str = "test", source: str | None = None,
              data_path: str | None = None, data_name: str | None = None, resolution: int | None = None,
-             update_card: bool = False, overwrite: bool = False) -> dict:
-    """Evaluate `models` on the same images; write metrics.json, pictures and (several models) comparison.md."""
+             update_card: bool = False, overwrite: bool = False) -> dict | None:
+    """Evaluate `models` on the same images; write metrics.json, pictures and (several models)
+    comparison.md. Under `accelerate launch` every process checks the inputs (they all fail
+    alike) and measures its share of the batches (`evaluate_model`); the main process writes
+    the report and returns it, the others return None."""
     out = Path(out)
     if not overwrite:
         refuse_nonempty(out)
     paths, loaded, first, dataset = load_for_comparison(models, split, source, data_path, data_name, resolution)
     tools = build_instruments(opts)
     labels = model_labels(paths)
+    process = this_process()
+    if process[0] != 0:
+        for label, vae in zip(labels, loaded):
+            evaluate_model(vae, dataset, opts, None, tools, label, images_key(first, split), process)
+        return None
     results, rows = [], []
     with atomic_folder(out) as tmp:
         for path, label, vae in zip(paths, labels, loaded):
             folder = tmp / label if len(paths) > 1 else tmp
             folder.mkdir(parents=True, exist_ok=True)
             metrics, originals, recon = evaluate_model(vae, dataset, opts, folder, tools, label,
-                                                       images_key(first, split))
+                                                       images_key(first, split), process)
             results.append({"model": str(path), "label": label, "kind": type(vae).__name__, "metrics": metrics})
             rows.append(recon)
         # the same images for every model: the dataset order is fixed and evaluation starts at 0
