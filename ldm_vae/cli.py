@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -424,6 +425,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# the commands that split their work over the processes of `accelerate launch`
+MANY_PROCESSES = {_train_vae: "train-vae", _train_ldm: "train-ldm", _encode: "encode", _eval: "eval",
+                  _sample: "sample"}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     # KEY=VALUE overrides may also follow the options: argparse leaves those unparsed
@@ -437,6 +443,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("accelerate.checkpointing").setLevel(logging.WARNING)
     logging.getLogger("accelerate.accelerator").setLevel(logging.WARNING)
     try:
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and args.func not in MANY_PROCESSES:
+            raise UserError(f"`ldm-vae {args.command}` runs in one process: run it without `accelerate launch` (the "
+                            f"commands that use many processes: {', '.join(sorted(MANY_PROCESSES.values()))})")
         args.func(args)
     except UserError as e:
         print(f"ldm-vae: error: {e}", file=sys.stderr)

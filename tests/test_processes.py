@@ -99,3 +99,11 @@ def test_an_image_depends_on_its_seed_and_batch_not_on_which_process_draws_it(ti
     assert sorted(shares[0]) == [0, 4] and sorted(shares[1]) == [2]
     assert torch.equal(torch.cat([{**shares[0], **shares[1]}[start] for start in (0, 2, 4)]), whole)
     assert not torch.equal(generate(pipe, 5, labels, 2, 3.0, 12, 2, progress=False), whole)  # the seed matters
+
+
+def test_a_command_that_runs_in_one_process_refuses_accelerate_launch(monkeypatch, tmp_path, capsys):
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as `accelerate launch --num_processes 2` sets it
+    assert main(["export-pipeline", str(tmp_path / "run"), str(tmp_path / "pipe")]) == 2
+    err = capsys.readouterr().err
+    assert "`ldm-vae export-pipeline` runs in one process" in err and "encode, eval, sample" in err
+    assert not (tmp_path / "pipe").exists()

@@ -96,6 +96,7 @@ def encode_dataset(model_dir: str | Path, data: DataConfig, split: str, out: str
         raise UserError(f"{out} holds an unfinished cache of another autoencoder or dataset; choose another --out "
                         f"or pass --overwrite")
     num_shards = -(-len(dataset) // shard_size)
+    state.wait_for_everyone()  # every process has checked the folder (and fails alike) before it changes
     if state.is_main_process:
         if overwrite:
             for f in [*out.glob("shard-*.safetensors"), out / CACHE_FILE, out / PARTIAL_FILE, out / CAPTIONS_FILE]:

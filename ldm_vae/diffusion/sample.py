@@ -228,6 +228,7 @@ def write_samples(pipe: Pipeline, num_images: int, labels: list[int] | list[str]
     (`generate_batches`) and the main process writes the grid: the same files whatever the
     number of processes."""
     process = this_process()
+    process_state().wait_for_everyone()  # every process has checked --out before any writes into it
     out.mkdir(parents=True, exist_ok=True)
     firsts = []
     for start, images in generate_batches(pipe, num_images, labels, steps, guidance_scale, seed, batch_size, process):
