@@ -56,8 +56,9 @@ Both images are saved to OUT for a look at the seams.
 latent-memory: peak resident memory (VmHWM) of a fresh process that builds the
 LatentDataset of a synthetic KL cache (random mean and std of shape 4x8x8, labels, shards
 of 10,000, a valid cache.json with checksums) of each size and draws 200 shuffled batches
-of 128 through a DataLoader as the LDM trainer does; with the time to build (checksums
-included) and per batch (median). Variants: the dataset (rows read per batch with pread), the
+of 128 through a DataLoader with the LDM trainer's sampler (run/trainer.py: the epoch's
+order kept as a tensor); with the time to build (checksums included) and per batch
+(median). Variants: the dataset (rows read per batch with pread), the
 dataset before lazy reads (every shard loaded and concatenated at start), and rows read
 through safetensors' safe_open(...).get_slice (memory mapped). The caches (2 GB at 10^6)
 are written to a temporary folder and deleted afterwards.
@@ -100,6 +101,7 @@ from ldm_vae.diffusion.networks import (
     noise_schedule,  # noqa: E402
 )
 from ldm_vae.files import make_grid, save_image, sha256  # noqa: E402
+from ldm_vae.run.trainer import LazySeedableRandomSampler  # noqa: E402
 
 
 def _device() -> str:
@@ -646,7 +648,7 @@ LATENT_VARIANTS = {"LatentDataset (rows read per batch)": LatentDataset,
 
 def _latent_memory_in_child(cache: str, variant: str) -> dict:
     """In a fresh process: build the dataset, draw LATENT_BATCHES batches as the LDM trainer's
-    loader does (shuffled, whole batches, no workers). Resident memory after the imports, the
+    loader does (its sampler, whole batches, no workers). Resident memory after the imports, the
     peak while building and drawing (VmHWM, reset after the imports, whose transient peak would
     hide the dataset: Linux clear_refs 5), and times. Not ru_maxrss: it survives exec, so a
     spawned child reports at least its parent's peak (here: writing the caches)."""
@@ -655,8 +657,10 @@ def _latent_memory_in_child(cache: str, variant: str) -> dict:
     t0 = time.perf_counter()
     dataset = LATENT_VARIANTS[variant](cache, seed=0)
     built = time.perf_counter() - t0
-    batches = _forever(DataLoader(dataset, batch_size=LATENT_BATCH, shuffle=True, drop_last=True,
-                                  generator=torch.Generator()))
+    # the sampler the trainer's loader holds after prepare (shuffle=True's list of n ints would count too)
+    g = torch.Generator()
+    batches = _forever(DataLoader(dataset, batch_size=LATENT_BATCH, drop_last=True, generator=g,
+                                  sampler=LazySeedableRandomSampler(dataset, generator=g)))
     next(batches)  # warm-up
     times = []
     for _ in range(LATENT_BATCHES):

@@ -17,9 +17,11 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
+from accelerate.data_loader import SeedableRandomSampler
 from safetensors.torch import load_file
 
 from ldm_vae.run.checkpoint import (
@@ -28,7 +30,14 @@ from ldm_vae.run.checkpoint import (
     complete_checkpoints,
     find_checkpoint,
 )
+from ldm_vae.run.config import OptimConfig
 from ldm_vae.run.lock import LOCK_FILE
+from ldm_vae.run.trainer import (
+    LazySeedableRandomSampler,
+    Trainer,
+    make_accelerator,
+    use_lazy_sampler,
+)
 
 from .conftest import ROOT, TINY_KL, TINY_LDM, TINY_VQ
 
@@ -220,3 +229,28 @@ def test_soak_ten_sigkills_some_inside_saves_then_resume_equals_the_uninterrupte
     proc = subprocess.run(_cli(out, trainer, "--resume", "latest"), env=ENV, capture_output=True, text=True)
     assert proc.returncode == 0, "; ".join(events) + proc.stderr[-2000:]
     _assert_same_run(reference, out, "; ".join(events))
+
+
+def test_lazy_sampler_draws_accelerates_order_and_replaces_it_after_prepare(tmp_path):
+    """The trainers' LazySeedableRandomSampler yields the order of Accelerate's
+    SeedableRandomSampler (runs from before it resume identically) and leaves the generator where
+    it did; after prepare the trainers' loader holds it and yields that order."""
+    chunk = LazySeedableRandomSampler.chunk
+    for n, seed, epoch in [(1, 0, 0), (chunk, 3, 1), (2 * chunk + 5, 7, 2)]:
+        old, new = (cls(range(n), generator=torch.Generator(), data_seed=seed)
+                    for cls in (SeedableRandomSampler, LazySeedableRandomSampler))
+        old.set_epoch(epoch)
+        new.set_epoch(epoch)
+        assert list(new) == list(old), (n, seed, epoch)
+        assert new.epoch == old.epoch == epoch + 1
+        assert torch.equal(new.generator.get_state(), old.generator.get_state())
+
+    trainer = Trainer(SimpleNamespace(train=OptimConfig(batch_size=4)), tmp_path)
+    loader = make_accelerator(trainer.tc, tmp_path).prepare(trainer.make_loader(range(10)))
+    use_lazy_sampler(loader)
+    sampler = loader.get_sampler()
+    assert type(sampler) is LazySeedableRandomSampler
+    loader.set_epoch(1)
+    expected = SeedableRandomSampler(range(10), generator=torch.Generator(), data_seed=sampler.initial_seed)
+    expected.set_epoch(1)
+    assert torch.cat(list(loader)).tolist() == list(expected)[:8]  # two whole batches of 4

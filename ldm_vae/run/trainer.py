@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator, DataLoaderConfiguration
+from accelerate.data_loader import SeedableRandomSampler
 from accelerate.logging import get_logger
 from accelerate.tracking import get_available_trackers
 from accelerate.utils import ProjectConfiguration, set_seed
@@ -155,6 +156,7 @@ class Trainer:
         # Same seed on every process for everything built here (weights, sampler seed) ...
         set_seed(cfg.seed)
         self.build()
+        use_lazy_sampler(self.loader)  # the epoch's order as a tensor, not n Python ints
         per_step = tc.batch_size * acc.num_processes
         if len(self.loader) == 0:
             raise UserError(f"{self.describe_data()} has {len(self.dataset)} items, fewer than one batch per process "
@@ -261,7 +263,8 @@ class Trainer:
         self.model.save_pretrained(folder / self.checkpoint_model)
 
     def make_loader(self, dataset, num_workers: int = 0) -> DataLoader:
-        """The training DataLoader: shuffled per epoch by a seedable sampler, whole batches."""
+        """The training DataLoader: shuffled per epoch by a seedable sampler, whole batches
+        (`accelerator.prepare` makes it Accelerate's; `fit` then makes it a LazySeedableRandomSampler)."""
         # A generator of its own: creating an epoch's iterator draws a seed from it, and that
         # draw must not come from the global RNG (it would shift the noise stream on resume).
         return DataLoader(dataset, batch_size=self.tc.batch_size, shuffle=True, drop_last=True,
@@ -326,6 +329,41 @@ def make_accelerator(tc: OptimConfig, output_dir: Path) -> Accelerator:
         # the sampler's order depends only on (seed, epoch): resume can replay it exactly
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
     )
+
+
+class LazySeedableRandomSampler(SeedableRandomSampler):
+    """Accelerate's SeedableRandomSampler (the order set by seed + epoch, the same on every
+    process) that keeps an epoch's permutation as an int64 tensor and hands it out a chunk at a
+    time. torch's `RandomSampler.__iter__` turns the whole permutation into Python ints: about
+    48 MB per 10^6 items against 8 MB, the growth of the LDM trainer's memory with the size of its
+    latent cache (BENCHMARKS.md (f)). The same draws, so the same order as before (tested)."""
+
+    chunk = 4096  # indices turned into Python ints at a time
+
+    def __iter__(self):
+        n = len(self.data_source)
+        if self.replacement or self.num_samples != n or self.generator is None:
+            yield from super().__iter__()  # not what make_loader builds
+            return
+        # what SeedableRandomSampler.__iter__ seeds and RandomSampler.__iter__ draws
+        self.generator.manual_seed(self.initial_seed + self.epoch)
+        order = torch.randperm(n, generator=self.generator)  # (n,) int64
+        for start in range(0, n, self.chunk):
+            yield from order[start:start + self.chunk].tolist()
+        # RandomSampler then draws a permutation that it slices to nothing; draw it too (into the
+        # same memory): the DataLoader draws its next epoch's worker seed from this generator
+        torch.randperm(n, generator=self.generator, out=order)
+        self.set_epoch(self.epoch + 1)
+
+
+def use_lazy_sampler(loader) -> None:
+    """Give a loader from `accelerator.prepare` a LazySeedableRandomSampler in place of its
+    SeedableRandomSampler. Only after prepare: prepare rebuilds every RandomSampler, subclasses
+    included. Under DDP each process holds the same sampler and Accelerate splits its batches."""
+    old = loader.get_sampler()
+    loader.set_sampler(LazySeedableRandomSampler(old.data_source, replacement=old.replacement,
+                                                 num_samples=old._num_samples, generator=old.generator,
+                                                 data_seed=old.initial_seed))
 
 
 def tracker_config(cfg: Any) -> dict:
