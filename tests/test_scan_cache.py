@@ -47,10 +47,10 @@ def decodes(monkeypatch):
     return calls
 
 
-def fresh_build(monkeypatch, cfg: DataConfig, train: bool = True):
+def fresh_build(monkeypatch, cfg: DataConfig, train: bool = True, split: str = "train"):
     """build_dataset as a new process sees it: no in-process memo of earlier scans."""
     monkeypatch.setattr(sources, "_SCANS", {})
-    return build_dataset(cfg, "train", train=train, seed=5)
+    return build_dataset(cfg, split, train=train, seed=5)
 
 
 def items(ds) -> list[dict]:
@@ -171,3 +171,62 @@ def test_hub_dataset_from_the_datasets_cache_is_cached(folder, decodes, monkeypa
     monkeypatch.setattr(datasets, "load_dataset", lambda **kwargs: in_memory)
     decodes.clear()
     assert fresh_build(monkeypatch, cfg).scan_file is None and len(decodes) == 1
+
+
+def test_cached_data_files_give_the_dataset_of_a_plain_load_dataset(tmp_path, monkeypatch, caplog):
+    """An unchanged folder skips datasets' split and file resolution (its data files are read
+    from the scan cache) and gets exactly what load_dataset("imagefolder", data_dir=...) gives:
+    splits, rows in order, labels, class names, bad files, items; and the same arrow cache."""
+    import datasets
+
+    hf_cache = tmp_path / "hf-cache"
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", hf_cache)
+    monkeypatch.setenv("LDM_VAE_CACHE", str(tmp_path / "ldm-vae-cache"))
+    root, rng = tmp_path / "images", np.random.default_rng(1)
+    for split, classes in {"train": ("dog", "cat", "emu"), "test": ("cat", "dog", "emu")}.items():
+        for k, cls in enumerate(classes):
+            (root / split / cls).mkdir(parents=True)
+            for j in range(2 + k):
+                Image.fromarray(rng.integers(0, 256, (9 + j, 11, 3), dtype=np.uint8)).save(root / split / cls / f"{j}.png")
+    data = (root / "train" / "cat" / "0.png").read_bytes()
+    (root / "train" / "emu" / "1.png").write_bytes(data[: len(data) // 2])
+    plain = datasets.load_dataset("imagefolder", data_dir=str(root))
+    assert list(plain) == ["train", "test"]
+
+    def described(ds, split):
+        """What a run gets from a split, and the rows of datasets' own table it reads."""
+        paths = [v["path"] for v in ds.ds["image"]]
+        return (ds.good, ds.labels, ds.class_names, ds.bad, ds.description, paths, ds.ds["label"],
+                [torch.equal(a["pixel_values"], b["pixel_values"]) for a, b in zip(items(ds), expected[split])])
+
+    expected, want = {}, {}
+    for split in plain:  # the dataset built from the plain call, with its own scan cache
+        monkeypatch.setenv("LDM_VAE_CACHE", str(tmp_path / "reference-cache"))
+        monkeypatch.setattr(sources, "_SCANS", {})
+        cfg = cfg_of(root)
+        ref = sources.HFImages(plain[split], cfg, split, True, f"imagefolder {root}", "imagefolder",
+                               sources.folder_key(root))
+        ref.seed = 5
+        expected[split] = items(ref)
+        want[split] = described(ref, split)
+        assert want[split][2] == ["cat", "dog", "emu"] and all(want[split][-1])
+    assert len(want["train"][3]) == 1 and want["test"][3] == []
+    monkeypatch.setenv("LDM_VAE_CACHE", str(tmp_path / "ldm-vae-cache"))
+
+    resolve = datasets.data_files.get_data_patterns
+    for run in ("resolves", "cached", "cached"):
+        if run == "cached":  # no pattern resolution on an unchanged folder
+            monkeypatch.setattr(datasets.data_files, "get_data_patterns", lambda *a, **k: pytest.fail("resolved"))
+        for split in plain:
+            assert described(fresh_build(monkeypatch, cfg_of(root), split=split), split) == want[split]
+        with pytest.raises(UserError, match="no split 'validation' .available: train, test"):
+            fresh_build(monkeypatch, cfg_of(root), split="validation")
+    assert len(list((hf_cache / "imagefolder").iterdir())) == 2  # the plain call's and ours, built once
+
+    listing = [f for f in sources.scan_cache_dir().glob("*.json") if '"of": "data_files"' in f.read_text()]
+    assert len(listing) == 1
+    listing[0].write_text('{"key": ')
+    monkeypatch.setattr(datasets.data_files, "get_data_patterns", resolve)
+    with caplog.at_level(logging.WARNING, logger="ldm_vae.data.sources"):
+        assert described(fresh_build(monkeypatch, cfg_of(root)), "train") == want["train"]
+    assert "listing the folder again" in caplog.text and '"splits"' in listing[0].read_text()  # rewritten

@@ -270,6 +270,12 @@ def folder_digest(root: str | Path) -> str:
     return h.hexdigest()
 
 
+def folder_key(root: str | Path) -> dict:
+    """What identifies an image folder's files in the cache keys: its path as given and as
+    resolved (`bad` lists the files under the given name) and folder_digest."""
+    return {"folder": str(root), "resolved": os.path.realpath(root), "files": folder_digest(root)}
+
+
 def _resized_size(w: int, h: int, res: int) -> tuple[int, int]:
     """(width, height) of an image once its short side is at the resolution (HFImages._resized)."""
     scale = res / min(w, h)
@@ -281,12 +287,40 @@ def _sha256(key: dict | None) -> str | None:
     return None if key is None else hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
 
 
-def _read_scan(path: Path, key: dict) -> Scan | None:
-    """The cached scan at `path`, or None when there is none or it cannot be used (then warned)."""
+def _read_cached(path: Path, key: dict, parse, redo: str):
+    """parse(the dict cached at `path`), or None when there is none or it cannot be used (then
+    warned, saying what is done instead: `redo`)."""
     try:
         d = json.loads(path.read_text())
         if d.get("key") != key:  # a hash collision or a foreign file
             raise ValueError("written for other settings")
+        return parse(d)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:  # truncated, edited, foreign
+        logger.warning("ignoring unreadable image scan cache %s (%s); %s", path, _first_line(e), redo)
+        return None
+
+
+def _write_cached(path: Path, key: dict, payload: dict) -> None:
+    """Temp file + rename: concurrent processes (accelerate launch) never see half a file."""
+    tmp = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".json")
+        with os.fdopen(fd, "w") as f:
+            json.dump({"key": key, **payload}, f)
+        os.replace(tmp, path)
+    except OSError as e:  # a read-only or full cache costs a scan next time, nothing else
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        logger.warning("could not cache the image scan in %s (%s)", path, _first_line(e))
+
+
+def _read_scan(path: Path, key: dict) -> Scan | None:
+    """The cached scan at `path`, or None when there is none or it cannot be used (then warned)."""
+
+    def parse(d: dict) -> Scan:
         scan = Scan([int(i) for i in d["good"]], [int(v) for v in d["labels"]],
                     None if d["captions"] is None else [str(c) for c in d["captions"]],
                     [(str(p), str(r)) for p, r in d["bad"]], [(int(w), int(h)) for w, h in d["sizes"]])
@@ -296,26 +330,8 @@ def _read_scan(path: Path, key: dict) -> Scan | None:
         if not all(0 <= i < key["rows"] for i in scan.good):
             raise ValueError("rows out of range")
         return scan
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:  # truncated, edited, foreign
-        logger.warning("ignoring unreadable image scan cache %s (%s); scanning again", path, _first_line(e))
-        return None
 
-
-def _write_scan(path: Path, key: dict, scan: Scan) -> None:
-    """Temp file + rename: concurrent processes (accelerate launch) never see half a file."""
-    tmp = None
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".json")
-        with os.fdopen(fd, "w") as f:
-            json.dump({"key": key, **vars(scan)}, f)
-        os.replace(tmp, path)
-    except OSError as e:  # a read-only or full cache costs a scan next time, nothing else
-        if tmp is not None:
-            Path(tmp).unlink(missing_ok=True)
-        logger.warning("could not cache the image scan in %s (%s)", path, _first_line(e))
+    return _read_cached(path, key, parse, "scanning again")
 
 
 class HFImages(Augmented):
@@ -327,9 +343,11 @@ class HFImages(Augmented):
     result is cached on disk (scan_cache_dir) for an image folder, keyed by its files' stats,
     and for a hub dataset read from the datasets cache, keyed by its fingerprint: a later run
     decodes nothing up front, and fills the decoded-image prefix as items are first read.
+    `folder`: an image folder's folder_key, taken before it was loaded; None for a hub dataset.
     """
 
-    def __init__(self, ds, cfg: DataConfig, split: str, train: bool, what: str, dataset_id: str):
+    def __init__(self, ds, cfg: DataConfig, split: str, train: bool, what: str, dataset_id: str,
+                 folder: dict | None = None):
         import datasets
 
         if cfg.image_column not in ds.column_names:
@@ -352,7 +370,7 @@ class HFImages(Augmented):
         # our own decoder (decode_image), so a broken file is a counted skip, not a crash
         self.ds = ds.cast_column(cfg.image_column, datasets.Image(decode=False))
         self.cfg, self.train = cfg, train
-        cache_key = self._cache_key(loaded, split, dataset_id)
+        cache_key = self._cache_key(loaded, split, dataset_id, folder)
         self.scan_file = scan_cache_dir() / f"{_sha256(cache_key)}.json" if cache_key else None
         # the train and eval views of a split, and the export after training, share one scan
         key = (what, split, len(self.ds), getattr(self.ds, "_fingerprint", None), _sha256(cache_key),
@@ -363,7 +381,7 @@ class HFImages(Augmented):
             if scan is None:
                 scan, decoded = self._scan(split, dataset_id)
                 if self.scan_file:
-                    _write_scan(self.scan_file, cache_key, scan)
+                    _write_cached(self.scan_file, cache_key, vars(scan))
             else:  # slots of the same prefix the scan would have decoded, filled on first read
                 logger.info("%s (%s): image scan read from %s", what, split, self.scan_file)
                 decoded = [None] * self._prefix_len(scan.sizes)
@@ -381,7 +399,7 @@ class HFImages(Augmented):
                             f"at {cfg.resolution}x{cfg.resolution}")
         self.dataset_id = dataset_id
 
-    def _cache_key(self, loaded, split: str, dataset_id: str) -> dict | None:
+    def _cache_key(self, loaded, split: str, dataset_id: str, folder: dict | None) -> dict | None:
         """What the scan's result depends on, or None where it cannot be told without reading
         the data (a hub dataset held in memory: its fingerprint is random per process).
 
@@ -397,9 +415,8 @@ class HFImages(Augmented):
         import PIL
 
         cfg = self.cfg
-        if cfg.source == "imagefolder":
-            # the path as given and as resolved: `bad` lists the files under the given name
-            files = {"folder": str(cfg.path), "resolved": os.path.realpath(cfg.path), "files": folder_digest(cfg.path)}
+        if folder is not None:
+            files = folder
         elif getattr(loaded, "cache_files", None) and isinstance(getattr(loaded, "_fingerprint", None), str):
             files = {"dataset": dataset_id, "fingerprint": loaded._fingerprint}
         else:
@@ -489,6 +506,49 @@ def _check_caption_column(ds, column: str, dataset_id: str) -> None:
     if not (isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string")):
         raise UserError(f"{dataset_id}: column '{column}' holds {feature}, not caption strings (set "
                         f"data.caption_column; columns: {columns})")
+
+
+def imagefolder_data_files(path: str, folder: dict):
+    """The data files of every split of image folder `path` (its folder_key: `folder`), as
+    load_dataset("imagefolder", data_dir=path) resolves them (datasets' load.py,
+    PackagedDatasetModuleFactory.get_module); read from the scan cache when the folder is unchanged.
+
+    Why cached: datasets infers the splits by globbing 66 patterns over the whole folder through
+    fsspec on every call, about 94% of load_dataset's time on an unchanged folder (BENCHMARKS.md,
+    "Image scan"). The listing depends only on the folder's paths and on the datasets and fsspec
+    versions; given the same data files, the builder infers the same labels and class names.
+    """
+    import datasets
+    import fsspec
+    from datasets.data_files import DataFilesDict, DataFilesList, get_data_patterns
+
+    key = {"version": SCAN_VERSION, "of": "data_files", **folder, "datasets": datasets.__version__,
+           "fsspec": fsspec.__version__}
+    file = scan_cache_dir() / f"{_sha256(key)}.json"
+
+    def parse(d: dict) -> DataFilesDict:
+        out = DataFilesDict()
+        for split, v in d["splits"].items():
+            # origin_metadata (each file's mtime) goes into the builder's config hash, hence its arrow cache
+            files, origin = [str(f) for f in v["files"]], [tuple(str(m) for m in meta) for meta in v["origin"]]
+            if len(files) != len(origin):
+                raise ValueError("lists of different lengths")
+            out[split] = DataFilesList(files, origin)
+        return out
+
+    data_files = _read_cached(file, key, parse, "listing the folder again")
+    if data_files is None:
+        base = Path(path).expanduser().resolve().as_posix()  # as get_module resolves data_dir
+        try:
+            resolved = DataFilesDict.from_patterns(get_data_patterns(base), base_path=base)
+        except (OSError, ValueError) as e:  # e.g. no data files (EmptyDatasetError): load_dataset's message
+            raise UserError(f"could not load image folder {path} ({_first_line(e)})") from None
+        # str split names, as load_dataset's sanitize_patterns makes them: a cached listing then
+        # hashes as this one does, and the second run reuses the first run's arrow cache
+        data_files = DataFilesDict({str(split): files for split, files in resolved.items()})
+        _write_cached(file, key, {"splits": {split: {"files": list(files), "origin": files.origin_metadata}
+                                             for split, files in data_files.items()}})
+    return data_files
 
 
 def _load_hf(what: str, hint: str = "", **kwargs):
@@ -767,11 +827,15 @@ def _build(cfg: DataConfig, split: str, train: bool) -> Augmented:
     if cfg.source == "imagefolder":
         if not cfg.path or not Path(cfg.path).is_dir():
             raise UserError(f"data.path {cfg.path}: image folder does not exist")
+        # taken before loading: a file that changes while it loads misses the cache next time,
+        # rather than being cached under the new fingerprint with its old contents
+        folder = folder_key(cfg.path)
         # All splits, to list them on a typo (a folder without split subfolders has only "train").
-        splits = _load_hf(f"image folder {cfg.path}", path="imagefolder", data_dir=cfg.path)
+        splits = _load_hf(f"image folder {cfg.path}", path="imagefolder",
+                          data_files=imagefolder_data_files(cfg.path, folder))
         if split not in splits:
             raise UserError(f"image folder {cfg.path} has no split '{split}' (available: {', '.join(splits)})")
-        return HFImages(splits[split], cfg, split, train, f"imagefolder {cfg.path}", "imagefolder")
+        return HFImages(splits[split], cfg, split, train, f"imagefolder {cfg.path}", "imagefolder", folder)
     if cfg.source == "hub":
         hint = "; hub datasets need internet (offline, use data.source=imagefolder with a local folder)"
         ds = _load_hf(f"hub dataset '{cfg.name}' split '{split}'", hint, path=cfg.name, split=split)
