@@ -69,12 +69,15 @@ class AutoencoderTrainer(Trainer):
 
     def build(self) -> None:
         cfg, tc, acc = self.cfg, self.tc, self.accelerator
-        self.dataset = build_dataset(cfg.data, cfg.data.train_split, train=True, seed=cfg.seed)
+        # the main process first: it downloads (hub) and scans the images once and caches the
+        # result, which the other processes then read instead of decoding every file again
+        with acc.main_process_first():
+            self.dataset = build_dataset(cfg.data, cfg.data.train_split, train=True, seed=cfg.seed)
+            try:
+                preview_ds = build_dataset(cfg.data, cfg.data.test_split, train=False)
+            except UserError:  # a source without a test split: preview training images instead
+                preview_ds = build_dataset(cfg.data, cfg.data.train_split, train=False)
         self.bad_images = getattr(self.dataset, "bad", [])  # (file, reason) skipped by imagefolder/hub sources
-        try:
-            preview_ds = build_dataset(cfg.data, cfg.data.test_split, train=False)
-        except UserError:  # a source without a test split: preview training images instead
-            preview_ds = build_dataset(cfg.data, cfg.data.train_split, train=False)
         self.preview_images = torch.stack([preview_ds[i]["pixel_values"] for i in range(min(8, len(preview_ds)))])
 
         ae = build_training_model(cfg)

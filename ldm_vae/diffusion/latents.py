@@ -75,7 +75,8 @@ def encode_dataset(model_dir: str | Path, data: DataConfig, split: str, out: str
     state = process_state()
     out, model_dir = Path(out), Path(model_dir).resolve()
     vae = load_autoencoder(model_dir).to(device).eval()
-    dataset = build_dataset(data, split, train=False)  # centre crops, no random flip: flips are stored
+    with state.main_process_first():  # one scan of the images, then the others read its cache
+        dataset = build_dataset(data, split, train=False)  # centre crops, no random flip: flips are stored
     meta = {
         "autoencoder": str(model_dir), "fingerprint": fingerprint(model_dir), "kind": type(vae).__name__,
         "scaling_factor": vae.config.scaling_factor, "shift_factor": getattr(vae.config, "shift_factor", None),

@@ -39,7 +39,13 @@ from ..files import (
     save_image,
     write_card,
 )
-from ..run.processes import Process, derived_seed, gather_in_order, this_process
+from ..run.processes import (
+    Process,
+    derived_seed,
+    gather_in_order,
+    process_state,
+    this_process,
+)
 from . import metrics as metrics_module
 from .diagnostics import Sums, diagnostics_for
 from .frechet import ReferenceFeatures, build_fid, frechet_result, load_fd_features
@@ -272,7 +278,8 @@ def run_eval(models: list[str], out: str | Path, opts: EvalOptions, split: str =
     out = Path(out)
     if not overwrite:
         refuse_nonempty(out)
-    paths, loaded, first, dataset = load_for_comparison(models, split, source, data_path, data_name, resolution)
+    with process_state().main_process_first():  # one scan of the images, then the others read its cache
+        paths, loaded, first, dataset = load_for_comparison(models, split, source, data_path, data_name, resolution)
     tools = build_instruments(opts)
     labels = model_labels(paths)
     process = this_process()
