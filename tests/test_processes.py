@@ -6,6 +6,7 @@ process, as one process."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 
 import numpy as np
@@ -39,12 +40,25 @@ def _args(args: tuple[str, ...], **paths) -> list[str]:
     return [a.format(**paths) for a in args]
 
 
+@contextlib.contextmanager
+def one_thread():
+    """As the launched processes run (OMP_NUM_THREADS=1): on a CPU the float results of a
+    convolution depend on the number of threads that reduce it (oneDNN), not on the processes."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.mark.parametrize("two_process_run", [ENCODE], indirect=True, ids=["encode"])
 def test_two_processes_encode_and_resume_the_cache_one_process_writes(two_process_run, tiny_exports, fake_fashion,
                                                                       tmp_path):
     ours = two_process_run.out / "cache"
-    assert main([*_args(ENCODE_ARGS, tiny_exports=tiny_exports, fake_fashion=fake_fashion),
-                 "--out", str(tmp_path / "cache")]) == 0
+    with one_thread():
+        assert main([*_args(ENCODE_ARGS, tiny_exports=tiny_exports, fake_fashion=fake_fashion),
+                     "--out", str(tmp_path / "cache")]) == 0
     meta, single = (json.loads((d / "cache.json").read_text()) for d in (ours, tmp_path / "cache"))
     assert meta == single and len(meta["shards"]) == 4
     for name in meta["shards"]:  # byte for byte
@@ -64,8 +78,9 @@ def test_two_processes_evaluate_to_the_metrics_of_one(two_process_run, tiny_expo
                                                       tmp_path, monkeypatch):
     # a reference cache of its own: the real images' features are computed here too, not read back
     monkeypatch.setenv("LDM_VAE_CACHE", str(tmp_path / "reference-cache"))
-    assert main([*_args(EVAL_ARGS, tiny_exports=tiny_exports, fake_fashion=fake_fashion, fd_features=fd_features),
-                 "--out", str(tmp_path / "eval")]) == 0
+    with one_thread():
+        assert main([*_args(EVAL_ARGS, tiny_exports=tiny_exports, fake_fashion=fake_fashion, fd_features=fd_features),
+                     "--out", str(tmp_path / "eval")]) == 0
     two, one = (json.loads((d / "metrics.json").read_text()) for d in (two_process_run.out / "eval", tmp_path / "eval"))
     assert len(two["results"]) == len(one["results"]) == 2
     for a, b in zip(two["results"], one["results"], strict=True):
@@ -83,7 +98,8 @@ def test_two_processes_evaluate_to_the_metrics_of_one(two_process_run, tiny_expo
 
 @pytest.mark.parametrize("two_process_run", [SAMPLE], indirect=True, ids=["sample"])
 def test_two_processes_sample_the_images_of_one(two_process_run, tiny_ldm_run, tmp_path):
-    assert main([*_args(SAMPLE_ARGS, tiny_ldm_run=tiny_ldm_run), "--out", str(tmp_path / "samples")]) == 0
+    with one_thread():
+        assert main([*_args(SAMPLE_ARGS, tiny_ldm_run=tiny_ldm_run), "--out", str(tmp_path / "samples")]) == 0
     names = [f"sample_{i:05d}.png" for i in range(7)] + ["grid.png"]
     assert sorted(p.name for p in (two_process_run.out / "samples").iterdir()) == sorted(names)
     for name in names:

@@ -70,7 +70,7 @@ def encode_dataset(model_dir: str | Path, data: DataConfig, split: str, out: str
     Under `accelerate launch` the shards still to write are dealt out to the processes in turn
     (shard i of the list to process i mod N): a shard's rows, batches and so its bytes are the
     same whichever process encodes it, so N processes write the cache one process writes (same
-    device type). Every process checks the folder (they all fail alike), the main process alone
+    device type and threads per process). Every process checks the folder (they all fail alike), the main process alone
     deletes, and writes cache.json once every shard is on disk."""
     state = process_state()
     out, model_dir = Path(out), Path(model_dir).resolve()

@@ -6,7 +6,8 @@ cache, a batch of images to evaluate or to sample, cut at multiples of the batch
 Process r of N takes units r, r + N, r + 2N, ...; a unit's randomness comes from a seed
 derived from (seed, its index) (`derived_seed`), and results are gathered and put back in
 unit order (`gather_in_order`) before anything is summed. So one process and N processes
-compute every unit identically (on the same device type) and fold them in the same order.
+compute every unit identically (on the same device type and, on a CPU, with the same number
+of threads per process, which decides how oneDNN reduces floats) and fold them in the same order.
 """
 
 from __future__ import annotations
