@@ -207,7 +207,7 @@ def _add_data_args(p, source_default=None) -> None:
     p.add_argument("--data-path", help="fashion-mnist idx folder or image folder")
     p.add_argument("--data-name", help="hub dataset name (needs internet)")
     p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available; under accelerate launch, "
-                                     "each process its own GPU)")
+                                     "each process its own GPU, in the commands that run there)")
     p.add_argument("--overwrite", action="store_true", help="replace the output if it exists")
 
 
@@ -323,7 +323,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--update-card", action="store_true", help="add a Diffusability section to each model card")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available; under accelerate launch, "
-                                     "each process its own GPU)")
+                                     "each process its own GPU, in the commands that run there)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it holds files")
     p.set_defaults(func=_diffusability)
 
@@ -379,7 +379,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=100)
     p.add_argument("--nrow", type=int, help="images per row of grid.png (default: 10)")
     p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available; under accelerate launch, "
-                                     "each process its own GPU)")
+                                     "each process its own GPU, in the commands that run there)")
     p.add_argument("--overwrite", action="store_true", help="write into a non-empty --out")
     p.set_defaults(func=_sample)
 
