@@ -278,7 +278,7 @@ def test_hub_wraps_loaded_dataset(monkeypatch):
     monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: calls.append((a, k)) or fake)
     cfg = DataConfig(source="hub", name="someone/pics", image_column="img", label_column="caption", resolution=8)
     ds = build_dataset(cfg, "validation", train=True)
-    assert calls[0][1] == {"path": "someone/pics", "split": "validation"}
+    assert calls[0][1] == {"path": "someone/pics", "split": "validation", "streaming": False}
     assert ds.dataset_id == "someone/pics" and not ds.has_labels and "someone/pics" in ds.description
     item = ds[0]
     assert item["pixel_values"].shape == (3, 8, 8) and item["label"].item() == -1

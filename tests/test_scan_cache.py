@@ -97,6 +97,48 @@ def test_second_build_reads_the_cache_and_decodes_nothing_up_front(folder, decod
         assert same_items(items(cached), items(scanned))
 
 
+def test_a_parallel_scan_finds_what_one_process_finds(folder, monkeypatch):
+    """data.num_workers scans in DataLoader workers: the same rows, labels, sizes, bad files and
+    decoded prefix, in the same order, as the scan in the main process; the same cache file."""
+    monkeypatch.setattr(sources, "SCAN_BATCH", 2)  # 6 rows: 3 tasks for 2 workers
+    for k, budget in enumerate((2048, 3 * 8 * 12 / 2**20)):  # all decoded; the first image only
+        runs = []
+        for workers in (0, 2):
+            monkeypatch.setenv("LDM_VAE_CACHE", str(folder.parent / f"cache-{workers}-{k}"))
+            ds = fresh_build(monkeypatch, cfg_of(folder, num_workers=workers, decoded_cache_mb=budget), train=False)
+            runs.append((ds, json.loads(ds.scan_file.read_text())))
+        (one, one_file), (two, two_file) = runs
+        assert two_file == one_file and [p.split("/")[-1] for p, _ in two.bad] == ["broken.png"]
+        assert (two.good, two.labels, two.description) == (one.good, one.labels, one.description)
+        assert len(two.decoded) == len(one.decoded) == (5 if k == 0 else 1)
+        assert all(torch.equal(a, b) for a, b in zip(one.decoded, two.decoded))
+        assert same_items(items(two), items(one))
+
+
+def test_a_prefix_slot_behind_bad_rows_is_filled_on_first_read(tmp_path, monkeypatch):
+    """The scan resizes row i only if i could be in the decoded prefix with no bad row before it
+    (i * the smallest resized image fits data.decoded_cache_mb); bad rows push usable ones past
+    that bound, and their slots are None until first read, with the same items."""
+    import datasets
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf-cache")
+    monkeypatch.setenv("LDM_VAE_CACHE", str(tmp_path / "ldm-vae-cache"))
+    root = tmp_path / "images" / "a"
+    root.mkdir(parents=True)
+    (root / "0.png").write_bytes(b"not an image")
+    (root / "1.png").write_bytes(b"")
+    rng = np.random.default_rng(0)
+    for k in range(2, 5):  # 8x8: each exactly the smallest resized image at resolution 8
+        Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(root / f"{k}.png")
+    cfg = cfg_of(root.parent, decoded_cache_mb=3 * 3 * 8 * 8 / 2**20, max_bad_fraction=0.5)  # room for 3
+    ds = fresh_build(monkeypatch, cfg, train=False)
+    assert ds.good == [2, 3, 4] and len(ds.decoded) == 3
+    assert ds.decoded[0] is not None and ds.decoded[1] is not None and ds.decoded[2] is None  # row 4 >= 4
+    monkeypatch.setenv("LDM_VAE_CACHE", str(tmp_path / "no-prefix"))
+    plain = fresh_build(monkeypatch, cfg_of(root.parent, decoded_cache_mb=0, max_bad_fraction=0.5), train=False)
+    assert same_items(items(ds), items(plain)) and ds.decoded[2] is not None
+
+
 @pytest.mark.parametrize("change", ["add", "remove", "rewrite"])
 def test_a_changed_folder_is_scanned_again(folder, decodes, monkeypatch, change):
     cfg = cfg_of(folder)

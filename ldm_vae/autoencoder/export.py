@@ -19,12 +19,12 @@ from pathlib import Path
 import torch
 from diffusers import AutoencoderDC, AutoencoderKL, VQModel
 from huggingface_hub import ModelCard, ModelCardData
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader, IterableDataset, Subset
 from tqdm.auto import tqdm
 
 from .. import config as config_lib
 from ..data.config import SOURCE_KEYS, DataConfig
-from ..data.sources import build_dataset, hub_dataset_id
+from ..data.sources import build_dataset, first_items, hub_dataset_id
 from ..errors import UserError
 from ..files import atomic_folder, refuse_nonempty, render_card
 from ..run.checkpoint import find_checkpoint, read_state
@@ -52,10 +52,15 @@ def measure_latent_stats(vae: AutoencoderKL | VQModel | AutoencoderDC, dataset, 
     (1/std for KL, whose mean is subtracted as `shift_factor`; 1/RMS for a VQModel or an
     AutoencoderDC, which have no shift) and, for a VQModel, which share of its codebook those
     images use."""
-    n = min(cfg.export.scale_num_images, len(dataset))
-    # evenly spaced over the split, so no single class or shard dominates
-    indices = torch.linspace(0, len(dataset) - 1, n).round().long().unique().tolist()
-    loader = DataLoader(Subset(dataset, indices), batch_size=cfg.export.scale_batch_size)
+    if isinstance(dataset, IterableDataset):
+        # a stream has no index: its first images, in the split's order (train=False does not shuffle)
+        images = first_items(dataset, cfg.export.scale_num_images)
+    else:
+        n = min(cfg.export.scale_num_images, len(dataset))
+        # evenly spaced over the split, so no single class or shard dominates
+        indices = torch.linspace(0, len(dataset) - 1, n).round().long().unique().tolist()
+        images = Subset(dataset, indices)
+    loader = DataLoader(images, batch_size=cfg.export.scale_batch_size)
     generator = torch.Generator(device=device).manual_seed(seed)
     total, total_sq, count = 0.0, 0.0, 0
     is_vq = isinstance(vae, VQModel)
@@ -80,7 +85,7 @@ def measure_latent_stats(vae: AutoencoderKL | VQModel | AutoencoderDC, dataset, 
         raise UserError("the latents have zero variance; the model did not train (check the run's losses)")
     rms = (total_sq / count) ** 0.5
     stats = {"scaling_factor": 1.0 / (rms if uncentred else std), "shift_factor": mean, "std": std, "rms": rms,
-             "num_values": count, "num_images": len(indices)}
+             "num_values": count, "num_images": len(images)}
     if is_vq:
         usage = code_stats(hits)
         stats.update(codebook_usage=usage["codebook_usage"], codebook_perplexity=usage["codebook_perplexity"])
@@ -164,7 +169,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path, replace: bool = False, 
         refuse_nonempty(out_dir)
     vae, cfg, state, checkpoint = load_run(run_dir)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dataset = build_dataset(cfg.data, cfg.data.train_split, train=False)
+    dataset = build_dataset(cfg.data, cfg.data.train_split, train=False, stream=True)
     stats = measure_latent_stats(vae, dataset, cfg, device)
     if cfg.model.kind == "kl":
         vae.register_to_config(scaling_factor=stats["scaling_factor"], shift_factor=stats["shift_factor"])
@@ -191,12 +196,13 @@ def training_data(model_dir: str | Path, source: str | None = None, path: str | 
     if source is None and not saved.is_file():
         raise UserError(f"{model_dir} has no training_config.yaml; name the data with --data")
     data = (config_lib.load_saved_config(saved, str(saved), Config).data if saved.is_file() else DataConfig())
-    raw = dataclasses.asdict(data)
+    raw, defaults = dataclasses.asdict(data), dataclasses.asdict(DataConfig())
     if source is not None and source != raw["source"]:
         # the saved source's own settings (its location, columns, ...) do not carry over
-        defaults = dataclasses.asdict(DataConfig())
         raw.update({k: defaults[k] for keys in SOURCE_KEYS.values() for k in keys})
         raw["source"] = source
     raw.update({k: v for k, v in {"path": path, "name": name, "resolution": resolution}.items() if v is not None})
     raw["max_images"] = None
+    # eval and encode read the split by index (a run trained on a stream is measured so too)
+    raw["streaming"], raw["shuffle_buffer"] = False, defaults["shuffle_buffer"]
     return config_lib.from_dict(raw, "the data options", DataConfig)

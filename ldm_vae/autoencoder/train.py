@@ -25,10 +25,10 @@ from accelerate import Accelerator
 from accelerate.logging import get_logger
 from diffusers.optimization import get_scheduler
 from torch import nn
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader, IterableDataset, Subset
 from tqdm.auto import tqdm
 
-from ..data.sources import build_dataset
+from ..data.sources import build_dataset, first_items
 from ..errors import UserError
 from ..files import save_image, save_usage_histogram
 from ..run.trainer import RunResult, Trainer, ema_weights, log_images, make_adamw
@@ -72,13 +72,14 @@ class AutoencoderTrainer(Trainer):
         # the main process first: it downloads (hub) and scans the images once and caches the
         # result, which the other processes then read instead of decoding every file again
         with acc.main_process_first():
-            self.dataset = build_dataset(cfg.data, cfg.data.train_split, train=True, seed=cfg.seed)
+            self.dataset = build_dataset(cfg.data, cfg.data.train_split, train=True, seed=cfg.seed, stream=True)
             try:
-                preview_ds = build_dataset(cfg.data, cfg.data.test_split, train=False)
+                preview_ds = build_dataset(cfg.data, cfg.data.test_split, train=False, stream=True)
             except UserError:  # a source without a test split: preview training images instead
-                preview_ds = build_dataset(cfg.data, cfg.data.train_split, train=False)
-        self.bad_images = getattr(self.dataset, "bad", [])  # (file, reason) skipped by imagefolder/hub sources
-        self.preview_images = torch.stack([preview_ds[i]["pixel_values"] for i in range(min(8, len(preview_ds)))])
+                preview_ds = build_dataset(cfg.data, cfg.data.train_split, train=False, stream=True)
+            preview = first_items(preview_ds, 8)
+        self.bad_images = getattr(self.dataset, "bad", [])  # (file, reason) skipped by imagefolder/hub scans
+        self.preview_images = torch.stack([item["pixel_values"] for item in preview])
 
         ae = build_training_model(cfg)
         disc = PatchDiscriminator(3, cfg.loss.disc_channels, cfg.loss.disc_layers)
@@ -228,9 +229,9 @@ class AutoencoderTrainer(Trainer):
         return {"perceptual": self.perceptual_status}
 
     def summary_details(self) -> dict:
-        bad = self.bad_images
+        bad = self.bad_images  # a scan's list; a stream's files are logged as read and only counted here
         return {"data": self.dataset.description, "perceptual": self.perceptual_status,
-                "bad_images": {"count": len(bad), "files": [f"{p}: {why}" for p, why in bad[:100]]}}
+                "bad_images": {"count": len(bad) + self.rows_skipped, "files": [f"{p}: {why}" for p, why in bad[:100]]}}
 
     def finish(self, summary: dict) -> None:
         if not self.accelerator.is_main_process:
@@ -279,8 +280,11 @@ def _kmeans_init(cfg: Config, accelerator: Accelerator, vae, quantizer, train_ds
     """k-means of the (initial) encoder's outputs on `quantizer.kmeans_batches` batches per process."""
     n = cfg.quantizer.kmeans_batches * cfg.train.batch_size
     start = accelerator.process_index * n  # each process encodes its own images
-    indices = [i % len(train_ds) for i in range(start, start + n)]
-    loader = DataLoader(Subset(train_ds, indices), batch_size=cfg.train.batch_size)
+    if isinstance(train_ds, IterableDataset):  # a stream (data.streaming): its first items, as they come
+        items = first_items(train_ds, start + n)[-n:]  # overlapping other processes' on a short stream
+    else:
+        items = Subset(train_ds, [i % len(train_ds) for i in range(start, start + n)])
+    loader = DataLoader(items, batch_size=cfg.train.batch_size)
     d = vae.config.vq_embed_dim or vae.config.latent_channels
     z = [vae.encode(b["pixel_values"].to(accelerator.device)).latents.float().permute(0, 2, 3, 1).reshape(-1, d)
          for b in tqdm(loader, desc="k-means init: encoding", disable=not accelerator.is_local_main_process)]

@@ -13,9 +13,9 @@ SOURCES = ("fashion-mnist", "imagefolder", "hub", "photos", "wallpapers")
 SOURCE_KEYS = {
     "fashion-mnist": ("path",),
     "imagefolder": ("path", "image_column", "label_column", "caption_column", "center_crop", "max_bad_fraction",
-                    "decoded_cache_mb"),
+                    "decoded_cache_mb", "streaming", "shuffle_buffer"),
     "hub": ("name", "image_column", "label_column", "caption_column", "center_crop", "max_bad_fraction",
-            "decoded_cache_mb"),
+            "decoded_cache_mb", "streaming", "shuffle_buffer"),
     "photos": ("photos_per_epoch",),
     "wallpapers": ("photos_per_epoch", "wallpaper_art", "max_side"),
 }
@@ -64,10 +64,18 @@ class DataConfig:
     # dataset is built (every file is decoded then anyway, to find bad ones), up to this many
     # MB per process; later accesses only crop and flip. 0: decode on every access
     decoded_cache_mb: int = 2048
+    # imagefolder/hub, train-vae only: read the training split as a stream (datasets'
+    # streaming=True): no download or scan up front, unusable files skipped and counted as they
+    # are read, data.max_bad_fraction checked on the rows read so far (from 1000 rows on).
+    # Every other command reads images by index and needs false
+    streaming: bool = False
+    # streaming training: rows held in the shuffle buffer (datasets' IterableDataset.shuffle;
+    # each holds the file's bytes, so memory grows with it)
+    shuffle_buffer: int = 1000
 
     def __post_init__(self):
         one_of(self, "source", SOURCES)
-        positive(self, "resolution", "photos_per_epoch", "max_images", "max_side")
+        positive(self, "resolution", "photos_per_epoch", "max_images", "max_side", "shuffle_buffer")
         non_negative(self, "num_workers", "decoded_cache_mb")
         unit_interval(self, "max_bad_fraction")
         own = SOURCE_KEYS[self.source]
@@ -78,5 +86,9 @@ class DataConfig:
         if self.source == "wallpapers" and self.max_side < self.resolution:
             raise FieldError("max_side", f"must be at least data.resolution ({self.resolution}): crops would be "
                                          f"upsampled")
+        if self.streaming:
+            unused(self, ["decoded_cache_mb"], "data.streaming (a stream keeps no decoded images)")
+        else:
+            unused(self, ["shuffle_buffer"], "a split that is not streamed (data.streaming=false)")
         if self.source == "hub" and not self.name:
             raise FieldError("name", "is needed by data.source 'hub' (a dataset name on the hub)")

@@ -18,6 +18,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import io
+import itertools
 import json
 import logging
 import math
@@ -31,7 +32,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, IterableDataset
 
 from ..errors import UserError
 from .config import SOURCES, DataConfig
@@ -48,6 +49,10 @@ _PHOTOS: list[Image.Image] = []
 _SCANS: dict[tuple, tuple[Scan, list[torch.Tensor | None]]] = {}
 # Bump when the scan's rules (what is usable, what is stored) change: old cache files are never read.
 SCAN_VERSION = 1
+# rows per DataLoader task of a parallel scan (HFImages._scan)
+SCAN_BATCH = 64
+# a stream's data.max_bad_fraction counts at least this many rows (StreamImages)
+STREAM_MIN_ROWS = 1000
 logger = logging.getLogger(__name__)
 
 
@@ -334,6 +339,82 @@ def _read_scan(path: Path, key: dict) -> Scan | None:
     return _read_cached(path, key, parse, "scanning again")
 
 
+def _check_columns(ds, cfg: DataConfig, dataset_id: str) -> tuple[bool, bool, list[str] | None]:
+    """(has captions, has labels, class names or None) of a Hugging Face dataset or stream, after
+    checking that its columns hold what data.image_column and data.caption_column name."""
+    import datasets
+
+    if cfg.image_column not in ds.column_names:
+        raise UserError(f"{dataset_id}: no image column '{cfg.image_column}' (set data.image_column; "
+                        f"columns: {', '.join(ds.column_names)})")
+    if not isinstance(ds.features[cfg.image_column], datasets.Image):
+        raise UserError(f"{dataset_id}: column '{cfg.image_column}' holds {ds.features[cfg.image_column]}, "
+                        f"not images (set data.image_column; columns: {', '.join(ds.column_names)})")
+    has_captions = cfg.caption_column is not None
+    if has_captions:
+        _check_caption_column(ds, cfg.caption_column, dataset_id)
+    label_feature = ds.features.get(cfg.label_column) if cfg.label_column else None
+    # Only integer labels make sense as class ids (for conditioning and model cards).
+    has_labels = isinstance(label_feature, datasets.ClassLabel) or (
+        isinstance(label_feature, datasets.Value) and label_feature.dtype.startswith("int"))
+    names = list(label_feature.names) if isinstance(label_feature, datasets.ClassLabel) else None
+    return has_captions, has_labels, names
+
+
+def _crop_item(full: torch.Tensor, cfg: DataConfig, train: bool, g: torch.Generator, label: int,
+               caption: str | None) -> dict:
+    """The item of a resized uint8 image: a random crop (training without data.center_crop) or
+    the centre one, then a random flip in training."""
+    res = cfg.resolution
+    h, w = full.shape[1:]
+    if train and not cfg.center_crop:
+        left, top = (int(torch.randint(0, n - res + 1, (), generator=g)) for n in (w, h))
+    else:
+        left, top = (w - res) // 2, (h - res) // 2
+    x = full[:, top:top + res, left:left + res].float() / 127.5 - 1.0
+    return _item(_maybe_flip(x, train and cfg.random_flip, g), label, caption)
+
+
+def _resized_pixels(img: Image.Image, res: int) -> np.ndarray:
+    """uint8 [3, H, W] with the short side at `res`: the part of loading an item that does not
+    depend on the epoch (HFImages keeps it in memory, up to data.decoded_cache_mb)."""
+    img = img.convert("RGB").resize(_resized_size(*img.size, res), Image.BICUBIC, reducing_gap=3.0)
+    return np.asarray(img, dtype=np.uint8).transpose(2, 0, 1).copy()  # C order, writable
+
+
+class _ScanRows(Dataset):
+    """Row i of a dataset checked for HFImages._scan, in the main process or a DataLoader
+    worker: (i, path or None, why it is unusable or None, label, (width, height), caption,
+    the resized pixels if i < resize_below, else None)."""
+
+    def __init__(self, ds, cfg: DataConfig, has_labels: bool, resize_below: int):
+        self.ds, self.cfg, self.has_labels, self.resize_below = ds, cfg, has_labels, resize_below
+
+    @staticmethod
+    def init_worker(max_image_pixels):
+        """A worker's decompression-bomb limit is the main process's, also where workers are
+        spawned rather than forked."""
+        def init(_worker_id: int) -> None:
+            Image.MAX_IMAGE_PIXELS = max_image_pixels
+        return init
+
+    def __len__(self):
+        return len(self.ds)
+
+    def __getitem__(self, i: int):
+        cfg, row = self.cfg, self.ds[i]
+        value = row[cfg.image_column]
+        path = value.get("path") if isinstance(value, dict) else None
+        try:
+            img = decode_image(value)
+        except BadImage as e:
+            return i, path, str(e), -1, None, None, None
+        label = int(row[cfg.label_column]) if self.has_labels else -1
+        caption = row[cfg.caption_column] if cfg.caption_column is not None else None
+        pixels = _resized_pixels(img, cfg.resolution) if i < self.resize_below else None
+        return i, path, None, label, img.size, caption, pixels
+
+
 class HFImages(Augmented):
     """A Hugging Face dataset of images: resize short side, crop, flip (imagefolder and hub).
 
@@ -350,21 +431,9 @@ class HFImages(Augmented):
                  folder: dict | None = None):
         import datasets
 
-        if cfg.image_column not in ds.column_names:
-            raise UserError(f"{dataset_id}: no image column '{cfg.image_column}' (set data.image_column; "
-                            f"columns: {', '.join(ds.column_names)})")
-        if not isinstance(ds.features[cfg.image_column], datasets.Image):
-            raise UserError(f"{dataset_id}: column '{cfg.image_column}' holds {ds.features[cfg.image_column]}, "
-                            f"not images (set data.image_column; columns: {', '.join(ds.column_names)})")
-        self.has_captions = cfg.caption_column is not None
-        if self.has_captions:
-            _check_caption_column(ds, cfg.caption_column, dataset_id)
-        label_feature = ds.features.get(cfg.label_column) if cfg.label_column else None
-        # Only integer labels make sense as class ids (for conditioning and model cards).
-        self.has_labels = isinstance(label_feature, datasets.ClassLabel) or (
-            isinstance(label_feature, datasets.Value) and label_feature.dtype.startswith("int"))
-        if isinstance(label_feature, datasets.ClassLabel):
-            self.class_names = list(label_feature.names)
+        self.has_captions, self.has_labels, class_names = _check_columns(ds, cfg, dataset_id)
+        if class_names is not None:
+            self.class_names = class_names
         loaded = ds
         ds = ds.select(range(min(len(ds), cfg.max_images))) if cfg.max_images is not None else ds
         # our own decoder (decode_image), so a broken file is a counted skip, not a crash
@@ -436,62 +505,133 @@ class HFImages(Augmented):
                 return n
         return len(sizes)
 
-    def _scan(self, split: str, dataset_id: str) -> tuple[Scan, list[torch.Tensor]]:
-        """Decode every row: the Scan, and the decoded images of its _prefix_len first usable rows."""
+    def _scan(self, split: str, dataset_id: str) -> tuple[Scan, list[torch.Tensor | None]]:
+        """Decode every row, in data.num_workers DataLoader workers when there are any: the Scan,
+        and the decoded images of its _prefix_len first usable rows (a slot the workers did not
+        resize, possible only after bad rows, is None and filled on first read)."""
         from tqdm.auto import tqdm
 
-        scan, col = Scan([], [], [] if self.has_captions else None, [], []), self.cfg.image_column
+        res = self.cfg.resolution
+        # usable row j can be in the prefix only if j * (smallest resized image) fits the budget
+        rows = _ScanRows(self.ds, self.cfg, self.has_labels,
+                         resize_below=self.cfg.decoded_cache_mb * 2**20 // (3 * res * res) + 1)
+        workers = self.cfg.num_workers if len(rows) >= 2 * SCAN_BATCH else 0
+        if workers:
+            from torch.utils.data import DataLoader
+
+            # in order (no sampler shuffles), a batch of rows per task: the scan is the same
+            # as one process's; numpy arrays travel pickled, not as one shared-memory file each
+            loader = DataLoader(rows, batch_size=SCAN_BATCH, num_workers=workers, collate_fn=list,
+                                worker_init_fn=_ScanRows.init_worker(Image.MAX_IMAGE_PIXELS))
+            checked = (row for batch in loader for row in batch)
+        else:
+            checked = map(rows.__getitem__, range(len(rows)))
+        scan = Scan([], [], [] if self.has_captions else None, [], [])
         decoded, budget = [], self.cfg.decoded_cache_mb * 2**20
-        for i in tqdm(range(len(self.ds)), desc=f"checking images of {split}", leave=False,
-                      disable=len(self.ds) < 1000):
-            row = self.ds[i]
-            value = row[col]
-            try:
-                img = decode_image(value)
-            except BadImage as e:
-                scan.bad.append((value.get("path") or f"row {i}", str(e)))
+        for i, path, why, label, size, caption, pixels in tqdm(
+                checked, total=len(rows), desc=f"checking images of {split}", leave=False, disable=len(rows) < 1000):
+            if why is not None:
+                scan.bad.append((path or f"row {i}", why))
                 continue
             scan.good.append(i)
-            scan.labels.append(int(row[self.cfg.label_column]) if self.has_labels else -1)
-            scan.sizes.append(img.size)
+            scan.labels.append(label)
+            scan.sizes.append(size)
             if scan.captions is not None:
-                caption = row[self.cfg.caption_column]
                 if not isinstance(caption, str):  # e.g. a metadata.jsonl line without the key: None
                     raise UserError(f"{dataset_id}: column '{self.cfg.caption_column}' holds {caption!r}, not a "
-                                    f"caption, for {value.get('path') or f'row {i}'} (set data.caption_column; "
+                                    f"caption, for {path or f'row {i}'} (set data.caption_column; "
                                     f"columns: {', '.join(self.ds.column_names)})")
                 scan.captions.append(caption)
             if len(decoded) == len(scan.good) - 1:  # a prefix of the usable rows, as _prefix_len counts it
-                budget -= 3 * math.prod(_resized_size(*img.size, self.cfg.resolution))
+                budget -= 3 * math.prod(_resized_size(*size, res))
                 if budget >= 0:
-                    decoded.append(self._resized(img))
+                    decoded.append(None if pixels is None else torch.from_numpy(pixels))
         return scan, decoded
 
     def _resized(self, img: Image.Image) -> torch.Tensor:
-        """uint8 [3, H, W] with the short side at the resolution: the part of loading an
-        item that does not depend on the epoch."""
-        size = _resized_size(*img.size, self.cfg.resolution)
-        img = img.convert("RGB").resize(size, Image.BICUBIC, reducing_gap=3.0)
-        return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
+        return torch.from_numpy(_resized_pixels(img, self.cfg.resolution))
 
     def __len__(self):
         return len(self.good)
 
     def __getitem__(self, i):
-        res, g = self.cfg.resolution, self.item_generator(i)
+        g = self.item_generator(i)
         full = self.decoded[i] if i < len(self.decoded) else None  # no row read: the scan kept the label
         if full is None:
             full = self._resized(decode_image(self.ds[self.good[i]][self.cfg.image_column]))
             if i < len(self.decoded):  # a slot of a scan read from the cache: filled on first read
                 self.decoded[i] = full
-        h, w = full.shape[1:]
-        if self.train and not self.cfg.center_crop:
-            left, top = (int(torch.randint(0, n - res + 1, (), generator=g)) for n in (w, h))
-        else:
-            left, top = (w - res) // 2, (h - res) // 2
-        x = full[:, top:top + res, left:left + res].float() / 127.5 - 1.0
         caption = self.captions[i] if self.has_captions else None
-        return _item(_maybe_flip(x, self.train and self.cfg.random_flip, g), self.labels[i], caption)
+        return _crop_item(full, self.cfg, self.train, g, self.labels[i], caption)
+
+
+class StreamImages(Augmented, IterableDataset):
+    """A hub dataset or image folder read as a stream (data.streaming, train-vae only): nothing is
+    downloaded or scanned up front. Rows are shuffled in a buffer of data.shuffle_buffer rows,
+    reseeded per epoch (datasets' IterableDataset.shuffle + set_epoch), so an epoch's order
+    depends only on (seed, epoch). Unusable files are skipped as they are read: each is logged
+    with its path, and an item carries `skipped`, how many rows its reader skipped since its
+    previous item, for the run's count. A reader stops the run once more than
+    data.max_bad_fraction of its rows (counted from at least STREAM_MIN_ROWS) were bad.
+
+    In DataLoader workers (data.num_workers) datasets deals the stream's shards to the workers;
+    under `accelerate launch` the main process reads the stream and Accelerate sends each
+    process its part of every batch (dispatch_batches, Accelerate's default for iterable
+    datasets). The random crop and flip of an item come from (seed, epoch, its position in its
+    reader's part, the reader): the same for the same settings, which is what resume needs.
+    """
+
+    def __init__(self, stream, cfg: DataConfig, split: str, train: bool, what: str, dataset_id: str):
+        import datasets
+
+        if stream.features is None:  # a hub dataset without dataset info: typed from its first row
+            stream = stream._resolve_features()
+        self.has_captions, self.has_labels, class_names = _check_columns(stream, cfg, dataset_id)
+        if class_names is not None:
+            self.class_names = class_names
+        stream = stream.take(cfg.max_images) if cfg.max_images is not None else stream
+        # our own decoder (decode_image), so a broken file is a counted skip, not a crash
+        self.stream = stream.cast_column(cfg.image_column, datasets.Image(decode=False))
+        self.cfg, self.train, self.split = cfg, train, split
+        self.bad: list[tuple[str, str]] = []  # not known ahead of reading
+        shuffled = f", shuffled in a buffer of {cfg.shuffle_buffer} rows" if train else ""
+        self.description = (f"{what} ({split}, streamed{shuffled}; unusable files skipped as read) "
+                            f"at {cfg.resolution}x{cfg.resolution}")
+        self.dataset_id = dataset_id
+
+    def __iter__(self):
+        from torch.utils.data import get_worker_info
+
+        cfg, stream = self.cfg, self.stream
+        if self.train:
+            stream = stream.shuffle(seed=self.seed, buffer_size=cfg.shuffle_buffer)
+            stream.set_epoch(self.epoch)
+        worker = get_worker_info()
+        reader, readers = (worker.id, worker.num_workers) if worker is not None else (0, 1)
+        seen = bad = skipped = 0
+        for k, row in enumerate(stream):  # in a worker: the rows of its shards only
+            value, seen = row[cfg.image_column], seen + 1
+            try:
+                img = decode_image(value)
+            except BadImage as e:
+                where = (value.get("path") if isinstance(value, dict) else None) or f"row {k} of reader {reader}"
+                bad, skipped = bad + 1, skipped + 1
+                logger.warning("skipping %s of %s (%s): %s", where, self.dataset_id, self.split, e)
+                if bad > cfg.max_bad_fraction * max(seen, STREAM_MIN_ROWS):
+                    raise UserError(f"{self.dataset_id} ({self.split}): {bad} of the first {seen} rows read cannot "
+                                    f"be used as images, more than data.max_bad_fraction={cfg.max_bad_fraction}; "
+                                    f"remove or fix them, or raise data.max_bad_fraction") from None
+                continue
+            caption = row[cfg.caption_column] if self.has_captions else None
+            if self.has_captions and not isinstance(caption, str):
+                raise UserError(f"{self.dataset_id}: column '{cfg.caption_column}' holds {caption!r}, not a caption "
+                                f"(set data.caption_column)")
+            label = int(row[cfg.label_column]) if self.has_labels else -1
+            full = torch.from_numpy(_resized_pixels(img, cfg.resolution))
+            item = _crop_item(full, cfg, self.train, self.item_generator(k * readers + reader), label, caption)
+            item["skipped"] = torch.tensor(skipped)
+            skipped = 0
+            yield item
 
 
 def _check_caption_column(ds, column: str, dataset_id: str) -> None:
@@ -804,14 +944,28 @@ class Wallpapers(PhotoCrops):
         return (p, *self._corner(w, h, crop, g, cell, self.GRID), crop)
 
 
+def first_items(dataset, n: int) -> list[dict]:
+    """The first n items of a dataset, or of a stream's current epoch, read in this process
+    (fewer if there are fewer)."""
+    if isinstance(dataset, IterableDataset):
+        return list(itertools.islice(iter(dataset), n))
+    return [dataset[i] for i in range(min(n, len(dataset)))]
+
+
 def hub_dataset_id(source: str, name: str | None = None) -> str | None:
     """The Hugging Face Hub id of a source's data (for model cards' `datasets:`), or None:
     the photos, the wallpapers and local image folders are on no hub."""
     return {"fashion-mnist": FASHION_MNIST_HUB, "hub": name}.get(source)
 
 
-def build_dataset(cfg: DataConfig, split: str, train: bool, seed: int = 0) -> Augmented:
-    """The dataset for `split`; `train` turns on random flips/crops (else deterministic)."""
+def build_dataset(cfg: DataConfig, split: str, train: bool, seed: int = 0, stream: bool = False) -> Augmented:
+    """The dataset for `split`; `train` turns on random flips/crops (else deterministic).
+    `stream`: the caller reads a StreamImages where data.streaming asks for one (train-vae);
+    every other caller needs indexed items, and data.streaming makes it stop with a message."""
+    if cfg.streaming and not stream:
+        raise UserError("data.streaming=true is read by train-vae only: this command reads the split's images by "
+                        "index; set data.streaming=false (the split is then downloaded and scanned once, and the "
+                        "scan is cached)")
     dataset = _build(cfg, split, train)
     dataset.seed = seed
     return dataset
@@ -831,13 +985,18 @@ def _build(cfg: DataConfig, split: str, train: bool) -> Augmented:
         # rather than being cached under the new fingerprint with its old contents
         folder = folder_key(cfg.path)
         # All splits, to list them on a typo (a folder without split subfolders has only "train").
-        splits = _load_hf(f"image folder {cfg.path}", path="imagefolder",
+        splits = _load_hf(f"image folder {cfg.path}", path="imagefolder", streaming=cfg.streaming,
                           data_files=imagefolder_data_files(cfg.path, folder))
         if split not in splits:
             raise UserError(f"image folder {cfg.path} has no split '{split}' (available: {', '.join(splits)})")
+        if cfg.streaming:
+            return StreamImages(splits[split], cfg, split, train, f"imagefolder {cfg.path}", "imagefolder")
         return HFImages(splits[split], cfg, split, train, f"imagefolder {cfg.path}", "imagefolder", folder)
     if cfg.source == "hub":
         hint = "; hub datasets need internet (offline, use data.source=imagefolder with a local folder)"
-        ds = _load_hf(f"hub dataset '{cfg.name}' split '{split}'", hint, path=cfg.name, split=split)
+        ds = _load_hf(f"hub dataset '{cfg.name}' split '{split}'", hint, path=cfg.name, split=split,
+                      streaming=cfg.streaming)
+        if cfg.streaming:
+            return StreamImages(ds, cfg, split, train, f"hub dataset {cfg.name}", cfg.name)
         return HFImages(ds, cfg, split, train, f"hub dataset {cfg.name}", cfg.name)
     raise UserError(f"unknown data.source '{cfg.source}' ({', '.join(SOURCES)})")

@@ -34,7 +34,7 @@ from accelerate.logging import get_logger
 from accelerate.tracking import get_available_trackers
 from accelerate.utils import ProjectConfiguration, set_seed
 from diffusers.training_utils import EMAModel
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, IterableDataset
 from tqdm.auto import tqdm
 
 from .. import config as config_lib
@@ -76,7 +76,7 @@ class Trainer:
     postfix_keys: tuple[str, ...] = ("loss",)  # logged values shown on the progress bar
 
     # set by build()
-    dataset: Any  # with set_epoch(epoch) and len()
+    dataset: Any  # with set_epoch(epoch), and len() unless it is a stream (an IterableDataset)
     loader: Any  # the prepared DataLoader
     model: torch.nn.Module  # the raw model whose EMA weights go into each checkpoint
     ema_params: list  # the parameters the weight EMA averages
@@ -156,11 +156,18 @@ class Trainer:
         # Same seed on every process for everything built here (weights, sampler seed) ...
         set_seed(cfg.seed)
         self.build()
-        use_lazy_sampler(self.loader)  # the epoch's order as a tensor, not n Python ints
+        streamed = isinstance(self.dataset, IterableDataset)  # data.streaming: no length, no sampler
         per_step = tc.batch_size * acc.num_processes
-        if len(self.loader) == 0:
-            raise UserError(f"{self.describe_data()} has {len(self.dataset)} items, fewer than one batch per process "
-                            f"({tc.batch_size} x {acc.num_processes}); lower train.batch_size")
+        if streamed:  # a stream's epoch ends when the stream does: checkpoints keep where it stands
+            self.extra_state["stream_position"] = position = StreamPosition()
+            # prepare() hands a stream to a batch dispatcher that drops make_loader's generator; without
+            # one, each epoch's iterator draws from the global RNG and resume would shift the noise stream
+            getattr(self.loader, "base_dataloader", self.loader).generator = torch.Generator()
+        else:
+            use_lazy_sampler(self.loader)  # the epoch's order as a tensor, not n Python ints
+            if len(self.loader) == 0:
+                raise UserError(f"{self.describe_data()} has {len(self.dataset)} items, fewer than one batch per "
+                                f"process ({tc.batch_size} x {acc.num_processes}); lower train.batch_size")
         self.ema = EMAModel(self.ema_params, decay=tc.ema_decay) if tc.ema_decay > 0 else None
         if self.ema is not None:
             self.ema.to(acc.device)
@@ -186,12 +193,20 @@ class Trainer:
         t_start, start_step = time.perf_counter(), step
         progress = tqdm(total=tc.max_steps, initial=step, desc=self.name, disable=not acc.is_local_main_process)
         # the data order depends only on (seed, epoch): skip what the resumed steps consumed
-        epoch, skip = divmod(step * tc.grad_accum_steps, len(self.loader))
-        stop = False
+        if streamed:
+            epoch, skip = position.epoch, position.batches
+        else:
+            epoch, skip = divmod(step * tc.grad_accum_steps, len(self.loader))
+        stop, rows_skipped = False, 0
         while step < tc.max_steps and not stop:
             self.loader.set_epoch(epoch)
             self.dataset.set_epoch(epoch)
+            read = skip
             for batch in acc.skip_first_batches(self.loader, skip) if skip else self.loader:
+                read += 1
+                if streamed:
+                    position.epoch, position.batches = epoch, read
+                    rows_skipped += int(batch.pop("skipped").sum())  # unusable files met on the way
                 done = self.train_step(batch, step)
                 if done is None:  # a gradient-accumulation micro-step
                     continue
@@ -215,6 +230,9 @@ class Trainer:
                     self.save(step, last_logs)
                 if step >= tc.max_steps or stop:
                     break
+            if read == 0:  # only a stream can end before its first batch (a sized loader was checked)
+                raise UserError(f"{self.describe_data()} gave no full batch per process ({tc.batch_size} x "
+                                f"{acc.num_processes}) in epoch {epoch}; lower train.batch_size")
             epoch, skip = epoch + 1, 0
         progress.close()
         if step < tc.max_steps:  # stopped by a signal, with a checkpoint of this step
@@ -222,6 +240,9 @@ class Trainer:
             raise Preempted(f"stopped by a signal at step {step} of {tc.max_steps}; {out / f'checkpoint-{step}'} is "
                             f"saved; continue with --resume latest")
 
+        if streamed:  # every process's count of the rows its items skipped (a collective: all processes)
+            rows_skipped = int(acc.reduce(torch.tensor(rows_skipped, device=acc.device), "sum"))
+        self.rows_skipped = rows_skipped
         summary = {
             "steps": step,
             "steps_this_session": step - start_step,
@@ -264,7 +285,11 @@ class Trainer:
 
     def make_loader(self, dataset, num_workers: int = 0) -> DataLoader:
         """The training DataLoader: shuffled per epoch by a seedable sampler, whole batches
-        (`accelerator.prepare` makes it Accelerate's; `fit` then makes it a LazySeedableRandomSampler)."""
+        (`accelerate.prepare` makes it Accelerate's; `fit` then makes it a LazySeedableRandomSampler).
+        A stream (data.streaming) shuffles itself."""
+        if isinstance(dataset, IterableDataset):
+            return DataLoader(dataset, batch_size=self.tc.batch_size, drop_last=True, num_workers=num_workers,
+                              pin_memory=torch.cuda.is_available())
         # A generator of its own: creating an epoch's iterator draws a seed from it, and that
         # draw must not come from the global RNG (it would shift the noise stream on resume).
         return DataLoader(dataset, batch_size=self.tc.batch_size, shuffle=True, drop_last=True,
@@ -354,6 +379,21 @@ class LazySeedableRandomSampler(SeedableRandomSampler):
         # same memory): the DataLoader draws its next epoch's worker seed from this generator
         torch.randperm(n, generator=self.generator, out=order)
         self.set_epoch(self.epoch + 1)
+
+
+class StreamPosition:
+    """Where a streamed training split stands (data.streaming): the epoch and the batches of it
+    read so far. A stream's epoch length is known only when it ends, so resume cannot derive
+    this from the step count; it is saved with each checkpoint (trainer_extra.pt)."""
+
+    def __init__(self):
+        self.epoch = self.batches = 0
+
+    def state_dict(self) -> dict:
+        return {"epoch": torch.tensor(self.epoch), "batches": torch.tensor(self.batches)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.batches = int(state["epoch"]), int(state["batches"])
 
 
 def use_lazy_sampler(loader) -> None:
