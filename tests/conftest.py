@@ -65,6 +65,21 @@ def fake_fashion(tmp_path_factory) -> Path:
     return folder
 
 
+@pytest.fixture(scope="session")
+def image_folder(tmp_path_factory) -> Path:
+    """An image folder of two classes, 11 small RGB PNGs each, one of them not an image."""
+    from PIL import Image
+
+    root, rng = tmp_path_factory.mktemp("image_folder"), np.random.default_rng(0)
+    for cls in ("cat", "dog"):
+        (root / cls).mkdir()
+        for k in range(11):
+            Image.fromarray(rng.integers(0, 256, (18 + k % 3, 16 + k % 4, 3), dtype=np.uint8)).save(
+                root / cls / f"{k:02d}.png")
+    (root / "cat" / "03.png").write_bytes(b"not an image")
+    return root
+
+
 @pytest.fixture
 def tiny_cfg(fake_fashion):
     """tiny_kl.yaml on the synthetic data; call with extra KEY=VALUE overrides."""
@@ -172,7 +187,7 @@ class TwoProcessJob:
     """A training run under 2-process CPU DDP (tests/ddp_worker.py), or (trainer "cli") an
     `ldm-vae` command line, `overrides` its arguments. A test names its job with
     `@pytest.mark.parametrize("two_process_run", [job], indirect=True, ids=...)`; `overrides` may
-    hold {fake_fashion}, {tiny_cache}, {tiny_exports}, {tiny_ldm_run}, {fd_features} (session
+    hold {fake_fashion}, {tiny_cache}, {tiny_exports}, {tiny_ldm_run}, {fd_features}, {image_folder} (session
     fixtures of those names) and {out} (the job's folder); `nan` makes the loss NaN on one rank
     ("RANK:STEP,STEP"); `delete` (cli): paths under {out} removed after the command, which then
     runs again (an interrupted run, resumed)."""
@@ -203,7 +218,7 @@ def _two_process_launch(request, tmp_path_factory, fake_fashion) -> tuple[dict[s
         if isinstance(job, TwoProcessJob):
             assert jobs.setdefault(job.name, job) == job, f"two different two-process jobs named {job.name!r}"
     paths = {"fake_fashion": fake_fashion}
-    for name in ("tiny_cache", "tiny_exports", "tiny_ldm_run", "fd_features"):  # built only where used
+    for name in ("tiny_cache", "tiny_exports", "tiny_ldm_run", "fd_features", "image_folder"):  # built where used
         if any(f"{{{name}}}" in o for job in jobs.values() for o in job.overrides):
             paths[name] = request.getfixturevalue(name)
     root = tmp_path_factory.mktemp("ddp")
@@ -212,7 +227,7 @@ def _two_process_launch(request, tmp_path_factory, fake_fashion) -> tuple[dict[s
              "overrides": [o.format(**paths, out=outs[name]) for o in job.overrides], "nan": job.nan,
              "delete": list(job.delete)} for name, job in jobs.items()]
     (root / "jobs.json").write_text(json.dumps(spec, indent=1))
-    env = dict(os.environ, ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1")
+    env = dict(os.environ, ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1", HF_DATASETS_CACHE=str(root / "hf"))
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
            str(ROOT / "tests" / "ddp_worker.py"), str(root / "jobs.json")]

@@ -9,10 +9,8 @@ from __future__ import annotations
 import json
 import shutil
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from ldm_vae.autoencoder.config import Config
 from ldm_vae.autoencoder.export import training_data
@@ -23,24 +21,18 @@ from ldm_vae.data.config import DataConfig
 from ldm_vae.data.sources import StreamImages, build_dataset, first_items
 from ldm_vae.errors import UserError
 
-from .conftest import TINY_KL
+from .conftest import TINY_KL, TwoProcessJob
 
 
 @pytest.fixture
-def folder(tmp_path, monkeypatch):
-    """Two classes of 11 small PNGs each, one of them not an image; caches under tmp_path."""
+def folder(image_folder, tmp_path, monkeypatch):
+    """conftest's image folder (two classes of 11 small PNGs, one of them not an image), copied
+    (a test may break more files); caches under tmp_path."""
     import datasets
 
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf-cache")
     monkeypatch.setenv("LDM_VAE_CACHE", str(tmp_path / "ldm-vae-cache"))
-    root, rng = tmp_path / "images", np.random.default_rng(0)
-    for cls in ("cat", "dog"):
-        (root / cls).mkdir(parents=True)
-        for k in range(11):
-            Image.fromarray(rng.integers(0, 256, (18 + k % 3, 16 + k % 4, 3), dtype=np.uint8)).save(
-                root / cls / f"{k:02d}.png")
-    (root / "cat" / "03.png").write_bytes(b"not an image")
-    return root
+    return shutil.copytree(image_folder, tmp_path / "images")
 
 
 def stream_cfg(folder, **kw) -> DataConfig:
@@ -121,3 +113,20 @@ def test_streamed_training_resumes_to_identical_weights_across_an_epoch_end(fold
         a, b = getattr(run, name).state_dict(), getattr(resumed, name).state_dict()
         assert all(torch.equal(a[k], b[k]) for k in a), name
     assert resumed.summary["final_logs"]["loss"] == run.summary["final_logs"]["loss"]
+
+
+STREAM_TWO_PROCESSES = TwoProcessJob("stream", TINY_KL, (
+    "data.source=imagefolder", "data.path={image_folder}", "data.streaming=true", "data.shuffle_buffer=8",
+    "data.max_bad_fraction=0.5", "train.batch_size=2", "train.max_steps=8", "loss.disc_start=4",
+    "train.checkpoint_every=8", "train.image_every=8"))
+
+
+@pytest.mark.parametrize("two_process_run", [STREAM_TWO_PROCESSES], indirect=True, ids=["stream"])
+def test_two_processes_train_on_one_stream_with_identical_state(two_process_run):
+    """Under `accelerate launch` the main process reads the stream and each process gets its half
+    of every batch (batches of 2 per process: 5 steps per epoch of 21 images)."""
+    r0, r1 = two_process_run.ranks
+    for k in r0:
+        assert torch.equal(r0[k], r1[k]), k
+    summary = json.loads((two_process_run.out / "summary.json").read_text())
+    assert 1 <= summary["bad_images"]["count"] <= 2 and "streamed" in summary["data"]
