@@ -21,7 +21,7 @@ from ldm_vae.data.config import DataConfig
 from ldm_vae.data.sources import StreamImages, build_dataset, first_items
 from ldm_vae.errors import UserError
 
-from .conftest import TINY_KL, TwoProcessJob
+from .conftest import TINY_KL, TINY_VQ, TwoProcessJob
 
 
 @pytest.fixture
@@ -130,3 +130,13 @@ def test_two_processes_train_on_one_stream_with_identical_state(two_process_run)
         assert torch.equal(r0[k], r1[k]), k
     summary = json.loads((two_process_run.out / "summary.json").read_text())
     assert 1 <= summary["bad_images"]["count"] <= 2 and "streamed" in summary["data"]
+
+
+def test_a_vq_tokenizer_initialises_its_codebook_from_a_stream(folder, tmp_path):
+    """k-means init reads the stream's first batches (a stream has no index)."""
+    cfg = load_config(TINY_VQ, ["data.source=imagefolder", f"data.path={folder}", "data.streaming=true",
+                                "data.shuffle_buffer=8", "train.batch_size=4", "train.max_steps=2",
+                                "loss.disc_start=100"], Config)
+    run = train(cfg, tmp_path / "vq")
+    assert run.summary["steps"] == 2 and "streamed" in run.summary["data"]
+    assert (tmp_path / "vq" / "export" / "ldm_vae.json").is_file()
