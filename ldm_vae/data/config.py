@@ -59,6 +59,7 @@ class DataConfig:
     # wallpapers: each image is decoded once per process and kept with its longer side at
     # most this; crops come from that copy, so this sets the finest scale a crop sees
     max_side: int = 1024
+    # DataLoader workers of training, and of an imagefolder/hub split's first scan (from 128 rows on)
     num_workers: int = 0
     # imagefolder/hub: keep each file's decoded, resized image in memory, filled when the
     # dataset is built (every file is decoded then anyway, to find bad ones), up to this many
