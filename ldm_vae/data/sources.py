@@ -537,19 +537,13 @@ class HFImages(Augmented):
             scan.labels.append(label)
             scan.sizes.append(size)
             if scan.captions is not None:
-                if not isinstance(caption, str):  # e.g. a metadata.jsonl line without the key: None
-                    raise UserError(f"{dataset_id}: column '{self.cfg.caption_column}' holds {caption!r}, not a "
-                                    f"caption, for {path or f'row {i}'} (set data.caption_column; "
-                                    f"columns: {', '.join(self.ds.column_names)})")
-                scan.captions.append(caption)
+                scan.captions.append(_checked_caption(caption, self.cfg, dataset_id, path or f"row {i}",
+                                                      self.ds.column_names))
             if len(decoded) == len(scan.good) - 1:  # a prefix of the usable rows, as _prefix_len counts it
                 budget -= 3 * math.prod(_resized_size(*size, res))
                 if budget >= 0:
                     decoded.append(None if pixels is None else torch.from_numpy(pixels))
         return scan, decoded
-
-    def _resized(self, img: Image.Image) -> torch.Tensor:
-        return torch.from_numpy(_resized_pixels(img, self.cfg.resolution))
 
     def __len__(self):
         return len(self.good)
@@ -558,7 +552,8 @@ class HFImages(Augmented):
         g = self.item_generator(i)
         full = self.decoded[i] if i < len(self.decoded) else None  # no row read: the scan kept the label
         if full is None:
-            full = self._resized(decode_image(self.ds[self.good[i]][self.cfg.image_column]))
+            full = torch.from_numpy(_resized_pixels(decode_image(self.ds[self.good[i]][self.cfg.image_column]),
+                                                    self.cfg.resolution))
             if i < len(self.decoded):  # a slot of a scan read from the cache: filled on first read
                 self.decoded[i] = full
         caption = self.captions[i] if self.has_captions else None
@@ -611,10 +606,10 @@ class StreamImages(Augmented, IterableDataset):
         seen = bad = skipped = 0
         for k, row in enumerate(stream):  # in a worker: the rows of its shards only
             value, seen = row[cfg.image_column], seen + 1
+            where = (value.get("path") if isinstance(value, dict) else None) or f"row {k} of reader {reader}"
             try:
                 img = decode_image(value)
             except BadImage as e:
-                where = (value.get("path") if isinstance(value, dict) else None) or f"row {k} of reader {reader}"
                 bad, skipped = bad + 1, skipped + 1
                 logger.warning("skipping %s of %s (%s): %s", where, self.dataset_id, self.split, e)
                 if bad > cfg.max_bad_fraction * max(seen, STREAM_MIN_ROWS):
@@ -622,16 +617,23 @@ class StreamImages(Augmented, IterableDataset):
                                     f"be used as images, more than data.max_bad_fraction={cfg.max_bad_fraction}; "
                                     f"remove or fix them, or raise data.max_bad_fraction") from None
                 continue
-            caption = row[cfg.caption_column] if self.has_captions else None
-            if self.has_captions and not isinstance(caption, str):
-                raise UserError(f"{self.dataset_id}: column '{cfg.caption_column}' holds {caption!r}, not a caption "
-                                f"(set data.caption_column)")
+            caption = (_checked_caption(row[cfg.caption_column], cfg, self.dataset_id, where,
+                                        stream.column_names) if self.has_captions else None)
             label = int(row[cfg.label_column]) if self.has_labels else -1
             full = torch.from_numpy(_resized_pixels(img, cfg.resolution))
             item = _crop_item(full, cfg, self.train, self.item_generator(k * readers + reader), label, caption)
             item["skipped"] = torch.tensor(skipped)
             skipped = 0
             yield item
+
+
+def _checked_caption(caption, cfg: DataConfig, dataset_id: str, where: str, columns: list[str]) -> str:
+    """A row's caption, or a stop naming the row: not a string, e.g. a metadata.jsonl line
+    without the key (None)."""
+    if not isinstance(caption, str):
+        raise UserError(f"{dataset_id}: column '{cfg.caption_column}' holds {caption!r}, not a caption, for {where} "
+                        f"(set data.caption_column; columns: {', '.join(columns)})")
+    return caption
 
 
 def _check_caption_column(ds, column: str, dataset_id: str) -> None:
