@@ -101,22 +101,36 @@ def test_gradients_pass_straight_through_and_the_commitment_pulls_towards_the_gr
     assert set(out.logs) == {"vq_commitment"}
 
 
-def test_entropy_loss_equals_the_loss_over_the_materialised_grid(monkeypatch):
-    """Factorised per dimension it is exact: the same value as MAGVIT-v2's loss computed over
-    every code (quantize.entropy_penalty); split into groups, the batch entropy is an upper
-    bound, so the loss can only be lower."""
-    q = _grid_quantizer([4, 3, 3])
+@pytest.mark.parametrize("levels", [[4, 3, 3], [2] * 14, [8, 8, 8, 8, 4], [5]])
+def test_entropy_loss_equals_the_loss_over_the_materialised_grid(levels):
+    """Exact, per token and over the batch, for every code of the grid: the same value and
+    gradient as MAGVIT-v2's loss computed over the materialised codebook
+    (quantize.entropy_penalty), for halves of one and of several dimensions."""
+    q = _grid_quantizer(levels)
     values = [q.table[d, :n] for d, n in enumerate(q.levels)]
     torch.manual_seed(0)
-    z = (torch.randn(300, 3) * 0.7).requires_grad_()
-    exact = entropy_penalty(z, q.grid(), 0.1)
+    z = (torch.randn(300, len(levels)) * 0.7).requires_grad_()
+    zz = z.detach().clone().requires_grad_()
     ours = level_entropy(z, values, 0.1)
+    exact = entropy_penalty(zz, q.grid(), 0.1)
     torch.testing.assert_close(ours, exact, atol=1e-5, rtol=1e-5)
     ours.backward()
-    assert torch.isfinite(z.grad).all() and z.grad.abs().sum() > 0
-    monkeypatch.setattr(fsq, "ENTROPY_GROUP_CODES", 4)
-    assert fsq.entropy_groups([4, 3, 3]) == [[0], [1], [2]]
-    assert level_entropy(z, values, 0.1) <= exact + 1e-6
+    exact.backward()
+    assert z.grad.abs().sum() > 0
+    torch.testing.assert_close(z.grad, zz.grad, atol=1e-6, rtol=1e-4)
+
+
+def test_the_batch_entropy_sees_dimensions_that_copy_each_other():
+    """The joint batch entropy, not a sum over dimensions or groups: a last dimension that
+    copies the first leaves half the codes of [2]*4 unused, and the loss says so by log 2."""
+    values = [fsq.level_values(2)] * 4
+    torch.manual_seed(0)
+    z = torch.randn(4096, 4).sign() * 3  # confident codes, per-token entropy ~0
+    free = level_entropy(z, values, 0.1)
+    z[:, 3] = z[:, 0]
+    tied = level_entropy(z, values, 0.1)
+    assert fsq.split_dimensions([2] * 4) == 2  # dims 0 and 3 sit in different halves
+    torch.testing.assert_close(tied - free, torch.tensor(2.0).log(), atol=0.01, rtol=0)
 
 
 def test_config_rules_for_grid_quantizers(fake_fashion):
