@@ -158,7 +158,7 @@ class QuantizerConfig:
     ema_decay: float = 0.0
     # entropy penalty (MaskGIT/MAGVIT-v2, arXiv:2310.05737): mean per-token entropy minus
     # the entropy of the batch-averaged soft assignment; needs a [tokens x codes] matrix
-    # (fsq/lfq: per groups of dimensions, see autoencoder/fsq.py)
+    # (fsq/lfq: exact without it, through the grid's factorisation, see autoencoder/fsq.py)
     entropy_weight: float = 0.0
     entropy_temperature: float = 0.01
     # the logged `usage` is the share of codes picked at least once in the last N steps
