@@ -37,10 +37,9 @@ def level_values(levels: int) -> torch.Tensor:
 
 def split_dimensions(levels: list[int]) -> int:
     """The split point s (1 <= s <= D) that makes prod(levels[:s]) and prod(levels[s:]) closest
-    in size: the batch entropy multiplies the two halves' soft assignments (see level_entropy)."""
-    if len(levels) == 1:
-        return 1
-    return min(range(1, len(levels)),
+    in size: the batch entropy multiplies the two halves' soft assignments (see level_entropy).
+    s = D (an empty second half) wins only for one dimension."""
+    return min(range(1, len(levels) + 1),
                key=lambda s: abs(math.log(math.prod(levels[:s])) - math.log(math.prod(levels[s:]))))
 
 
