@@ -105,6 +105,8 @@ def main() -> None:
     p.add_argument("--ldm-steps", type=int, default=1800)
     p.add_argument("--ldm-batch-size", type=int, default=128)
     p.add_argument("--samples-per-class", type=int, default=1000)
+    p.add_argument("--fd-steps", type=int, default=FULL.fd_steps,
+                   help="training steps of the study's domain feature extractor (default: the demo's)")
     p.add_argument("--data-path", help="Fashion-MNIST idx folder (default: the Debian package)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="extra overrides for every autoencoder")
     args = p.parse_args()
@@ -116,10 +118,10 @@ def main() -> None:
     extra = [*([f"data.path={args.data_path}"] if args.data_path else []), *args.overrides]
     base = load_config("kl_f4_fashion", [*SHORT_RECIPE, *extra], Config)
     features = out / "features"
-    if not features.is_file():  # the demo's domain extractor, trained once for the whole study
+    if not features.exists():  # the demo's domain extractor (a folder, written atomically), trained once per study
         out.mkdir(parents=True, exist_ok=True)
         train_fd_features(dataclasses.replace(base.data, max_images=None), features, "fashion_mnist",
-                          steps=FULL.fd_steps, device=device)
+                          steps=args.fd_steps, device=device)
     recipe = ProxyRecipe(steps=args.ldm_steps, batch_size=args.ldm_batch_size,
                          samples_per_class=args.samples_per_class)
     rows = {}

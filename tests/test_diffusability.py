@@ -239,3 +239,63 @@ def test_diffusability_command_measures_two_models_and_writes_report_and_card(ti
     assert main(["diffusability", *args]) == 2
     report = run_diffusability([str(export)], tmp_path / "spec", DiffusabilityOptions(num_images=16, proxy=None))
     assert "generation" not in report["results"][0]
+
+
+# ==============================================================================================
+# The study script: it resumes
+# ==============================================================================================
+
+
+def test_study_skips_what_is_finished_and_measures_only_what_is_missing(fake_fashion, tmp_path, monkeypatch):
+    """scripts/diffusability_study.py at tiny sizes: variants that share an autoencoder train it
+    once, and a second call reuses the feature extractor, the runs and the measurements."""
+    import functools
+    import importlib.util
+    import sys
+
+    from .conftest import ROOT
+
+    spec = importlib.util.spec_from_file_location("diffusability_study", ROOT / "scripts" / "diffusability_study.py")
+    study = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(study)
+    out = tmp_path / "study"
+    argv = ["diffusability_study.py", "--out", str(out), "--only", "baseline", "ldm_wide", "--num-images", "16",
+            "--ldm-steps", "2", "--ldm-batch-size", "8", "--samples-per-class", "1", "--fd-steps", "3",
+            "--data-path", str(fake_fashion), "train.max_steps=2", "train.batch_size=8", "loss.disc_start=100",
+            "train.checkpoint_every=2", "train.image_every=2", "export.scale_num_images=16", "data.max_images=64"]
+    monkeypatch.setattr(sys, "argv", argv)
+    # the study's recipe on the tiny LDM config: seconds, not minutes (the study sets steps and batch)
+    monkeypatch.setattr(study, "ProxyRecipe", functools.partial(ProxyRecipe, config="tiny_ldm", width=16,
+                                                                 sample_steps=2))
+    study.main()
+    assert sorted(p.name for p in (out / "runs").iterdir()) == ["baseline-s0"]  # ldm_wide reuses it
+    wide = json.loads((out / "measures" / "ldm_wide-s0" / "metrics.json").read_text())["results"][0]
+    assert wide["generation"]["unet"][0] == "model.block_out_channels=[128, 256]"  # its proxy LDM is wider
+    first = json.loads((out / "study.json").read_text())["table"]
+
+    calls = []
+
+    def refuse(name):
+        def call(*args, **kwargs):
+            raise AssertionError(f"{name} ran again")
+        return call
+
+    # a finished study: nothing trains or measures again, the table is the same
+    for name in ("train", "train_fd_features", "run_diffusability"):
+        monkeypatch.setattr(study, name, refuse(name))
+    study.main()
+    assert json.loads((out / "study.json").read_text())["table"] == first
+
+    # an interrupted one (a measurement missing): only that one runs, on the trained autoencoder
+    (out / "measures" / "ldm_wide-s0" / "metrics.json").unlink()
+
+    def measure(models, *args, **kwargs):
+        calls.append(models)
+        return run_diffusability(models, *args, **kwargs)
+
+    monkeypatch.setattr(study, "run_diffusability", measure)
+    study.main()
+    assert calls == [[str(out / "runs" / "baseline-s0" / "export")]]
+    table = json.loads((out / "study.json").read_text())["table"]
+    assert set(table) == {"baseline", "ldm_wide"} and table["baseline"] == first["baseline"]
+    assert "| ldm_wide |" in (out / "STUDY.md").read_text()
