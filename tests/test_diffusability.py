@@ -273,8 +273,6 @@ def test_study_skips_what_is_finished_and_measures_only_what_is_missing(fake_fas
     assert wide["generation"]["unet"][0] == "model.block_out_channels=[128, 256]"  # its proxy LDM is wider
     first = json.loads((out / "study.json").read_text())["table"]
 
-    calls = []
-
     def refuse(name):
         def call(*args, **kwargs):
             raise AssertionError(f"{name} ran again")
@@ -288,6 +286,7 @@ def test_study_skips_what_is_finished_and_measures_only_what_is_missing(fake_fas
 
     # an interrupted one (a measurement missing): only that one runs, on the trained autoencoder
     (out / "measures" / "ldm_wide-s0" / "metrics.json").unlink()
+    calls = []
 
     def measure(models, *args, **kwargs):
         calls.append(models)
