@@ -213,8 +213,10 @@ def _add_data_args(p, source_default=None) -> None:
 
 def _add_run_args(p, config_example: str, overrides_example: str) -> None:
     """What both trainers take: config, overrides and the run folder's flags."""
+    from .config import bundled_configs  # light (yaml only); the list stays true as configs are added
+
     p.add_argument("config", help=f"YAML config file, e.g. {config_example}, or the name of a config bundled with "
-                                  f"ldm-vae (kl_f4_fashion, vq_f4_fashion, ldm_fashion, tiny_kl, tiny_vq, tiny_ldm)")
+                                  f"ldm-vae ({', '.join(bundled_configs())})")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                    help=f"dotted overrides of config values, e.g. {overrides_example}")
     p.add_argument("--output-dir", required=True, help="run folder; refused if it already holds a run, unless --resume")
