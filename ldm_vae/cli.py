@@ -213,7 +213,8 @@ def _add_data_args(p, source_default=None) -> None:
 
 def _add_run_args(p, config_example: str, overrides_example: str) -> None:
     """What both trainers take: config, overrides and the run folder's flags."""
-    from .config import bundled_configs  # light (yaml only); the list stays true as configs are added
+    # imported here, like every command's modules; light (yaml only); the list follows the configs
+    from .config import bundled_configs
 
     p.add_argument("config", help=f"YAML config file, e.g. {config_example}, or the name of a config bundled with "
                                   f"ldm-vae ({', '.join(bundled_configs())})")
