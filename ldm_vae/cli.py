@@ -405,7 +405,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Train a KL-VAE, export and evaluate it, encode the training split, train a "
                                    "class-conditional LDM, sample every class, measure Frechet distances in a "
                                    "domain feature space, export the pipeline, and write OUT/REPORT.md with "
-                                   "pictures, metrics and the time of each stage (about 20 minutes on 2 CPU "
+                                   "pictures, metrics and the time of each stage (about 50 minutes on 2 CPU "
                                    "cores; --quick: about a minute, for smoke checks).")
     p.add_argument("--out", default="demo", help="demo folder (default: demo)")
     p.add_argument("--quick", action="store_true", help="tiny sizes and few steps: checks the path, not quality")

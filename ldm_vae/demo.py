@@ -7,8 +7,9 @@ the test split; encode the train split; train the class-conditional LDM
 classifier's accuracy on the samples; export the pipeline and check that stock diffusers
 reloads it and generates the same images. OUT/REPORT.md shows the pictures and numbers.
 
-The full demo is sized for about 20 minutes on 2 CPU cores; `--quick` runs the same
-stages on tiny sizes in about a minute (it checks the path, not the quality).
+The full demo takes about 50 minutes on a 2-core CPU VM (README, "Measured: the demo");
+`--quick` runs the same stages on tiny sizes in about a minute (it checks the path, not the
+quality).
 """
 
 from __future__ import annotations
