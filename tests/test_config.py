@@ -8,6 +8,7 @@ import sys
 import pytest
 
 from ldm_vae.autoencoder.config import Config
+from ldm_vae.cli import build_parser
 from ldm_vae.config import (
     bundled_configs,
     from_dict,
@@ -33,8 +34,6 @@ def test_shipped_configs_load_by_path_and_by_name():
     with pytest.raises(UserError, match="bundled configs, usable by name: dc_f8_fashion, fsq_f4_fashion, kl_f4"):
         load_config("kl_f4_fashon", [], Config)
     # and the trainers' --help names every one of them
-    from ldm_vae.cli import build_parser
-
     sub = next(a for a in build_parser()._actions if a.choices and "train-vae" in a.choices).choices
     for command in ("train-vae", "train-ldm"):
         config_help = " ".join(next(a.help for a in sub[command]._actions if a.dest == "config").split())
