@@ -56,8 +56,8 @@ class Plan:
     # classifier-free guidance of the samples: measured on the demo's trained LDM (README, "the
     # demo"), 10,000 samples each: 3.0 gave sample FD 6.8x the reconstructions' at 93% class
     # accuracy, 2.5 gave 5.0x at 91.5%, 2.25 4.2x at 89.9%, 2.0 3.6x at 88.2%; 2.5 is the
-    # lowest that keeps the class accuracy above 90% (an LDM retrained end to end at 2.5: 5.7x
-    # at 90.8%, within the sample distance's bootstrap interval)
+    # lowest that keeps the class accuracy above 90% (an LDM retrained end to end and sampled
+    # at 2.5: 5.7x at 90.8%, so the 5x holds for one trained LDM and not for another)
     guidance_scale: float = 2.5
 
 
