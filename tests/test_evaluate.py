@@ -497,7 +497,7 @@ def test_cli_eval_writes_all_files_and_updates_the_cards(exports, tmp_path, fake
     for m in (kl_m, vq_m):  # the artefact metrics (issue 20), in levels of 1/255 and as a ratio
         cast = [m[f"color_cast_255_{c}"] for c in "rgb"]
         assert m["color_cast_max_255"] == pytest.approx(max(map(abs, cast))) and m["border_error_ratio"] > 0
-    assert "cast max /255" in proc.stdout and "border ratio" in proc.stdout
+    assert "cast max /255" in proc.stdout and "per-image cast /255" in proc.stdout and "border ratio" in proc.stdout
     # the values are those of the first 48 test images for EVERY model of the call (the same images):
     # recomputed here from stock-loaded models, KL reconstructing from the posterior mean; and the last
     # model's domain FD on a fresh metric (the call shares one metric: not reset, it keeps the first's features)
@@ -512,6 +512,9 @@ def test_cli_eval_writes_all_files_and_updates_the_cards(exports, tmp_path, fake
         assert m["psnr_db"] == pytest.approx(psnr(x01, r01).mean().item(), abs=1e-4)
         assert m["ssim"] == pytest.approx(ssim(x01, r01).mean().item(), abs=1e-5)
         assert m["color_cast_255_g"] == pytest.approx(color_cast_255(x01, r01)[:, 1].mean().item(), abs=1e-3)
+        per_image = color_cast_255(x01, r01).abs().amax(1).mean().item()
+        assert m["color_cast_image_255"] == pytest.approx(per_image, abs=1e-3)
+        assert m["color_cast_image_255"] >= m["color_cast_max_255"] - 1e-9  # pooled casts can only cancel
         ratio, _ = border_error_ratio(border_error_sums(x01, r01))
         assert m["border_error_ratio"] == pytest.approx(ratio, rel=1e-4)
     # vq's distance, its test images' features recomputed here: the call computed them for kl, cached them

@@ -155,7 +155,9 @@ def evaluate_model(vae, dataset, opts: EvalOptions, out_dir: Path | None, tools:
         sums.add("psnr", psnr(x01, r01).sum())
         sums.add("ssim", ssim(x01, r01).sum())
         # per image, summed: the images are equally sized, so the mean over images is the pooled one
-        sums.add("color_cast_255", color_cast_255(x01, r01).sum(0))  # (C,)
+        cast = color_cast_255(x01, r01)  # (B, C)
+        sums.add("color_cast_255", cast.sum(0))  # (C,)
+        sums.add("color_cast_image_255", cast.abs().amax(1).sum())
         sums.add("border_error", border_error_sums(x01, r01))
         for net, model in lpips_nets.items():
             sums.add(f"lpips_{net}", model(x, recon).sum())
@@ -184,6 +186,7 @@ def evaluate_model(vae, dataset, opts: EvalOptions, out_dir: Path | None, tools:
     cast = t["color_cast_255"] / n
     m.update({f"color_cast_255_{c}": v for c, v in zip("rgb", cast.tolist(), strict=True)})
     m["color_cast_max_255"] = cast.abs().max().item()
+    m["color_cast_image_255"] = t["color_cast_image_255"].item() / n
     undefined = {}
     ratio, reason = border_error_ratio(t["border_error"])
     if ratio is None:
@@ -222,7 +225,8 @@ def evaluate_model(vae, dataset, opts: EvalOptions, out_dir: Path | None, tools:
 
 TABLE_METRICS = [("psnr_db", "PSNR dB", "{:.2f}"), ("ssim", "SSIM", "{:.4f}"), ("lpips_vgg", "LPIPS vgg", "{:.4f}"),
                  ("lpips_alex", "LPIPS alex", "{:.4f}"), ("rfid", "rFID", "{:.2f}"),
-                 ("color_cast_max_255", "cast max /255", "{:.2f}"), ("border_error_ratio", "border ratio", "{:.2f}"),
+                 ("color_cast_max_255", "cast max /255", "{:.2f}"),
+                 ("color_cast_image_255", "per-image cast /255", "{:.2f}"), ("border_error_ratio", "border ratio", "{:.2f}"),
                  ("codebook_usage", "codebook usage", "{:.1%}"), ("codebook_perplexity", "code perplexity", "{:.0f}"),
                  ("active_units", "active units", "{}"), ("elbo_bits_per_dim", "ELBO bits/dim", "{:.3f}")]
 
