@@ -8,8 +8,8 @@ Conventions:
 - Colour cast (`color_cast_255_r/g/b`): per RGB channel, the mean of (reconstruction - image)
   over all pixels and images on [0, 1] pixels, times 255 (units of 1/255, one 8-bit level);
   signed, positive = the reconstruction is brighter in that channel. `color_cast_max_255` is
-  the largest absolute value of the three. Pooled over images, opposite casts cancel (a
-  greener and a redder image average to none), so `color_cast_image_255` is the mean over
+  the largest absolute value of the three. Pooled over images, opposite casts cancel (one
+  image too green and one not green enough average to none), so `color_cast_image_255` is the mean over
   images of each image's largest absolute channel cast: it is 0 only if no image has a cast.
 - Border error ratio (`border_error_ratio`): mean |reconstruction - image| (averaged over
   channels) in a band along all four borders over that in the interior (every other pixel).
