@@ -9,8 +9,9 @@ Conventions:
   over all pixels and images on [0, 1] pixels, times 255 (units of 1/255, one 8-bit level);
   signed, positive = the reconstruction is brighter in that channel. `color_cast_max_255` is
   the largest absolute value of the three. Pooled over images, opposite casts cancel (one
-  image too green and one not green enough average to none), so `color_cast_image_255` is the mean over
-  images of each image's largest absolute channel cast: it is 0 only if no image has a cast.
+  image too green and one not green enough average to none), so `color_cast_image_255` is
+  the mean over images of each image's largest absolute channel cast: 0 only if no image has
+  a cast.
 - Border error ratio (`border_error_ratio`): mean |reconstruction - image| (averaged over
   channels) in a band along all four borders over that in the interior (every other pixel).
   The band is min(8, H // 4) rows at the top and bottom and min(8, W // 4) columns at the
