@@ -1,6 +1,7 @@
 """The latent diffusion networks side by side at equal compute: the class-conditional UNet
-(configs/ldm_fashion.yaml), the DiT (`network=dit`) and the text-to-image UNet
-(`diffusion.conditioning=text`, its prompts "a photo of a {class}"), each trained on the same
+(configs/ldm_fashion.yaml), the DiT (`network=dit`), the text-to-image UNet
+(`diffusion.conditioning=text`, its prompts "a photo of a {class}") and the UNet with other
+training recipes (Min-SNR-5 loss weighting, a higher LR), each trained on the same
 latent cache with the same steps x batch, then `--per-class` samples of every class: the
 domain Fréchet distance of the samples to the test images (with its bootstrap interval) and
 how often the domain classifier recognises the class that was asked for.
@@ -38,6 +39,9 @@ VARIANTS = {
     "UNet, class labels": [],
     "DiT, class labels": ["network=dit"],
     "UNet, text prompts": ["diffusion.conditioning=text"],
+    # the UNet's training recipe, same network and compute
+    "UNet, class labels, Min-SNR-5": ["diffusion.snr_gamma=5"],
+    "UNet, class labels, lr 1e-3": ["train.lr=1e-3"],
 }
 
 
@@ -88,7 +92,7 @@ def main() -> None:
                       "ci95": result["ci95"], "class_accuracy": (predicted == torch.tensor(labels)).float().mean().item(),
                       "num_samples": len(samples)}
         (out / "compare.json").write_text(json.dumps(rows, indent=2))
-    lines = [f"| network, conditioning | parameters | train s | {fd.name} of samples [95% CI] | class accuracy |",
+    lines = [f"| variant | parameters | train s | {fd.name} of samples [95% CI] | class accuracy |",
              "|---|---|---|---|---|"]
     for name, r in rows.items():
         ci = "[{:.3g}, {:.3g}]".format(*r["ci95"]) if r["ci95"] else ""

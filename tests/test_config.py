@@ -49,6 +49,8 @@ def test_ldm_config_is_checked_like_the_autoencoder_config(tmp_path):
         load_config(None, ["diffusion.beta_start=0.1"], LDMConfig)
     with pytest.raises(UserError, match="'diffusion.label_dropout' must be in"):
         load_config(None, ["diffusion.label_dropout=1.5"], LDMConfig)
+    with pytest.raises(UserError, match="'diffusion.snr_gamma' must be > 0"):
+        load_config(None, ["diffusion.snr_gamma=0"], LDMConfig)
     with pytest.raises(UserError, match="'network' must be one of unet, dit"):
         load_config(None, ["network=transformer"], LDMConfig)
     with pytest.raises(UserError, match="'network' dit needs diffusion.conditioning: class"):

@@ -131,7 +131,9 @@ def _spy_on_training(monkeypatch) -> list[dict]:
 
     def train_step(self, batch, step):
         steps.append({"batch_labels": batch["label"].clone()})
-        return real_step(self, batch, step)
+        out = real_step(self, batch, step)
+        steps[-1]["loss"] = out[1]["loss"]
+        return out
 
     def add_noise(self, z, noise, t):
         steps[-1].update(z=z.clone(), noise=noise.clone(), t=t.clone())
@@ -143,7 +145,7 @@ def _spy_on_training(monkeypatch) -> list[dict]:
         return real_forward(self, sample, timestep, class_labels=class_labels, **kwargs)
 
     def mse_loss(pred, target, *args, **kwargs):
-        steps[-1]["target"] = target.detach().clone()
+        steps[-1].update(pred=pred.detach().clone(), target=target.detach().clone())
         return real_mse(pred, target, *args, **kwargs)
 
     monkeypatch.setattr(LDMTrainer, "train_step", train_step)
@@ -178,6 +180,52 @@ def test_every_schedule_and_prediction_type_trains(tiny_ldm_cfg, tmp_path, monke
     assert np.mean(losses[-3:]) < 0.97 * np.mean(losses[:3]), losses
     pipe = load_pipeline(tmp_path / "run", solver="ddim")
     assert pipe.scheduler.config.prediction_type == prediction
+
+
+@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])
+def test_min_snr_weighting_is_the_x0_error_weighted_by_min_snr_gamma(prediction):
+    """Min-SNR-gamma (Hang et al. 2023): whatever the network predicts, the weighted loss is
+    min(SNR_t, gamma) times the squared error of the clean latent that prediction implies
+    (x0 = (x_t - s eps) / a, or x0 = a x_t - s v), per image; gamma above every SNR leaves
+    the epsilon loss as it was."""
+    from ldm_vae.diffusion.config import DiffusionConfig
+    from ldm_vae.diffusion.train import diffusion_loss
+
+    dc = DiffusionConfig(prediction_type=prediction, snr_gamma=5.0)
+    sched = noise_schedule(dc)
+    g = torch.Generator().manual_seed(0)
+    z, noise, pred = (torch.randn(64, 4, 8, 8, generator=g) for _ in range(3))
+    t = torch.arange(0, 1000, 1000 // 64)[:64]  # nearly clean to pure noise: SNR 1e4 .. 4e-5
+    abar = sched.alphas_cumprod[t].double().view(-1, 1, 1, 1)
+    a, s = abar.sqrt(), (1 - abar).sqrt()
+    x_t = a * z + s * noise
+    target = noise if prediction == "epsilon" else a * noise - s * z
+    x0_hat = (x_t - s * pred) / a if prediction == "epsilon" else a * x_t - s * pred
+    snr = (abar / (1 - abar)).flatten()
+    assert snr.max() > 5 > snr.min()  # both sides of gamma are tested
+    expected = (snr.clamp(max=5) * (x0_hat - z).square().flatten(1).mean(1)).mean()
+    got = diffusion_loss(pred, target.float(), t, sched, dc)
+    torch.testing.assert_close(got.double(), expected, rtol=1e-4, atol=0)
+    if prediction == "epsilon":
+        plain = DiffusionConfig(prediction_type=prediction)
+        torch.testing.assert_close(diffusion_loss(pred, target.float(), t, sched,
+                                                  DiffusionConfig(prediction_type=prediction, snr_gamma=1e9)),
+                                   diffusion_loss(pred, target.float(), t, sched, plain))
+
+
+def test_the_trainer_weights_its_loss_by_min_snr(tiny_ldm_cfg, tmp_path, monkeypatch):
+    """`diffusion.snr_gamma` reaches the training step: each logged loss is the per-image MSE
+    of that step's prediction weighted by min(SNR_t, gamma) / SNR_t."""
+    cfg = tiny_ldm_cfg("train.max_steps=3", "train.log_every=1", "train.image_every=100",
+                       "train.checkpoint_every=100", "sample.steps=1", "diffusion.snr_gamma=5")
+    steps = _spy_on_training(monkeypatch)
+    train_ldm(cfg, tmp_path / "run")
+    abar = noise_schedule(cfg.diffusion).alphas_cumprod
+    for s in steps:
+        snr = abar[s["t"]] / (1 - abar[s["t"]])
+        per_image = (s["pred"] - s["target"]).square().flatten(1).mean(1)
+        torch.testing.assert_close(s["loss"], (snr.clamp(max=5) / snr * per_image).mean())
+    assert len(steps) == 3
 
 
 def test_labels_are_dropped_to_the_null_class_at_the_configured_rate(tiny_ldm_cfg, tmp_path, monkeypatch):

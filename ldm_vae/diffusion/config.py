@@ -95,6 +95,11 @@ class DiffusionConfig:
     beta_end: float = 0.02
     # epsilon | v_prediction (Salimans & Ho 2022, arXiv:2202.00512)
     prediction_type: str = "epsilon"
+    # Min-SNR-gamma loss weighting (Hang et al. 2023, arXiv:2303.09556): each image's MSE is
+    # weighted by min(SNR(t), gamma) / SNR(t) (epsilon) or / (SNR(t) + 1) (v_prediction), so
+    # the nearly clean timesteps, whose noise is hard to predict and matters little to the
+    # samples, stop dominating the gradient. The paper's gamma: 5. null: the plain MSE
+    snr_gamma: Optional[float] = None
     # class: on the cache's labels; the "null" class (label 1000, the one diffusers'
     # DiTPipeline guides with) replaces a label with probability label_dropout.
     # text: on captions (the cache's, from data.caption_column; else "a photo of a {class}"
@@ -110,7 +115,7 @@ class DiffusionConfig:
         one_of(self, "beta_schedule", tuple(BETA_SCHEDULES))
         one_of(self, "prediction_type", ("epsilon", "v_prediction"))
         one_of(self, "conditioning", CONDITIONINGS)
-        positive(self, "num_train_timesteps", "beta_start", "beta_end")
+        positive(self, "num_train_timesteps", "beta_start", "beta_end", "snr_gamma")
         unit_interval(self, "label_dropout")
         if self.beta_start >= self.beta_end:
             raise FieldError("beta_start", "must be below 'diffusion.beta_end'")

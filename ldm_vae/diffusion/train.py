@@ -4,7 +4,8 @@ a diffusers UNet2DModel's (or DiTTransformer2DModel's, `network: dit`) step on c
 Per batch: latents z (scaled once by LatentDataset; a KL cache gives a fresh posterior
 sample per epoch), noise, uniform timesteps, DDPM forward process
 `add_noise(z, noise, t)`, and an MSE between the network's output and the target (noise for
-epsilon prediction, v = a_t * noise - s_t * z for v-prediction). With class conditioning,
+epsilon prediction, v = a_t * noise - s_t * z for v-prediction), per image weighted by
+Min-SNR-gamma with `diffusion.snr_gamma`. With class conditioning,
 each label is replaced by the null class with probability `diffusion.label_dropout`, so
 the same network also learns the unconditional model that classifier-free guidance needs.
 With text conditioning, each image's caption (its own, or a template over its class drawn
@@ -23,12 +24,13 @@ import torch.nn.functional as F
 from accelerate.logging import get_logger
 from diffusers import AutoencoderKL, DiTTransformer2DModel, UNet2DModel
 from diffusers.optimization import get_scheduler
+from diffusers.training_utils import compute_snr
 
 from ..errors import UserError
 from ..files import save_image
 from ..run.checkpoint import read_state
 from ..run.trainer import RunResult, Trainer, ema_weights, log_images, make_adamw
-from .config import LDMConfig
+from .config import DiffusionConfig, LDMConfig
 from .latents import LatentDataset, load_cache_autoencoder, read_cache
 from .networks import NULL_LABEL, TextConditioned, build_network, noise_schedule
 from .pipeline import make_scheduler
@@ -147,7 +149,7 @@ class LDMTrainer(Trainer):
                     pred = self.net(noisy, t, tokens)
                 else:
                     pred = self.net(noisy, t, class_labels=labels if self.num_classes else None).sample
-            loss = F.mse_loss(pred.float(), target.float())  # fp32 loss under autocast
+            loss = diffusion_loss(pred.float(), target.float(), t, sched, dc)  # fp32 under autocast
             acc.backward(loss)
             ok = None  # an accumulation micro-step: no optimizer step
             logs = {"loss": loss.detach()}
@@ -218,6 +220,18 @@ class LDMTrainer(Trainer):
 
     def result(self, summary: dict) -> LDMRun:
         return LDMRun(summary, self.accelerator.process_index, self.ema, self.model)
+
+
+def diffusion_loss(pred: torch.Tensor, target: torch.Tensor, t: torch.Tensor, sched, dc: DiffusionConfig
+                   ) -> torch.Tensor:
+    """The MSE between prediction and target; with `dc.snr_gamma`, each image's MSE weighted
+    by Min-SNR-gamma (DiffusionConfig): min(SNR, gamma) / SNR for epsilon, / (SNR + 1) for v,
+    i.e. the x0-error weight min(SNR, gamma) in both parameterisations."""
+    if dc.snr_gamma is None:
+        return F.mse_loss(pred, target)
+    snr = compute_snr(sched, t)
+    weight = snr.clamp(max=dc.snr_gamma) / (snr if dc.prediction_type == "epsilon" else snr + 1)
+    return (weight * F.mse_loss(pred, target, reduction="none").flatten(1).mean(1)).mean()
 
 
 def conditioning(cfg: LDMConfig, meta: dict) -> int | None:
