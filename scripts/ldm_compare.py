@@ -7,7 +7,7 @@ domain Fréchet distance of the samples to the test images (with its bootstrap i
 how often the domain classifier recognises the class that was asked for.
 
     python scripts/ldm_compare.py --latents LATENTS --fd-features FEATURES --out OUT \
-        [--steps 1800 --batch-size 128 --per-class 200]
+        [--steps 1800 --batch-size 128 --per-class 200 --set seed=1]
 
 LATENTS: a cache of `ldm-vae encode` with labels (e.g. the demo's `latents/`); FEATURES: an
 extractor of `ldm-vae train-fd-features` (e.g. the demo's `features/`). Writes OUT/compare.md,
@@ -55,6 +55,9 @@ def main() -> None:
     p.add_argument("--per-class", type=int, default=200)
     p.add_argument("--guidance-scale", type=float, default=3.0)
     p.add_argument("--variant", action="append", choices=list(VARIANTS), help="default: all")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a config override for every variant, e.g. seed=1 for a second training seed "
+                        "(use another --out: finished variants are not trained again)")
     args = p.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -66,8 +69,12 @@ def main() -> None:
     rows = json.loads((out / "compare.json").read_text()) if (out / "compare.json").is_file() else {}
     for name in args.variant or VARIANTS:
         run = out / name.replace(", ", "-").replace(" ", "_").lower()
+        if name in rows and rows[name]["overrides"] != [*args.set, *VARIANTS[name]]:
+            raise SystemExit(f"{out} holds {name!r} trained with {rows[name]['overrides']}, not with "
+                             f"{[*args.set, *VARIANTS[name]]}: pass another --out")
         cfg = load_config("ldm_fashion", [f"latents={args.latents}", f"train.max_steps={args.steps}",
-                                          f"train.batch_size={args.batch_size}", *VARIANTS[name]], LDMConfig)
+                                          f"train.batch_size={args.batch_size}", *args.set, *VARIANTS[name]],
+                          LDMConfig)
         if not (run / "summary.json").is_file():
             train_ldm(cfg, run, overwrite=run.exists())
         summary = json.loads((run / "summary.json").read_text())
@@ -83,7 +90,7 @@ def main() -> None:
             predicted = torch.cat([fd.network.module.logits(samples[i:i + 500] * 2 - 1).argmax(1)
                                    for i in range(0, len(samples), 500)])
         result = frechet_result(real, fd.features(samples), bootstrap=100)
-        rows[name] = {"overrides": VARIANTS[name], "steps": summary["steps"], "batch": args.batch_size,
+        rows[name] = {"overrides": [*args.set, *VARIANTS[name]], "steps": summary["steps"], "batch": args.batch_size,
                       "parameters_m": round(sum(p.numel() for p in pipe.denoiser.parameters()) / 1e6, 3)
                       + (round(sum(p.numel() for p in pipe.text_encoder.parameters()) / 1e6, 3)
                          if hasattr(pipe, "text_encoder") else 0),
@@ -100,7 +107,8 @@ def main() -> None:
                      f"{r['class_accuracy']:.3f} |")
     head = (f"{args.steps} steps x batch {args.batch_size} on {args.latents} ({meta['dataset']}); "
             f"{args.per_class} samples per class, DPM-Solver++ 20 steps, guidance {args.guidance_scale:g}; "
-            f"text prompts \"a photo of a {{class}}\".\n\n")
+            + (f"overrides {' '.join(args.set)}; " if args.set else "")
+            + "text prompts \"a photo of a {class}\".\n\n")
     (out / "compare.md").write_text(head + "\n".join(lines) + "\n")
     print(head + "\n".join(lines))
 

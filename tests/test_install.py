@@ -68,6 +68,8 @@ def test_demo_and_export_run_from_a_wheel_outside_the_checkout(wheel_env, tmp_pa
     # the exported autoencoder has the shift folded into its biases: equal up to float rounding
     assert report["stock_diffusers_max_abs_diff"] < 1e-5
     assert "ldm-vae" in (tmp_path / "demo" / "pipeline" / "README.md").read_text()
+    # the demo's LDM trains with the Min-SNR-5 weighting that the README's measurement chose
+    assert report["ldm"]["snr_gamma"] == 5 and "snr_gamma: 5.0" in (tmp_path / "demo" / "ldm" / "config.yaml").read_text()
 
     _run([cli, "export", "demo/vae", "again"], cwd=tmp_path)
     card = (tmp_path / "again" / "README.md").read_text()
