@@ -251,7 +251,7 @@ Reconstructions (top: test images, bottom: reconstructions), from `eval/`:
 ## Latent diffusion ({ldm['steps']} steps, final loss {ldm['final_loss']:.4f})
 
 {r['latents']['num']} latents of shape {r['latents']['shape']}, scaled by {r['latents']['scaling_factor']:.4f}.
-Loss: the MSE weighted by Min-SNR-{ldm['snr_gamma']:g} (`{MIN_SNR}`), chosen by measurement (README).
+Loss: the MSE weighted by Min-SNR-{ldm['snr_gamma']:g} (`diffusion.snr_gamma`), chosen by measurement (README).
 Samples: DPM-Solver++ {s['steps']} steps, guidance scale {s['guidance_scale']:g}, one row per class
 (top to bottom: {', '.join(names)}):
 

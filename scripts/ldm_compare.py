@@ -69,12 +69,12 @@ def main() -> None:
     rows = json.loads((out / "compare.json").read_text()) if (out / "compare.json").is_file() else {}
     for name in args.variant or VARIANTS:
         run = out / name.replace(", ", "-").replace(" ", "_").lower()
-        if name in rows and rows[name]["overrides"] != [*args.set, *VARIANTS[name]]:
+        overrides = [*args.set, *VARIANTS[name]]
+        if name in rows and rows[name]["overrides"] != overrides:
             raise SystemExit(f"{out} holds {name!r} trained with {rows[name]['overrides']}, not with "
-                             f"{[*args.set, *VARIANTS[name]]}: pass another --out")
+                             f"{overrides}: pass another --out")
         cfg = load_config("ldm_fashion", [f"latents={args.latents}", f"train.max_steps={args.steps}",
-                                          f"train.batch_size={args.batch_size}", *args.set, *VARIANTS[name]],
-                          LDMConfig)
+                                          f"train.batch_size={args.batch_size}", *overrides], LDMConfig)
         if not (run / "summary.json").is_file():
             train_ldm(cfg, run, overwrite=run.exists())
         summary = json.loads((run / "summary.json").read_text())
@@ -90,7 +90,7 @@ def main() -> None:
             predicted = torch.cat([fd.network.module.logits(samples[i:i + 500] * 2 - 1).argmax(1)
                                    for i in range(0, len(samples), 500)])
         result = frechet_result(real, fd.features(samples), bootstrap=100)
-        rows[name] = {"overrides": [*args.set, *VARIANTS[name]], "steps": summary["steps"], "batch": args.batch_size,
+        rows[name] = {"overrides": overrides, "steps": summary["steps"], "batch": args.batch_size,
                       "parameters_m": round(sum(p.numel() for p in pipe.denoiser.parameters()) / 1e6, 3)
                       + (round(sum(p.numel() for p in pipe.text_encoder.parameters()) / 1e6, 3)
                          if hasattr(pipe, "text_encoder") else 0),
