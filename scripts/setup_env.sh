@@ -45,13 +45,15 @@ fi
 
 # Debian's wallpapers (offline RGB photographs, data.source=wallpapers; gnome-backgrounds for
 # data.wallpaper_art). Not fatal: the tests write their own images, and the other sources work.
-if [ ! -d /usr/share/wallpapers/Kite ] || [ ! -d /usr/share/backgrounds/gnome ]; then
+wallpapers="plasma-workspace-wallpapers mate-backgrounds gnome-backgrounds"
+if [ ! -d /usr/share/wallpapers/Kite ] || [ ! -d /usr/share/backgrounds/mate/nature ] \
+   || [ ! -d /usr/share/backgrounds/gnome ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-    { apt-get update -qq && apt-get install -y -qq plasma-workspace-wallpapers gnome-backgrounds; } >/dev/null \
-      || echo "note: could not install plasma-workspace-wallpapers gnome-backgrounds; data.source=wallpapers" \
-              "will not work." >&2
+    # shellcheck disable=SC2086
+    { apt-get update -qq && apt-get install -y -qq $wallpapers; } >/dev/null \
+      || echo "note: could not install $wallpapers; data.source=wallpapers will not work." >&2
   else
-    echo "note: Debian wallpapers not found; run 'apt-get install plasma-workspace-wallpapers gnome-backgrounds'" \
+    echo "note: Debian wallpapers not found; run 'apt-get install $wallpapers'" \
          "as root for data.source=wallpapers (the other sources work without them)." >&2
   fi
 fi

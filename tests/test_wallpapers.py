@@ -1,5 +1,5 @@
 """data.source=wallpapers: whole images held out, crop shapes and ranges, a deterministic test
-split, the largest of a wallpaper's resolutions, the art option and the missing-package message.
+split, the largest of a wallpaper's resolutions, the art option and the missing-package messages.
 
 The Debian packages are replaced by a temporary folder of small generated JPEG/WebP/PNG files
 (and scikit-image's photos by small generated ones), so these run in a second without the
@@ -18,9 +18,10 @@ from ldm_vae.data.config import DataConfig
 from ldm_vae.data.sources import build_dataset
 from ldm_vae.errors import UserError
 
-PLASMA, GNOME = "plasma-workspace-wallpapers", "gnome-backgrounds"
+PLASMA, MATE, GNOME = "plasma-workspace-wallpapers", "mate-backgrounds", "gnome-backgrounds"
 # each fake image is one solid colour, so a crop's mean colour names the image it came from
 TRAIN_PHOTOS = ("Path", "Grey", "EveningGlow")
+MATE_PHOTOS = ("Dune",)  # a second package of photographs, training only
 HELD_OUT_PHOTOS = ("Kite", "summer_1am")
 ART = {PLASMA: ("Altai",), GNOME: ("wood-l",)}
 
@@ -38,7 +39,7 @@ def _save(path: Path, size: tuple[int, int], colour, mode: str = "RGB") -> None:
 @pytest.fixture
 def fake(tmp_path, monkeypatch) -> dict[str, tuple[int, int, int]]:
     """Fake packages and scikit-image photos; returns each image's colour by name."""
-    plasma, gnome = tmp_path / "wallpapers", tmp_path / "gnome"
+    plasma, mate, gnome = tmp_path / "wallpapers", tmp_path / "mate", tmp_path / "gnome"
     colours, k = {}, 0
     for name in TRAIN_PHOTOS + HELD_OUT_PHOTOS + ART[PLASMA]:
         colours[name], k = _colour(k), k + 1
@@ -49,16 +50,20 @@ def fake(tmp_path, monkeypatch) -> dict[str, tuple[int, int, int]]:
         # several resolutions of one picture: only the largest (by pixels) is used
         for w, h in ((96, 60), (240, 150), (100, 200)):
             _save(images / f"{w}x{h}.{ext}", (w, h), colours[name], "L" if name == "Grey" else "RGB")
-    colours["wood-l"] = _colour(k)
+    colours["wood-l"], colours["Dune"] = _colour(k), _colour(k + 1)
     _save(gnome / "wood-l.webp", (200, 200), colours["wood-l"])
+    _save(mate / "Dune.jpg", (160, 100), colours["Dune"])
+    k += 2
     (gnome / "wood-l.xml").write_text("<background/>")  # a slide show, not an image: skipped
     photos = []
     for i, name in enumerate(data.PHOTO_NAMES):
         colours[name] = _colour(k + 1 + i)
         photos.append(Image.new("RGB", (90, 70), colours[name]))
     monkeypatch.setitem(data.WALLPAPER_PACKAGES, PLASMA, (str(plasma), "{}/contents/images/*"))
+    monkeypatch.setitem(data.WALLPAPER_PACKAGES, MATE, (str(mate), "{}.*"))
     monkeypatch.setitem(data.WALLPAPER_PACKAGES, GNOME, (str(gnome), "{}.*"))
-    monkeypatch.setattr(data, "WALLPAPER_PHOTOS", TRAIN_PHOTOS + HELD_OUT_PHOTOS + ("ColdRipple",))  # one missing
+    monkeypatch.setattr(data, "WALLPAPER_PHOTOS",
+                        {PLASMA: TRAIN_PHOTOS + HELD_OUT_PHOTOS + ("ColdRipple",), MATE: MATE_PHOTOS})  # one missing
     monkeypatch.setattr(data, "WALLPAPER_ART", ART)
     monkeypatch.setattr(data, "_load_photos", lambda source="photos": photos)
     monkeypatch.setattr(data, "_CAPPED", {})
@@ -79,7 +84,7 @@ def test_train_and_test_share_no_image(fake):
     train, test = build_dataset(_cfg(), "train", train=True), build_dataset(_cfg(), "test", train=False)
     held_out = set(HELD_OUT_PHOTOS) | {"chelsea"}
     assert set(test.names) == held_out
-    assert set(train.names) == set(TRAIN_PHOTOS) | set(data.PHOTO_NAMES) - held_out
+    assert set(train.names) == set(TRAIN_PHOTOS) | set(MATE_PHOTOS) | set(data.PHOTO_NAMES) - held_out
     # by content, not only by name: every crop comes from an image of its own split
     train_seen = {_source(train[i]["pixel_values"], fake) for i in range(len(train))}
     test_seen = {_source(test[i]["pixel_values"], fake) for i in range(len(test))}
@@ -93,7 +98,7 @@ def test_train_and_test_share_no_image(fake):
 def test_crops_shape_range_and_no_labels(fake):
     ds = build_dataset(_cfg(), "train", train=True)
     assert len(ds) == 64 and not ds.has_labels and ds.class_names is None
-    assert ds.dataset_id == "debian-wallpapers" and "64 random crops of 10 images" in ds.description  # 3 + 7
+    assert ds.dataset_id == "debian-wallpapers" and "64 random crops of 11 images" in ds.description  # 3 + 1 + 7
     for i in range(8):
         item = ds[i]
         x = item["pixel_values"]
@@ -136,11 +141,19 @@ def test_art_joins_training_only(fake):
 
 def test_missing_packages_name_the_apt_command(fake, tmp_path, monkeypatch):
     monkeypatch.setitem(data.WALLPAPER_PACKAGES, PLASMA, (str(tmp_path / "nowhere"), "{}/contents/images/*"))
-    hint = r"apt-get install -y plasma-workspace-wallpapers gnome-backgrounds"
+    hint = r"apt-get install -y plasma-workspace-wallpapers mate-backgrounds gnome-backgrounds"
     with pytest.raises(UserError, match=rf"needs Debian's {PLASMA} \(.*nowhere does not exist\); .*{hint}"):
         build_dataset(_cfg(), "train", train=True)
     with pytest.raises(UserError, match="train, test"):
         build_dataset(_cfg(), "validation", train=False)
+
+
+def test_missing_mate_only_matters_for_training(fake, tmp_path, monkeypatch):
+    monkeypatch.setitem(data.WALLPAPER_PACKAGES, MATE, (str(tmp_path / "no-mate"), "{}.*"))
+    test = build_dataset(_cfg(), "test", train=False)  # the held-out images are all Plasma's
+    assert set(test.names) == set(HELD_OUT_PHOTOS) | {"chelsea"}
+    with pytest.raises(UserError, match=f"needs Debian's {MATE} .*no-mate does not exist.*apt-get install"):
+        build_dataset(_cfg(), "train", train=True)
 
 
 def test_missing_gnome_only_matters_with_art(fake, tmp_path, monkeypatch):
@@ -158,13 +171,14 @@ def test_config_rules():
     assert data.hub_dataset_id("wallpapers") is None
 
 
-@pytest.mark.skipif(not Path("/usr/share/wallpapers/Kite").is_dir(), reason="plasma-workspace-wallpapers not installed")
+@pytest.mark.skipif(not all(Path(folder).is_dir() for folder, _ in data.WALLPAPER_PACKAGES.values()),
+                    reason="the wallpaper packages are not installed")
 def test_installed_packages():
     pytest.importorskip("skimage")
     cfg = DataConfig(source="wallpapers", resolution=32, photos_per_epoch=4)
     train, test = build_dataset(cfg, "train", train=True), build_dataset(cfg, "test", train=False)
     assert sorted(test.names) == sorted(data.WALLPAPERS_HELD_OUT)
-    assert len(train.names) == 14 and not set(train.names) & set(test.names)
+    assert len(train.names) == 26 and not set(train.names) & set(test.names)
     assert all(max(img.size) <= cfg.max_side for img in train.photos + test.photos)
     assert train[0]["pixel_values"].shape == test[len(test) - 1]["pixel_values"].shape == (3, 32, 32)
 

@@ -798,13 +798,19 @@ class Photos(PhotoCrops):
 # wallpaper ships several resolutions of the same picture; the largest one is used.
 WALLPAPER_PACKAGES = {
     "plasma-workspace-wallpapers": ("/usr/share/wallpapers", "{}/contents/images/*"),
+    "mate-backgrounds": ("/usr/share/backgrounds/mate/nature", "{}.*"),
     "gnome-backgrounds": ("/usr/share/backgrounds/gnome", "{}.*"),
 }
-# The wallpapers that are photographs, chosen by looking at every one (plasma-workspace-wallpapers
-# 5.27, Debian 12; all LGPL-3 by their metadata.json). The other Plasma wallpapers and all of
-# gnome-backgrounds are rendered or painted art: WALLPAPER_ART.
-WALLPAPER_PHOTOS = ("BytheWater", "ColdRipple", "ColorfulCups", "DarkestHour", "EveningGlow", "FallenLeaf", "Grey",
-                    "Kite", "OneStandsOut", "Path", "summer_1am")
+# The wallpapers that are photographs, chosen by looking at every one (Debian 12:
+# plasma-workspace-wallpapers 5.27, all LGPL-3 by their metadata.json; mate-backgrounds 1.26, its
+# `nature/` folder, GPL-2+). The other Plasma wallpapers and all of gnome-backgrounds are
+# rendered or painted art: WALLPAPER_ART (MATE's other folders are art too, and unused).
+WALLPAPER_PHOTOS = {
+    "plasma-workspace-wallpapers": ("BytheWater", "ColdRipple", "ColorfulCups", "DarkestHour", "EveningGlow",
+                                    "FallenLeaf", "Grey", "Kite", "OneStandsOut", "Path", "summer_1am"),
+    "mate-backgrounds": ("Aqua", "Blinds", "Dune", "FreshFlower", "Garden", "GreenMeadow", "LadyBird", "RainDrops",
+                         "Storm", "TwoWings", "Wood", "YellowFlower"),
+}
 # data.wallpaper_art adds these to the training split: each design once (Plasma's light
 # `images/` folder, not `images_dark/`; GNOME's light `-l` variant; not GNOME's flat vnc-*).
 WALLPAPER_ART = {
@@ -813,7 +819,7 @@ WALLPAPER_ART = {
         "Kay", "Kokkini", "MilkyWay", "Opal", "PastelHills", "Patak", "SafeLanding", "Shell", "Volna"),
     "gnome-backgrounds": ("adwaita-l", "grid-l", "licorice-l", "pixels-l", "symbolic-l", "truchet-l", "wood-l"),
 }
-# The test split: whole photographs that training never sees (5 of 19). Chosen to cover the
+# The test split: whole photographs that training never sees (5 of 31). Chosen to cover the
 # failure cases of issue 20: blue sky (Kite: colour cast), a smooth gradient with reflections
 # (summer_1am: borders on flat images), fine natural texture (OneStandsOut), saturated colours
 # with hard edges (ColorfulCups) and fur (scikit-image's chelsea).
@@ -876,12 +882,16 @@ def wallpaper_corpus(split: str, art: bool, max_side: int) -> list[tuple[str, Im
     """(name, image with its longer side at most max_side) of the wallpapers source's split: the
     photographs in WALLPAPERS_HELD_OUT for "test", the others (and the art, if `art`) for "train"."""
     held_out = split == "test"
-    files = _wallpaper_files("plasma-workspace-wallpapers", WALLPAPER_PHOTOS)
+    files = {}
+    for package, names in WALLPAPER_PHOTOS.items():
+        names = tuple(n for n in names if (n in WALLPAPERS_HELD_OUT) == held_out)
+        if names:  # a package that holds none of this split's images need not be installed
+            files.update(_wallpaper_files(package, names))
     if art and not held_out:
         for package, names in WALLPAPER_ART.items():
             files.update(_wallpaper_files(package, names))
     corpus = [(name, _capped(str(path), max_side, lambda path=path: _decode_wallpaper(path)))
-              for name, path in files.items() if (name in WALLPAPERS_HELD_OUT) == held_out]
+              for name, path in files.items()]
     photos = _load_photos("wallpapers")
     corpus += [(name, _capped(f"skimage:{name}", max_side, lambda img=img: img))
                for name, img in zip(PHOTO_NAMES, photos) if (name in WALLPAPERS_HELD_OUT) == held_out]
@@ -890,11 +900,12 @@ def wallpaper_corpus(split: str, art: bool, max_side: int) -> list[tuple[str, Im
 
 class Wallpapers(PhotoCrops):
     """Crops of an offline corpus of natural photographs: the Debian wallpapers that are
-    photographs (WALLPAPER_PHOTOS, plasma-workspace-wallpapers) and scikit-image's photos.
+    photographs (WALLPAPER_PHOTOS: plasma-workspace-wallpapers and mate-backgrounds) and
+    scikit-image's photos.
 
     Test split: whole images held out of training (WALLPAPERS_HELD_OUT, a fixed list: never a
     crop of a training image), each cut into a fixed grid of crops at fixed scales. Train split:
-    the other 14 images; with data.wallpaper_art also the rendered and painted wallpapers
+    the other 26 images; with data.wallpaper_art also the rendered and painted wallpapers
     (WALLPAPER_ART, plasma-workspace-wallpapers and gnome-backgrounds), in training only, so the
     test split stays the same photographs.
 
@@ -909,7 +920,8 @@ class Wallpapers(PhotoCrops):
 
     Licences (README, "Data"): plasma-workspace-wallpapers is GPL-2+ by its Debian copyright file
     (/usr/share/doc/plasma-workspace-wallpapers/copyright), each photograph LGPL-3 by its
-    metadata.json; gnome-backgrounds (art only) GPL-2+, adwaita* CC BY-SA 3.0 by its copyright
+    metadata.json; mate-backgrounds GPL-2+ by its copyright file (/usr/share/doc/mate-backgrounds/
+    copyright); gnome-backgrounds (art only) GPL-2+, adwaita* CC BY-SA 3.0 by its copyright
     file; scikit-image's photos public domain or CC0 by skimage.data's docstrings, except the
     motorcycle (Middlebury 2014 stereo benchmark; no licence stated).
     """
