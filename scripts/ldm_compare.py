@@ -77,6 +77,9 @@ def main() -> None:
                                           f"train.batch_size={args.batch_size}", *overrides], LDMConfig)
         if not (run / "summary.json").is_file():
             train_ldm(cfg, run, overwrite=run.exists())
+        elif load_config(run / "config.yaml", [], LDMConfig) != cfg:  # trained, but its row was never written
+            raise SystemExit(f"{run} was trained with another config than {name!r} with {overrides} (see its "
+                             f"config.yaml): pass another --out")
         summary = json.loads((run / "summary.json").read_text())
         pipe, _ = load_run_pipeline(run)
         n = pipe.num_classes
