@@ -884,9 +884,9 @@ def wallpaper_corpus(split: str, art: bool, max_side: int) -> list[tuple[str, Im
     held_out = split == "test"
     files = {}
     for package, names in WALLPAPER_PHOTOS.items():
-        names = tuple(n for n in names if (n in WALLPAPERS_HELD_OUT) == held_out)
-        if names:  # a package that holds none of this split's images need not be installed
-            files.update(_wallpaper_files(package, names))
+        wanted = tuple(n for n in names if (n in WALLPAPERS_HELD_OUT) == held_out)
+        if wanted:  # a package that holds none of this split's images need not be installed
+            files.update(_wallpaper_files(package, wanted))
     if art and not held_out:
         for package, names in WALLPAPER_ART.items():
             files.update(_wallpaper_files(package, names))
