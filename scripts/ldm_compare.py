@@ -70,14 +70,11 @@ def main() -> None:
     for name in args.variant or VARIANTS:
         run = out / name.replace(", ", "-").replace(" ", "_").lower()
         overrides = [*args.set, *VARIANTS[name]]
-        if name in rows and rows[name]["overrides"] != overrides:
-            raise SystemExit(f"{out} holds {name!r} trained with {rows[name]['overrides']}, not with "
-                             f"{overrides}: pass another --out")
         cfg = load_config("ldm_fashion", [f"latents={args.latents}", f"train.max_steps={args.steps}",
                                           f"train.batch_size={args.batch_size}", *overrides], LDMConfig)
         if not (run / "summary.json").is_file():
             train_ldm(cfg, run, overwrite=run.exists())
-        elif load_config(run / "config.yaml", [], LDMConfig) != cfg:  # trained, but its row was never written
+        elif load_config(run / "config.yaml", [], LDMConfig) != cfg:  # the trained run's own config, row or not
             raise SystemExit(f"{run} was trained with another config than {name!r} with {overrides} (see its "
                              f"config.yaml): pass another --out")
         summary = json.loads((run / "summary.json").read_text())
