@@ -83,7 +83,23 @@ def test_border_band_is_8_pixels_clamped_to_a_quarter_of_the_side():
     r = x + torch.where(border_mask(32, 32), 0.1, 0.02)
     ratio, _ = border_error_ratio(border_error_sums(x, r))
     assert ratio == pytest.approx(5.0)
-    assert border_error_sums(x, r)[[1, 3]].tolist() == [2 * (32 * 32 - 16 * 16), 2 * 16 * 16]
+    assert border_error_sums(x, r)[[1, 3, 5]].tolist() == [2 * (32 * 32 - 16 * 16), 2 * 16 * 16, 2 * (32 * 32 - 30 * 30)]
+
+
+def test_frame_ratio_is_the_outermost_ring_of_pixels_over_the_same_interior():
+    """Error 0.3 on the outermost ring, 0.1 on the rest of the 8-pixel band, 0.02 inside: the frame
+    ratio is 15, while the band's ratio averages the frame with the 7 inner rings."""
+    x = torch.full((2, 3, 32, 32), 0.5, dtype=torch.float64)
+    frame = border_mask(32, 32, 1)
+    assert frame.sum() == 32 * 32 - 30 * 30 and not frame[1:31, 1:31].any()
+    r = x + torch.where(frame, 0.3, torch.where(border_mask(32, 32), 0.1, 0.02))
+    sums = border_error_sums(x, r)
+    assert border_error_ratio(sums, "frame")[0] == pytest.approx(15.0)
+    n_frame, n_band = 32 * 32 - 30 * 30, 32 * 32 - 16 * 16
+    band_mean = (0.3 * n_frame + 0.1 * (n_band - n_frame)) / n_band
+    assert border_error_ratio(sums)[0] == pytest.approx(band_mean / 0.02)
+    ratio, reason = border_error_ratio(border_error_sums(x, x + torch.where(frame, 0.1, 0.0)), "frame")
+    assert ratio is None and "frame error ratio is undefined" in reason
 
 
 def test_border_ratio_pools_sums_over_images_and_an_exact_interior_is_unavailable():
@@ -497,7 +513,7 @@ def test_cli_eval_writes_all_files_and_updates_the_cards(exports, tmp_path, fake
     for m in (kl_m, vq_m):  # the artefact metrics (issue 20), in levels of 1/255 and as a ratio
         cast = [m[f"color_cast_255_{c}"] for c in "rgb"]
         assert m["color_cast_max_255"] == pytest.approx(max(map(abs, cast))) and m["border_error_ratio"] > 0
-    assert "cast max /255" in proc.stdout and "per-image cast /255" in proc.stdout and "border ratio" in proc.stdout
+    assert "cast max /255" in proc.stdout and "per-image cast /255" in proc.stdout and "frame ratio" in proc.stdout
     # the values are those of the first 48 test images for EVERY model of the call (the same images):
     # recomputed here from stock-loaded models, KL reconstructing from the posterior mean; and the last
     # model's domain FD on a fresh metric (the call shares one metric: not reset, it keeps the first's features)
@@ -515,8 +531,9 @@ def test_cli_eval_writes_all_files_and_updates_the_cards(exports, tmp_path, fake
         per_image = color_cast_255(x01, r01).abs().amax(1).mean().item()
         assert m["color_cast_image_255"] == pytest.approx(per_image, abs=1e-3)
         assert m["color_cast_image_255"] >= m["color_cast_max_255"] - 1e-9  # pooled casts can only cancel
-        ratio, _ = border_error_ratio(border_error_sums(x01, r01))
-        assert m["border_error_ratio"] == pytest.approx(ratio, rel=1e-4)
+        for region in ("border", "frame"):
+            ratio, _ = border_error_ratio(border_error_sums(x01, r01), region)
+            assert m[f"{region}_error_ratio"] == pytest.approx(ratio, rel=1e-4)
     # vq's distance, its test images' features recomputed here: the call computed them for kl, cached them
     # (the file it names) and read them back for vq
     assert [m["frechet_reference"]["fd_shapes"]["source"] for m in (kl_m, vq_m)] == ["computed", "cached"]

@@ -19,6 +19,9 @@ Conventions:
   sums and pixel counts are summed over all images first (a ratio of means, not a mean of
   per-image ratios). Unavailable, with the reason, when the interior error is 0 (or the
   images are under 4x4, with no band), never inf.
+- Frame error ratio (`frame_error_ratio`): the same with the outermost ring of pixels (one
+  pixel wide) in place of the band, over the same interior. A frame one or two pixels wide
+  shows here at its full strength; the band's ratio averages it with seven inner rings.
 - LPIPS v0.1 (ldm_vae/autoencoder/perceptual.py), VGG and AlexNet backbones, inputs in [-1, 1].
 - rFID: torchmetrics `FrechetInceptionDistance`, 2048 pool features of torch-fidelity's
   FID Inception, fed uint8 pixels rounded from [0, 1], float64 statistics, images resized
@@ -75,24 +78,29 @@ def border_mask(height: int, width: int, band: int = BORDER_BAND) -> torch.Tenso
 
 
 def border_error_sums(x01: torch.Tensor, r01: torch.Tensor, band: int = BORDER_BAND) -> torch.Tensor:
-    """float64 [border |error| sum, border pixels, interior |error| sum, interior pixels] of a batch,
-    |error| averaged over channels; sums (not means) so that batches and images pool exactly."""
+    """float64 [band |error| sum, band pixels, interior |error| sum, interior pixels, frame |error|
+    sum, frame pixels] of a batch, |error| averaged over channels; the frame is the band's
+    outermost ring of pixels. Sums (not means) so that batches and images pool exactly."""
     err = (r01.double() - x01.double()).abs().mean(1)  # (B, H, W)
-    mask = border_mask(*err.shape[-2:], band).to(err.device)
-    n_border = mask.sum().double() * len(err)
-    return torch.stack([err[:, mask].sum(), n_border, err[:, ~mask].sum(), err[0].numel() * len(err) - n_border])
+    h, w = err.shape[-2:]
+    mask, frame = border_mask(h, w, band).to(err.device), border_mask(h, w, 1).to(err.device)
+    n_band, n_frame = mask.sum().double() * len(err), frame.sum().double() * len(err)
+    return torch.stack([err[:, mask].sum(), n_band, err[:, ~mask].sum(), err[0].numel() * len(err) - n_band,
+                        err[:, frame].sum(), n_frame])
 
 
-def border_error_ratio(sums: torch.Tensor) -> tuple[float | None, str | None]:
-    """(border mean |error| / interior mean |error|, None) from summed `border_error_sums`: a ratio
-    of pooled means over all images' pixels, not a mean of per-image ratios; (None, reason) when
-    it is undefined (an exact interior would give inf or 0/0, never reported as a number)."""
-    border, n_border, interior, n_interior = sums.tolist()
-    if n_border == 0:  # the interior, at least half of each side, is never empty
+def border_error_ratio(sums: torch.Tensor, region: str = "border") -> tuple[float | None, str | None]:
+    """(mean |error| in the region / interior mean |error|, None) from summed `border_error_sums`,
+    region "border" (the border band) or "frame" (its outermost ring of pixels): a ratio of pooled
+    means over all images' pixels, not a mean of per-image ratios; (None, reason) when it is
+    undefined (an exact interior would give inf or 0/0, never reported as a number)."""
+    band, n_band, interior, n_interior, frame, n_frame = sums.tolist()
+    error, n = {"border": (band, n_band), "frame": (frame, n_frame)}[region]
+    if n == 0:  # the interior, at least half of each side, is never empty
         return None, "the images are under 4x4 pixels: a border band of a quarter of the side is empty"
     if interior == 0:
-        return None, "the interior is reconstructed exactly (mean error 0): the border error ratio is undefined"
-    return (border / n_border) / (interior / n_interior), None
+        return None, f"the interior is reconstructed exactly (mean error 0): the {region} error ratio is undefined"
+    return (error / n) / (interior / n_interior), None
 
 
 def device_name(device: torch.device) -> str:

@@ -188,11 +188,12 @@ def evaluate_model(vae, dataset, opts: EvalOptions, out_dir: Path | None, tools:
     m["color_cast_max_255"] = cast.abs().max().item()
     m["color_cast_image_255"] = t["color_cast_image_255"].item() / n
     undefined = {}
-    ratio, reason = border_error_ratio(t["border_error"])
-    if ratio is None:
-        undefined["border_error_ratio"] = reason
-    else:
-        m["border_error_ratio"] = ratio
+    for region in ("border", "frame"):
+        ratio, reason = border_error_ratio(t["border_error"], region)
+        if ratio is None:
+            undefined[f"{region}_error_ratio"] = reason
+        else:
+            m[f"{region}_error_ratio"] = ratio
     if frechet:
         m["ci95"], m["frechet_reference"] = {}, {}
     for k, (f, reference) in enumerate(zip(frechet, references)):
@@ -227,6 +228,7 @@ TABLE_METRICS = [("psnr_db", "PSNR dB", "{:.2f}"), ("ssim", "SSIM", "{:.4f}"), (
                  ("lpips_alex", "LPIPS alex", "{:.4f}"), ("rfid", "rFID", "{:.2f}"),
                  ("color_cast_max_255", "cast max /255", "{:.2f}"),
                  ("color_cast_image_255", "per-image cast /255", "{:.2f}"), ("border_error_ratio", "border ratio", "{:.2f}"),
+                 ("frame_error_ratio", "frame ratio", "{:.2f}"),
                  ("codebook_usage", "codebook usage", "{:.1%}"), ("codebook_perplexity", "code perplexity", "{:.0f}"),
                  ("active_units", "active units", "{}"), ("elbo_bits_per_dim", "ELBO bits/dim", "{:.3f}")]
 
