@@ -54,7 +54,7 @@ def _export(args) -> None:
     from .hub import check_repo_id, push_folder
 
     check_repo_id(args.push_to_hub, args.private)
-    out = export_run(args.run_dir, args.out_dir, replace=args.overwrite, repo_id=args.push_to_hub)
+    out = export_run(args.run_dir, args.out_dir, replace=args.overwrite, repo_id=args.push_to_hub, step=args.step)
     logging.getLogger("ldm_vae").info(f"exported {args.run_dir} to {out}")
     if args.push_to_hub:
         logging.getLogger("ldm_vae").info(f"pushed {out} to {push_folder(out, args.push_to_hub, args.private)}")
@@ -249,13 +249,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_train_vae)
 
     p = sub.add_parser("export", help="write a run's EMA weights as a diffusers folder with a model card",
-                       description="Export the newest complete checkpoint of RUN_DIR as a diffusers folder "
-                                   "(safetensors, measured scaling_factor (and shift_factor for KL), README.md "
+                       description="Export the newest complete checkpoint of RUN_DIR (or, with --step, an older "
+                                   "one) as a diffusers folder (safetensors, measured scaling_factor (and shift_factor for KL), README.md "
                                    "model card). "
                                    "Loads with stock diffusers AutoencoderKL / VQModel / "
                                    "AutoencoderDC.from_pretrained.")
     p.add_argument("run_dir")
     p.add_argument("out_dir")
+    p.add_argument("--step", type=int, metavar="N", help="export the checkpoint saved at step N instead of the "
+                                                         "newest (RUN_DIR/checkpoint-N; e.g. to evaluate how a "
+                                                         "run improved)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it already holds files")
     p.add_argument("--push-to-hub", metavar="REPO_ID", help="then upload OUT_DIR to this Hugging Face Hub model "
                                                             "repo (created if new; the card's snippets name it)")

@@ -155,6 +155,26 @@ def test_cli_export_refuses_to_overwrite(trained, tmp_path, capsys):
     assert main(["export", str(out), str(dest), "--overwrite"]) == 0
 
 
+def test_cli_export_step_exports_that_checkpoint_and_names_the_kept_ones(trained, tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    _, out, _ = trained
+    dest = tmp_path / "exp40"
+    assert main(["export", str(out), str(dest), "--step", "40"]) == 0
+    name = "diffusion_pytorch_model.safetensors"
+    exported, saved = load_file(dest / name), load_file(out / "checkpoint-40" / "autoencoder" / name)
+    assert exported.keys() == saved.keys() and all(torch.equal(exported[k], saved[k]) for k in saved)
+    assert json.loads((dest / "ldm_vae.json").read_text())["step"] == 40
+    newest = load_file(out / "export" / name)
+    assert any(not torch.equal(exported[k], newest[k]) for k in saved)  # not the step-60 weights
+    capsys.readouterr()
+    # checkpoint-20 was pruned (checkpoints_total_limit 2): refused, naming the steps that are kept
+    assert main(["export", str(out), str(tmp_path / "exp20"), "--step", "20"]) == 2
+    err = capsys.readouterr().err
+    assert "no complete checkpoint at step 20" in err and "40, 60" in err and "Traceback" not in err
+    assert not (tmp_path / "exp20").exists()
+
+
 def test_cli_export_pushes_the_folder_and_its_card_names_the_repo(trained, tmp_path, monkeypatch):
     """--push-to-hub (the Hub replaced by fakes): the repo is created, exactly the export folder
     is uploaded, and the card (ModelCard metadata that reads back the same, hub dataset id, no

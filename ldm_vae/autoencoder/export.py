@@ -27,18 +27,28 @@ from ..data.config import SOURCE_KEYS, DataConfig
 from ..data.sources import build_dataset, first_items, hub_dataset_id
 from ..errors import UserError
 from ..files import atomic_folder, refuse_nonempty, render_card
-from ..run.checkpoint import find_checkpoint, read_state
+from ..run.checkpoint import complete_checkpoints, find_checkpoint, read_state
 from .config import Config
 from .models import MODEL_CLASSES, code_indices, deterministic_latent
 from .quantize import code_stats
 
 
-def load_run(run_dir: str | Path) -> tuple[AutoencoderKL | VQModel | AutoencoderDC, Config, dict, Path]:
-    """(autoencoder with EMA weights, config, trainer state, checkpoint) of a run's newest complete checkpoint."""
+def load_run(run_dir: str | Path, step: int | None = None
+             ) -> tuple[AutoencoderKL | VQModel | AutoencoderDC, Config, dict, Path]:
+    """(autoencoder with EMA weights, config, trainer state, checkpoint) of a run's newest complete
+    checkpoint, or of its checkpoint at `step`."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise UserError(f"run folder {run_dir} does not exist")
-    checkpoint = find_checkpoint(run_dir, "latest")
+    if step is None:
+        checkpoint = find_checkpoint(run_dir, "latest")
+    else:
+        found = dict(complete_checkpoints(run_dir))
+        if step not in found:
+            kept = ", ".join(map(str, found)) or "none"
+            raise UserError(f"{run_dir} has no complete checkpoint at step {step} (complete checkpoints at steps: "
+                            f"{kept}; train.checkpoints_total_limit decides how many are kept)")
+        checkpoint = find_checkpoint(run_dir, str(found[step]))
     state = read_state(checkpoint)
     cfg = config_lib.load_saved_config(state["config"], f"{checkpoint}/trainer_state.json", Config)
     vae = MODEL_CLASSES[cfg.model.kind].from_pretrained(checkpoint / "autoencoder", use_safetensors=True)
@@ -161,13 +171,15 @@ def _dc_blocks(cfg: Config) -> str:
     return f"{', '.join(levels)}; {m.layers_per_block} block(s) per level{heads}"
 
 
-def export_run(run_dir: str | Path, out_dir: str | Path, replace: bool = False, repo_id: str | None = None) -> Path:
-    """Write the diffusers folder for `run_dir`'s newest checkpoint to `out_dir` (atomically);
-    with `repo_id`, the model card's snippets load from that Hub repo (the folder is to be pushed there)."""
+def export_run(run_dir: str | Path, out_dir: str | Path, replace: bool = False, repo_id: str | None = None,
+               step: int | None = None) -> Path:
+    """Write the diffusers folder for `run_dir`'s newest checkpoint (or its checkpoint at `step`) to
+    `out_dir` (atomically); with `repo_id`, the model card's snippets load from that Hub repo (the
+    folder is to be pushed there)."""
     out_dir = Path(out_dir)
     if not replace:
         refuse_nonempty(out_dir)
-    vae, cfg, state, checkpoint = load_run(run_dir)
+    vae, cfg, state, checkpoint = load_run(run_dir, step)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dataset = build_dataset(cfg.data, cfg.data.train_split, train=False, stream=True)
     stats = measure_latent_stats(vae, dataset, cfg, device)
