@@ -288,7 +288,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="feature extractor folder from `ldm-vae train-fd-features`: adds its Frechet distance")
     _add_bootstrap_arg(p)
     p.add_argument("--iwae-k", type=int, default=16, help="KL: importance samples of the IWAE bound")
-    p.add_argument("--bound-images", type=int, default=256, help="KL: images for the ELBO / IWAE bounds")
+    p.add_argument("--bound-images", type=int, default=256,
+                   help="KL: images for the ELBO / IWAE bounds; each costs --iwae-k + 1 decodes, so on a CPU "
+                        "they dominate a small evaluation (lower it to save time)")
     p.add_argument("--likelihood-sigma", type=float, default=0.1,
                    help="KL: std of the Gaussian decoder likelihood on [-1, 1] pixels used by the bounds")
     p.add_argument("--update-card", action="store_true",
