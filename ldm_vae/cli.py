@@ -290,7 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--iwae-k", type=int, default=16, help="KL: importance samples of the IWAE bound")
     p.add_argument("--bound-images", type=int, default=256,
                    help="KL: images for the ELBO / IWAE bounds; each costs --iwae-k + 1 decodes, so on a CPU "
-                        "they dominate a small evaluation (lower it to save time)")
+                        "they dominate a small evaluation (lower it to save time; 0 skips them)")
     p.add_argument("--likelihood-sigma", type=float, default=0.1,
                    help="KL: std of the Gaussian decoder likelihood on [-1, 1] pixels used by the bounds")
     p.add_argument("--update-card", action="store_true",

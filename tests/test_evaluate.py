@@ -420,6 +420,17 @@ def test_unavailable_weights_are_reported_not_zero(exports, tmp_path, monkeypatc
     assert saved["results"][0]["metrics"]["unavailable"].keys() == m["unavailable"].keys()
 
 
+def test_bound_images_0_skips_the_likelihood_bounds_and_says_so(exports, tmp_path, monkeypatch):
+    _offline_hub(monkeypatch, tmp_path)
+    report = run_eval([str(exports / "kl" / "export")], tmp_path / "r",
+                      EvalOptions(num_images=8, batch_size=8, bootstrap=0, bound_images=0, iwae_k=4))
+    m = report["results"][0]["metrics"]
+    for key in ("elbo_bits_per_dim", "iwae4_bits_per_dim"):
+        assert key not in m and m["unavailable"][key] == "not computed (--bound-images 0)", key
+    assert "lpips_vgg" in m["unavailable"]  # the instruments' reasons are kept next to them
+    assert "elbo_bits_per_dim: not computed" in report["table"] and m["psnr_db"] > 0
+
+
 def test_with_weights_in_the_hub_cache_eval_computes_every_metric(exports, tmp_path, monkeypatch):
     """Stand-in weights in a temporary torch hub cache, where users' downloads land: LPIPS (both
     backbones) is computed and equals our LPIPS built from those files (the lpips package gives the

@@ -162,6 +162,9 @@ def kl_pictures_and_bounds(vae: AutoencoderKL, dataset, out_dir: Path, generator
                out_dir / "aggregate_gaussian_samples.png", nrow=8)
     # ELBO and IWAE bounds on a subset
     n = min(bound_images, len(dataset))
+    if n <= 0:  # each image costs iwae_k + 1 decodes; --bound-images 0 skips them
+        skipped = f"not computed (--bound-images {bound_images})"
+        return {"unavailable": {"elbo_bits_per_dim": skipped, f"iwae{iwae_k}_bits_per_dim": skipped}}
     elbo, iwae = [], []
     for batch in DataLoader(Subset(dataset, range(n)), batch_size=batch_size):
         e, w = likelihood_bounds(vae, batch["pixel_values"].to(device), iwae_k, sigma, generator)

@@ -215,7 +215,7 @@ def evaluate_model(vae, dataset, opts: EvalOptions, out_dir: Path | None, tools:
     grid_x, grid_r = records[0]["grid"]
     save_heatmaps(grid_x, grid_r, out_dir / "error_heatmap.png")
     save_image(torch.cat([grid_x, grid_r]), out_dir / "reconstructions.png", nrow=len(grid_x))
-    m["unavailable"] = {**tools.unavailable, **too_small, **undefined}
+    m["unavailable"] = {**tools.unavailable, **too_small, **undefined, **m.get("unavailable", {})}
     return m, grid_x, grid_r
 
 
