@@ -250,8 +250,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("export", help="write a run's EMA weights as a diffusers folder with a model card",
                        description="Export the newest complete checkpoint of RUN_DIR (or, with --step, an older "
-                                   "one) as a diffusers folder (safetensors, measured scaling_factor (and shift_factor for KL), README.md "
-                                   "model card). "
+                                   "one) as a diffusers folder (safetensors, measured scaling_factor (and "
+                                   "shift_factor for KL), README.md model card). "
                                    "Loads with stock diffusers AutoencoderKL / VQModel / "
                                    "AutoencoderDC.from_pretrained.")
     p.add_argument("run_dir")
