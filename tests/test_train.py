@@ -305,3 +305,53 @@ def test_report_to_chooses_the_trackers_and_logs_the_config(tiny_cfg, tmp_path, 
     with pytest.raises(UserError, match="pip install wandb"):
         train(tiny_cfg("train.max_steps=2", "train.report_to=wandb"), tmp_path / "wandb")
     assert not (tmp_path / "wandb").exists()
+
+
+def test_rotate_hue_keeps_grey_and_luma_and_a_turn_back_restores_the_colours():
+    from ldm_vae.autoencoder.train import _RGB_TO_YIQ, rotate_hue
+
+    g = torch.Generator().manual_seed(0)
+    grey = (torch.rand(3, 1, 8, 8, generator=g) * 2 - 1).expand(3, 3, 8, 8)
+    turns = torch.tensor([0.1, -0.3, 0.5])
+    assert torch.allclose(rotate_hue(grey, turns), grey, atol=1e-6)
+    # muted colours stay inside the RGB cube at every angle, so no clamping below
+    x = torch.rand(3, 3, 8, 8, generator=g) * 0.6 - 0.3
+    y = rotate_hue(x, turns)
+    yiq = lambda t: torch.einsum("ij,bjhw->bihw", _RGB_TO_YIQ.float(), (t + 1) / 2)  # noqa: E731
+    assert torch.allclose(yiq(y)[:, 0], yiq(x)[:, 0], atol=1e-6)  # luma kept
+    assert torch.allclose(yiq(y)[:, 1:].norm(dim=1), yiq(x)[:, 1:].norm(dim=1), atol=1e-5)  # saturation kept
+    assert (y - x).abs().amax(dim=(1, 2, 3)).min() > 0.05  # every image's colours moved
+    assert torch.allclose(rotate_hue(y, -turns), x, atol=1e-5)
+    assert torch.equal(rotate_hue(x, torch.zeros(3)), x)
+    # a third of a turn either way makes pure red blue or green (I/Q rotate; the luma is red's)
+    red = torch.tensor([1.0, -1.0, -1.0]).view(1, 3, 1, 1)
+    assert rotate_hue(red, torch.tensor([1 / 3])).flatten().argmax() == 2
+    assert rotate_hue(red, torch.tensor([-1 / 3])).flatten().argmax() == 1
+
+
+def test_hue_jitter_rotates_every_training_batch_and_resumes_to_identical_weights(tiny_cfg, image_folder, tmp_path,
+                                                                                  monkeypatch):
+    import ldm_vae.autoencoder.train as train_module
+
+    turns, real = [], train_module.rotate_hue
+    monkeypatch.setattr(train_module, "rotate_hue", lambda x, t: turns.append(t.clone()) or real(x, t))
+    cfg = tiny_cfg("data.source=imagefolder", f"data.path={image_folder}", "data.max_images=null",
+                   "train.hue_jitter=0.25", "train.max_steps=8", "train.checkpoint_every=4", "loss.disc_start=6",
+                   "loss.disc_pretrain_steps=2", "export.scale_num_images=8")
+    run = train(cfg, tmp_path / "full")
+    assert len(turns) == 8 and all(t.shape == (8,) and t.abs().max() <= 0.25 for t in turns)
+    assert len({round(v, 6) for t in turns for v in t.tolist()}) == 64  # a fresh angle per image and step
+    # resumed from step 4, the same angles come back, and with them the same weights
+    part = tmp_path / "part"
+    part.mkdir()
+    shutil.copytree(tmp_path / "full" / "checkpoint-4", part / "checkpoint-4")
+    shutil.copy(tmp_path / "full" / "config.yaml", part / "config.yaml")
+    resumed = train(cfg, part, resume="latest")
+    assert all(torch.equal(a, b) for a, b in zip(turns[8:], turns[4:8], strict=True))
+    a, b = run.autoencoder.state_dict(), resumed.autoencoder.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_hue_jitter_beyond_half_a_turn_is_refused(tiny_cfg):
+    with pytest.raises(UserError, match="hue_jitter.*0.5"):
+        tiny_cfg("train.hue_jitter=0.7")
