@@ -317,7 +317,7 @@ def test_rotate_hue_keeps_grey_and_luma_and_a_turn_back_restores_the_colours():
     # muted colours stay inside the RGB cube at every angle, so no clamping below
     x = torch.rand(3, 3, 8, 8, generator=g) * 0.6 - 0.3
     y = rotate_hue(x, turns)
-    yiq = lambda t: torch.einsum("ij,bjhw->bihw", _RGB_TO_YIQ.float(), (t + 1) / 2)  # noqa: E731
+    yiq = lambda t: torch.einsum("ij,bjhw->bihw", _RGB_TO_YIQ.float(), (t + 1) / 2)
     assert torch.allclose(yiq(y)[:, 0], yiq(x)[:, 0], atol=1e-6)  # luma kept
     assert torch.allclose(yiq(y)[:, 1:].norm(dim=1), yiq(x)[:, 1:].norm(dim=1), atol=1e-5)  # saturation kept
     assert (y - x).abs().amax(dim=(1, 2, 3)).min() > 0.05  # every image's colours moved
