@@ -257,17 +257,10 @@ class DiffusabilityConfig:
 class TrainConfig(OptimConfig):
     # the discriminator's LR; its schedule is constant_with_warmup
     disc_lr: float = 1.0e-4
-    # colour augmentation of the training batches: each image's hue rotated about the grey
-    # axis (in YIQ, luma kept) by an angle drawn uniformly from +-hue_jitter of a full turn
-    # (0.5: any hue). Aimed at a colour cast on images whose colours training never saw; it
-    # leaves grey images (Fashion-MNIST) unchanged. 0: off
-    hue_jitter: float = 0.0
 
     def __post_init__(self):
         super().__post_init__()
         positive(self, "disc_lr")
-        if not 0 <= self.hue_jitter <= 0.5:
-            raise FieldError("hue_jitter", f"must be in [0, 0.5] (a fraction of a full turn), got {self.hue_jitter!r}")
 
 
 @dataclass

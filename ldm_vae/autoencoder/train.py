@@ -130,8 +130,6 @@ class AutoencoderTrainer(Trainer):
     def train_step(self, batch: dict, step: int):
         acc, tc, loss_fn, guard = self.accelerator, self.tc, self.loss_fn, self.guard
         x = batch["pixel_values"]
-        if tc.hue_jitter > 0:  # the global CPU RNG, whose state checkpoints keep: resume draws the same angles
-            x = rotate_hue(x, (2 * torch.rand(len(x)) - 1) * tc.hue_jitter)
         if tc.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         gan, train_d = loss_fn.gan_active(step), loss_fn.disc_active(step)
@@ -315,25 +313,6 @@ def _compile(ae: nn.Module, disc: nn.Module, perceptual: nn.Module | None) -> No
     for module in (vae.encoder, mid, *vae.decoder.up_blocks, disc, perceptual):
         if module is not None:
             module.compile()
-
-
-# RGB -> YIQ (NTSC): Y is luma; I and Q are chroma, and their rows sum to 0, so grey has no chroma
-_RGB_TO_YIQ = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]],
-                           dtype=torch.float64)
-
-
-def rotate_hue(x: torch.Tensor, turns: torch.Tensor) -> torch.Tensor:
-    """Images [B, 3, H, W] in [-1, 1] with image b's hue rotated by turns[b] of a full turn:
-    its (I, Q) chroma rotated in YIQ space, luma kept. Grey pixels are fixed points (also on
-    the [-1, 1] scale: the map is linear and fixes the grey axis); colours pushed out of the
-    RGB cube are clamped back into it."""
-    angle = turns.to("cpu", torch.float64) * (2 * math.pi)
-    cos, sin = angle.cos(), angle.sin()
-    rot = torch.zeros(len(angle), 3, 3, dtype=torch.float64)
-    rot[:, 0, 0] = 1.0
-    rot[:, 1, 1], rot[:, 1, 2], rot[:, 2, 1], rot[:, 2, 2] = cos, -sin, sin, cos
-    rgb_maps = torch.linalg.inv(_RGB_TO_YIQ) @ rot @ _RGB_TO_YIQ  # [B, 3, 3], in float64 for exact identities
-    return torch.einsum("bij,bjhw->bihw", rgb_maps.to(x), x).clamp(-1.0, 1.0)
 
 
 def _set_requires_grad(module: nn.Module, flag: bool) -> None:
