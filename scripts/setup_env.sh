@@ -45,9 +45,9 @@ fi
 
 # Debian's wallpapers (offline RGB photographs, data.source=wallpapers; gnome-backgrounds for
 # data.wallpaper_art). Not fatal: the tests write their own images, and the other sources work.
-wallpapers="plasma-workspace-wallpapers mate-backgrounds gnome-backgrounds"
+wallpapers="plasma-workspace-wallpapers mate-backgrounds lomiri-wallpapers-16.04 gnome-backgrounds"
 if [ ! -d /usr/share/wallpapers/Kite ] || [ ! -d /usr/share/backgrounds/mate/nature ] \
-   || [ ! -d /usr/share/backgrounds/gnome ]; then
+   || [ ! -f /usr/share/backgrounds/Bridge_by_Sander_Klootwijk.jpg ] || [ ! -d /usr/share/backgrounds/gnome ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     # shellcheck disable=SC2086
     { apt-get update -qq && apt-get install -y -qq $wallpapers; } >/dev/null \

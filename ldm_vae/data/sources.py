@@ -800,16 +800,24 @@ WALLPAPER_PACKAGES = {
     "plasma-workspace-wallpapers": ("/usr/share/wallpapers", "{}/contents/images/*"),
     "mate-backgrounds": ("/usr/share/backgrounds/mate/nature", "{}.*"),
     "gnome-backgrounds": ("/usr/share/backgrounds/gnome", "{}.*"),
+    "lomiri-wallpapers-16.04": ("/usr/share/backgrounds", "{}.*"),
 }
 # The wallpapers that are photographs, chosen by looking at every one (Debian 12:
 # plasma-workspace-wallpapers 5.27, all LGPL-3 by their metadata.json; mate-backgrounds 1.26, its
-# `nature/` folder, GPL-2+). The other Plasma wallpapers and all of gnome-backgrounds are
-# rendered or painted art: WALLPAPER_ART (MATE's other folders are art too, and unused).
+# `nature/` folder, GPL-2+; lomiri-wallpapers-16.04 20.04.0, Ubuntu's 2018 photo contest, each
+# CC BY 4.0, CC BY-SA 4.0 or CC0 by its copyright file). The other Plasma wallpapers and all of
+# gnome-backgrounds are rendered or painted art: WALLPAPER_ART (MATE's other folders are art too,
+# and unused, like Lomiri's umang, analogpattern and greentock: art or a texture, not a scene).
 WALLPAPER_PHOTOS = {
     "plasma-workspace-wallpapers": ("BytheWater", "ColdRipple", "ColorfulCups", "DarkestHour", "EveningGlow",
                                     "FallenLeaf", "Grey", "Kite", "OneStandsOut", "Path", "summer_1am"),
     "mate-backgrounds": ("Aqua", "Blinds", "Dune", "FreshFlower", "Garden", "GreenMeadow", "LadyBird", "RainDrops",
                          "Storm", "TwoWings", "Wood", "YellowFlower"),
+    "lomiri-wallpapers-16.04": ("Bridge_by_Sander_Klootwijk", "Dragonfly_by_Bolly", "Picture_0B_by_freespace",
+                                "Picture_1A_by_freespace", "Wine_by_Jakkub_Mede", "aitzgorri_by_Aitzol_Berasategi",
+                                "free_by_Peter_Nerlich", "friends_by_Aitzol_Berasategi", "life_by_Aitzol_Berasategi",
+                                "picosdeeuropa_by_Aitzol_Berasategi", "seeding_by_Clements_Engelhardt",
+                                "sunset_by_Aitzol_Berasategi"),
 }
 # data.wallpaper_art adds these to the training split: each design once (Plasma's light
 # `images/` folder, not `images_dark/`; GNOME's light `-l` variant; not GNOME's flat vnc-*).
@@ -819,7 +827,7 @@ WALLPAPER_ART = {
         "Kay", "Kokkini", "MilkyWay", "Opal", "PastelHills", "Patak", "SafeLanding", "Shell", "Volna"),
     "gnome-backgrounds": ("adwaita-l", "grid-l", "licorice-l", "pixels-l", "symbolic-l", "truchet-l", "wood-l"),
 }
-# The test split: whole photographs that training never sees (5 of 31). Chosen to cover the
+# The test split: whole photographs that training never sees (5 of 43). Chosen to cover the
 # failure cases of issue 20: blue sky (Kite: colour cast), a smooth gradient with reflections
 # (summer_1am: borders on flat images), fine natural texture (OneStandsOut), saturated colours
 # with hard edges (ColorfulCups) and fur (scikit-image's chelsea).
@@ -900,12 +908,12 @@ def wallpaper_corpus(split: str, art: bool, max_side: int) -> list[tuple[str, Im
 
 class Wallpapers(PhotoCrops):
     """Crops of an offline corpus of natural photographs: the Debian wallpapers that are
-    photographs (WALLPAPER_PHOTOS: plasma-workspace-wallpapers and mate-backgrounds) and
-    scikit-image's photos.
+    photographs (WALLPAPER_PHOTOS: plasma-workspace-wallpapers, mate-backgrounds and
+    lomiri-wallpapers-16.04) and scikit-image's photos.
 
     Test split: whole images held out of training (WALLPAPERS_HELD_OUT, a fixed list: never a
     crop of a training image), each cut into a fixed grid of crops at fixed scales. Train split:
-    the other 26 images; with data.wallpaper_art also the rendered and painted wallpapers
+    the other 38 images; with data.wallpaper_art also the rendered and painted wallpapers
     (WALLPAPER_ART, plasma-workspace-wallpapers and gnome-backgrounds), in training only, so the
     test split stays the same photographs.
 
@@ -921,7 +929,8 @@ class Wallpapers(PhotoCrops):
     Licences (README, "Data"): plasma-workspace-wallpapers is GPL-2+ by its Debian copyright file
     (/usr/share/doc/plasma-workspace-wallpapers/copyright), each photograph LGPL-3 by its
     metadata.json; mate-backgrounds GPL-2+ by its copyright file (/usr/share/doc/mate-backgrounds/
-    copyright); gnome-backgrounds (art only) GPL-2+, adwaita* CC BY-SA 3.0 by its copyright
+    copyright); lomiri-wallpapers-16.04 CC BY 4.0, CC BY-SA 4.0 or CC0 per photograph by its
+    copyright file; gnome-backgrounds (art only) GPL-2+, adwaita* CC BY-SA 3.0 by its copyright
     file; scikit-image's photos public domain or CC0 by skimage.data's docstrings, except the
     motorcycle (Middlebury 2014 stereo benchmark; no licence stated).
     """
