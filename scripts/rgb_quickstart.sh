@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # An RGB autoencoder end to end on the offline photograph corpus (data.source=wallpapers): set
 # up .venv if needed, train configs/kl_f4_wallpapers.yaml (KL-f4, 4 latent channels, 64x64;
-# 67 minutes on a 2-core CPU), then evaluate its export on the 5 held-out photographs:
+# about an hour on a 2-core CPU), then evaluate its export on the 5 held-out photographs:
 # RUN_DIR/eval gets PSNR, SSIM, colour cast, border ratio and the pictures (README, "Evaluation").
 #
 #   bash scripts/rgb_quickstart.sh [RUN_DIR [KEY=VALUE ...]]      (RUN_DIR: runs/rgb)
