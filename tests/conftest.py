@@ -30,6 +30,16 @@ TINY_KL = CONFIGS / "tiny_kl.yaml"
 TINY_VQ = CONFIGS / "tiny_vq.yaml"
 TINY_FSQ = CONFIGS / "tiny_fsq.yaml"
 TINY_DC = CONFIGS / "tiny_dc.yaml"
+
+
+def load_script(name: str):
+    """scripts/NAME.py as a module (the scripts are not part of the package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 TINY_LDM = CONFIGS / "tiny_ldm.yaml"
 
 

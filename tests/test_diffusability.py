@@ -250,14 +250,11 @@ def test_study_skips_what_is_finished_and_measures_only_what_is_missing(fake_fas
     """scripts/diffusability_study.py at tiny sizes: variants that share an autoencoder train it
     once, and a second call reuses the feature extractor, the runs and the measurements."""
     import functools
-    import importlib.util
     import sys
 
-    from .conftest import ROOT
+    from .conftest import load_script
 
-    spec = importlib.util.spec_from_file_location("diffusability_study", ROOT / "scripts" / "diffusability_study.py")
-    study = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(study)
+    study = load_script("diffusability_study")
     out = tmp_path / "study"
     argv = ["diffusability_study.py", "--out", str(out), "--only", "baseline", "ldm_wide", "--num-images", "16",
             "--ldm-steps", "2", "--ldm-batch-size", "8", "--samples-per-class", "1", "--fd-steps", "3",

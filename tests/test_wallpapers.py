@@ -188,19 +188,14 @@ def test_installed_packages():
     assert train[0]["pixel_values"].shape == test[len(test) - 1]["pixel_values"].shape == (3, 32, 32)
 
 
-
 def test_rare_colour_share():
     """scripts/rgb_artefacts.py's colour coverage: a photograph made of the training photographs'
     colours has no rare pixels, one of a colour they lack has only rare pixels, and a photograph
     half of each is half rare."""
-    import importlib.util
-
-    from .conftest import ROOT
+    from .conftest import load_script
 
     pytest.importorskip("skimage")
-    spec = importlib.util.spec_from_file_location("rgb_artefacts", ROOT / "scripts" / "rgb_artefacts.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_script("rgb_artefacts")
     green, purple = (40, 160, 60), (120, 40, 170)
     train = [Image.new("RGB", (64, 48), green), Image.new("RGB", (32, 32), (200, 200, 200))]
     half = Image.new("RGB", (64, 64), green)

@@ -25,7 +25,8 @@ SOURCE_KEYS = {
 class DataConfig:
     # fashion-mnist | imagefolder | hub | photos | wallpapers (see ldm_vae/data/sources.py).
     # wallpapers: the photographs among Debian's plasma-workspace-wallpapers, mate-backgrounds
-    # and lomiri-wallpapers-16.04 plus scikit-image's photos; its test split is 5 whole images held out
+    # and lomiri-wallpapers-16.04 plus scikit-image's photos; its test split is 5 whole images
+    # held out
     source: str = "fashion-mnist"
     # fashion-mnist: folder with the idx .gz files; imagefolder: the image folder root
     path: Optional[str] = None
